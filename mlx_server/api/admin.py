@@ -1,0 +1,63 @@
+"""Health and metrics: answered straight from snapshots, never queued behind the engine or rate-limited."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psutil
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mlx_server.api.common import ctx_of
+
+GB = 1e9
+
+
+def health_body(request: Request) -> tuple[dict[str, Any], int]:
+    ctx = ctx_of(request)
+    engine = ctx.engine
+    counters = engine.counters
+    snapshot = engine.pool.snapshot()
+    mem = psutil.virtual_memory()
+    resident = sum(r.size for r in snapshot)
+    budget = ctx.config.server.memory_budget
+    warnings: list[str] = []
+    if mem.percent >= 90:
+        warnings.append(f"system memory {mem.percent:.0f}% used")
+    if budget and resident > 0.9 * budget:
+        warnings.append(f"resident models use {resident / budget:.0%} of the memory budget")
+    if counters.queue_size >= ctx.config.server.max_queue:
+        warnings.append("request queue is full")
+    now = time.monotonic()
+    alive = engine.alive
+    if not alive:
+        warnings.append(f"inference engine is not running: {engine.fatal!r}")
+    body = {
+        "status": "healthy" if alive else "unhealthy",
+        "active_requests": counters.active_requests,
+        "max_concurrent": ctx.config.server.max_concurrent,
+        "queue_size": counters.queue_size,
+        "models_cached": sum(1 for r in snapshot if not r.is_loading),
+        "total_models": len(ctx.config.models),
+        "cached_models": [
+            {"name": r.name, "use_count": r.use_count,
+             "last_used": time.time() - (now - r.last_used) if r.last_used else None,
+             "load_time_seconds": round(r.load_seconds, 3), "active_requests": r.active,
+             "is_loading": r.is_loading} for r in snapshot],
+        "memory": {"used_percent": mem.percent, "available_gb": round(mem.available / GB, 3),
+                   "total_gb": round(mem.total / GB, 3), "budget_gb": round(budget / GB, 3),
+                   "resident_gb": round(resident / GB, 3)},
+        "uptime_seconds": round(time.time() - ctx.started, 1),
+        "warnings": warnings,
+    }
+    return body, (200 if alive else 503)
+
+
+async def health(request: Request) -> Response:
+    body, status = health_body(request)
+    return JSONResponse(body, status_code=status)
+
+
+routes = [Route("/health", health, methods=["GET", "HEAD"])]

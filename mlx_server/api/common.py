@@ -1,0 +1,168 @@
+"""What every dialect shares: the app context, JSON bodies, model resolution, and event collection."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+from starlette.requests import Request
+
+from mlx_server.config import Config
+from mlx_server.errors import BadRequest, ModelNotFound, MlxServerError
+from mlx_server.modelinfo import InfoCache, ModelInfo
+from mlx_server.sources import Located, locate
+from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest, Started, Usage
+
+log = logging.getLogger("mlx_server.api")
+
+
+@dataclass
+class AppContext:
+    config: Config
+    engine: Any  # mlx_server.engine.core.Engine; typed loosely so the API never imports MLX at module load
+    infos: InfoCache = field(default_factory=InfoCache)
+    started: float = field(default_factory=time.time)
+
+    def locate(self, name: str) -> Located:
+        cfg_dir = self.config.path.parent if self.config.path else None
+        return locate(self.config.models[name], cfg_dir)
+
+    def info(self, name: str) -> Optional[ModelInfo]:
+        return self.infos.describe(self.locate(name))
+
+    def resolve(self, requested: str) -> str:
+        """The configured name for a requested one; 404 when unknown or not on disk (with how to get it)."""
+        name = self.config.resolve(requested)
+        if name is None:
+            raise ModelNotFound(requested)
+        found = self.locate(name)
+        if not found.present:
+            raise ModelNotFound(requested, found.hint)
+        return name
+
+
+def ctx_of(request: Request) -> AppContext:
+    return request.app.state.ctx
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"invalid JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def rfc3339(when: Optional[dt.datetime] = None) -> str:
+    when = when or dt.datetime.now(dt.timezone.utc)
+    return when.astimezone(dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def ns(seconds: float) -> int:
+    return int(max(seconds, 0.0) * 1e9)
+
+
+def field_type(data: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    """data[key] if it has the right JSON type (None passes), else a 400 naming the field."""
+    value = data.get(key)
+    if value is None:
+        return None
+    bad_bool = isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    if bad_bool or not isinstance(value, kind):
+        raise BadRequest(f"invalid value for field \"{key}\": expected {what}")
+    return value
+
+
+@dataclass
+class Collected:
+    """A whole generation, for non-streaming responses."""
+
+    started: Optional[Started] = None
+    content: str = ""
+    thinking: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    done: Optional[Done] = None
+
+    @property
+    def usage(self) -> Usage:
+        return self.done.usage if self.done else Usage()
+
+
+async def first_event(events: AsyncIterator[Event], request: Request) -> Event:
+    """The first event, giving up (and cancelling in the engine) if the client leaves while we wait.
+
+    A queued or loading request sends no bytes, so only polling notices a client that went away.
+    """
+    nxt = asyncio.ensure_future(events.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({nxt}, timeout=0.25)
+            if done:
+                return nxt.result()
+            if await request.is_disconnected():
+                raise asyncio.CancelledError("client disconnected")
+    except BaseException:
+        nxt.cancel()
+        await _close(events)
+        raise
+
+
+async def collect(events: AsyncIterator[Event], request: Request, first: Event) -> Collected:
+    """Gather a non-streaming generation; a client that disconnects cancels it within one step."""
+    out = Collected()
+    event: Optional[Event] = first
+    try:
+        while True:
+            if event is None:
+                event = await first_event(events, request)
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Started):
+                out.started = event
+            elif isinstance(event, Delta):
+                out.content += event.content
+                out.thinking += event.thinking
+                out.tool_calls.extend(event.tool_calls)
+            elif isinstance(event, Done):
+                out.done = event
+                return out
+            event = None
+    finally:
+        await _close(events)
+
+
+async def _close(events: AsyncIterator[Event]) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # noqa: BLE001 - closing a finished generator must not mask the real outcome
+            pass
+
+
+def error_body(exc: MlxServerError) -> dict[str, Any]:
+    return {"error": exc.message}
+
+
+def request_log(dialect: str, model: str, status: str, collected: Optional[Collected] = None,
+                started_at: Optional[float] = None) -> None:
+    usage = collected.usage if collected else Usage()
+    elapsed = time.perf_counter() - started_at if started_at else 0.0
+    tps = usage.completion_tokens / usage.eval_duration if usage.eval_duration > 0 else 0.0
+    log.info("%s model=%s served_by=mlx-server prompt=%d cached=%d generated=%d ttft=%.3fs tok/s=%.1f "
+             "total=%.3fs status=%s", dialect, model, usage.prompt_tokens, usage.cached_tokens,
+             usage.completion_tokens, usage.prompt_eval_duration, tps, elapsed, status)
+
+
+__all__ = ["AppContext", "Collected", "GenerateRequest", "collect", "ctx_of", "error_body", "field_type",
+           "first_event", "ns", "read_json", "rfc3339"]

@@ -1,0 +1,292 @@
+"""The inference thread: drain commands → admit waiting requests → step every active batch → publish events.
+
+It is the only thread that touches MLX. Handlers talk to it through typed commands on a queue and receive
+typed events through a per-request sink; `Engine.stream()` wraps that as an async iterator whose closing
+(client gone, handler cancelled) sends a Cancel, so the sequence leaves the batch before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional
+
+from mlx_server.config import Config
+from mlx_server.engine.loader import LoadedModel, ModelLoader
+from mlx_server.engine.pool import FOREVER, ModelPool
+from mlx_server.errors import InternalError, MlxServerError, ModelNotFound, ServerBusy, ServiceUnavailable
+from mlx_server.types import (Cancel, Command, Done, Event, Failed, GenerateRequest, Shutdown, Started, Submit,
+                              Usage)
+
+log = logging.getLogger("mlx_server.engine")
+
+Sink = Callable[[Event], None]
+
+
+@dataclass
+class _Waiting:
+    request: GenerateRequest
+    sink: Sink
+    enqueued: float
+
+
+@dataclass(frozen=True)
+class EngineCounters:
+    """Read by /health and /metrics from other threads; replaced whole, never mutated."""
+
+    active_requests: int = 0
+    queue_size: int = 0
+    total_queued: int = 0
+    total_processed: int = 0
+    steps: int = 0
+    generated_tokens: int = 0
+    cancelled: int = 0
+    by_priority: tuple[int, int, int] = (0, 0, 0)
+
+
+class Engine:
+    def __init__(self, config: Config, *, loader: Optional[ModelLoader] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.loader = loader or ModelLoader(config)
+        self.clock = clock
+        s = config.server
+        self.pool: ModelPool[LoadedModel] = ModelPool(
+            budget=s.memory_budget, max_models=s.max_loaded_models, loader=self.loader.load,
+            estimate=self.loader.estimate, unloader=self.loader.unload, clock=clock,
+            available=self.loader.reclaimable_memory)
+        self._commands: "queue.Queue[Command]" = queue.Queue()
+        self._waiting: list[tuple[int, int, _Waiting]] = []
+        self._order = itertools.count()
+        self._owner: dict[int, str] = {}  # request_id → model name, for requests admitted into a runner
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self.fatal: Optional[BaseException] = None
+        self.counters = EngineCounters()
+        self._submitted = 0  # handler-side count, so a full queue is refused before the engine sees it
+        self._lock = threading.Lock()
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mlx-inference", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self._commands.put(Shutdown())
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.fatal is None
+
+    # ---- handler side (any thread) ------------------------------------------------------------------------
+
+    def submit(self, request: GenerateRequest, sink: Sink) -> None:
+        if not self.alive:
+            raise ServiceUnavailable("inference engine is not running")
+        with self._lock:
+            if self._submitted >= self.config.server.max_queue + self.config.server.max_concurrent:
+                raise ServerBusy()
+            self._submitted += 1
+        self._commands.put(Submit(request, sink))
+
+    def cancel(self, request_id: int, reason: str = "cancelled") -> None:
+        self._commands.put(Cancel(request_id, reason))  # type: ignore[arg-type]
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[Event]:
+        """Events for one request; leaving the iteration early cancels it in the engine."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
+                pass
+
+        self.submit(request, sink)
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, (Done, Failed)):
+                    finished = True
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(request.request_id)
+
+    # ---- inference thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                busy = any(r.model.runner.has_work() for r in self._residents())
+                self._drain(block=not busy)
+                if self._stopping:
+                    break
+                self._admit()
+                self._step_all()
+                self.pool.sweep()
+        except BaseException as exc:  # noqa: BLE001 - record why the thread died so /health can say so
+            self.fatal = exc
+            log.exception("inference thread died")
+            self._fail_everything(ServiceUnavailable(f"inference engine failed: {exc}"))
+        else:
+            self._fail_everything(ServiceUnavailable("server is shutting down"))
+            self.pool.unload_all()
+
+    def _residents(self) -> list:
+        return [r for name in self.pool.names() if (r := self.pool.get(name)) is not None]
+
+    def _drain(self, block: bool) -> None:
+        timeout = None
+        if block:
+            expiry = self.pool.next_expiry()
+            timeout = 1.0 if expiry is None else min(1.0, max(0.0, expiry - self.clock()))
+        try:
+            cmd = self._commands.get(block=block, timeout=timeout) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, cmd: Command) -> None:
+        if isinstance(cmd, Submit):
+            req = cmd.request
+            heapq.heappush(self._waiting, (int(req.priority), next(self._order),
+                                           _Waiting(req, self._wrap_sink(req, cmd.sink), self.clock())))
+            c = self.counters
+            prio = list(c.by_priority)
+            prio[int(req.priority)] += 1
+            self._set_counters(total_queued=c.total_queued + 1, by_priority=tuple(prio))
+        elif isinstance(cmd, Cancel):
+            self._cancel(cmd.request_id)
+        elif isinstance(cmd, Shutdown):
+            self._stopping = True
+
+    def _wrap_sink(self, req: GenerateRequest, sink: Sink) -> Sink:
+        """Observe each request's end to release the model and keep the counters honest."""
+
+        def wrapped(event: Event) -> None:
+            if isinstance(event, (Done, Failed)):
+                with self._lock:
+                    self._submitted -= 1
+                name = self._owner.pop(req.request_id, None)
+                if name is not None:
+                    self.pool.release(name, self._keep_alive(req))
+                c = self.counters
+                self._set_counters(total_processed=c.total_processed + 1,
+                                   cancelled=c.cancelled + (isinstance(event, Done) and event.reason == "cancelled"))
+            sink(event)
+
+        return wrapped
+
+    def _keep_alive(self, req: GenerateRequest) -> float:
+        if req.keep_alive is not None:
+            return req.keep_alive
+        model = self.config.models.get(req.model)
+        if model is not None and model.keep_alive is not None:
+            return model.keep_alive
+        return self.config.server.keep_alive
+
+    def _cancel(self, request_id: int) -> None:
+        for i, (_, _, w) in enumerate(self._waiting):
+            if w.request.request_id == request_id:
+                self._waiting.pop(i)
+                heapq.heapify(self._waiting)
+                w.sink(Done(request_id, w.request.model, "cancelled", Usage()))
+                return
+        name = self._owner.get(request_id)
+        entry = self.pool.get(name) if name else None
+        if entry is not None:
+            entry.model.runner.cancel(request_id)
+
+    def _admit(self) -> None:
+        limit = self.config.server.max_concurrent
+        while self._waiting and len(self._owner) < limit:
+            _, _, w = heapq.heappop(self._waiting)
+            try:
+                self._start(w)
+            except MlxServerError as exc:
+                w.sink(Failed(w.request.request_id, exc))
+        self._set_counters(queue_size=len(self._waiting), active_requests=len(self._owner))
+
+    def _start(self, w: _Waiting) -> None:
+        req = w.request
+        if req.model not in self.config.models:
+            raise ModelNotFound(req.model)
+        if req.is_empty and req.keep_alive == 0:
+            unloaded = self.pool.unload(req.model)
+            log.info("unload-only request for %s (%s)", req.model, "unloaded" if unloaded else "not resident")
+            w.sink(Done(req.request_id, req.model, "unload", Usage()))
+            return
+        entry, load_seconds = self.pool.ensure(req.model)
+        if req.is_empty:
+            self.pool.set_keep_alive(req.model, self._keep_alive(req))
+            w.sink(Done(req.request_id, req.model, "load", Usage(load_duration=load_seconds,
+                                                                  total_duration=load_seconds)))
+            return
+        self.pool.acquire(req.model)
+        self._owner[req.request_id] = req.model
+        try:
+            entry.model.runner.add(req, w.sink, load_seconds)
+        except BaseException:
+            self._owner.pop(req.request_id, None)
+            self.pool.release(req.model, self._keep_alive(req))
+            raise
+
+    def _step_all(self) -> None:
+        generated = 0
+        for entry in self._residents():
+            runner = entry.model.runner
+            if not runner.has_work():
+                continue
+            try:
+                generated += runner.step()
+            except Exception as exc:  # noqa: BLE001 - a bad step fails that batch, never the thread
+                log.exception("decode step failed for %s", entry.name)
+                runner.fail_all(InternalError(f"generation failed: {exc}"))
+                runner.reset()
+        if generated:
+            c = self.counters
+            self._set_counters(steps=c.steps + 1, generated_tokens=c.generated_tokens + generated,
+                               active_requests=len(self._owner))
+
+    def _fail_everything(self, error: MlxServerError) -> None:
+        while self._waiting:
+            _, _, w = heapq.heappop(self._waiting)
+            w.sink(Failed(w.request.request_id, error))
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, Submit):
+                cmd.sink(Failed(cmd.request.request_id, error))
+        for entry in self._residents():
+            try:
+                entry.model.runner.fail_all(error)
+            except Exception:  # noqa: BLE001 - best effort while dying
+                log.exception("failing requests of %s", entry.name)
+
+    def _set_counters(self, **changes: object) -> None:
+        self.counters = EngineCounters(**{**self.counters.__dict__, **changes})
+
+
+__all__ = ["Engine", "EngineCounters", "FOREVER", "Started"]

@@ -1,0 +1,111 @@
+"""Turns a configured model name into a ModelRunner: locate weights, import GGUF once, mlx_lm.load, and back.
+
+Also estimates a model's footprint before loading (weights on disk + a KV reserve for its context length), so
+the pool can refuse or evict before MLX ever allocates.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+
+from mlx_server.config import Config
+from mlx_server.engine.runner import ModelRunner
+from mlx_server.errors import ModelLoadFailed, ModelNotFound
+from mlx_server.sources import Located, locate
+
+log = logging.getLogger("mlx_server.loader")
+
+
+@dataclass
+class LoadedModel:
+    runner: ModelRunner
+    path: Path
+    config: dict[str, Any]
+
+
+def kv_bytes_per_token(cfg: dict[str, Any]) -> int:
+    text = cfg.get("text_config", cfg)  # multimodal configs nest the language model's
+    layers = int(text.get("num_hidden_layers", 0))
+    heads = int(text.get("num_attention_heads", 1))
+    kv_heads = int(text.get("num_key_value_heads", heads) or heads)
+    head_dim = int(text.get("head_dim") or (int(text.get("hidden_size", 0)) // max(heads, 1)))
+    return 2 * layers * kv_heads * head_dim * 2  # keys and values, float16
+
+
+def model_context_length(cfg: dict[str, Any]) -> int:
+    text = cfg.get("text_config", cfg)
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+        if isinstance(text.get(key), int) and text[key] > 0:
+            return int(text[key])
+    return 4096
+
+
+class ModelLoader:
+    def __init__(self, config: Config, *, max_batch: Optional[int] = None) -> None:
+        self.config = config
+        self.max_batch = max_batch or config.server.max_concurrent
+        self._config_dir = config.path.parent if config.path else None
+
+    def locate(self, name: str) -> Located:
+        model = self.config.models.get(name)
+        if model is None:
+            raise ModelNotFound(name)
+        return locate(model, self._config_dir)
+
+    def model_dir(self, name: str) -> Path:
+        found = self.locate(name)
+        if not found.present:
+            raise ModelNotFound(name, found.hint)
+        assert found.path is not None
+        if found.kind in ("gguf", "package"):
+            from mlx_server.engine.gguf_import import import_gguf  # deferred: gguf parsing is only for these
+
+            try:
+                return import_gguf(found.path, self.config.server.cache_dir)
+            except Exception as exc:
+                raise ModelLoadFailed(f"failed to import GGUF for model \"{name}\": {exc}") from exc
+        return found.path
+
+    def context_length(self, name: str, cfg: dict[str, Any]) -> int:
+        configured = self.config.models[name].context_length
+        native = model_context_length(cfg)
+        return min(configured, native) if configured else native
+
+    def estimate(self, name: str) -> int:
+        path = self.model_dir(name)
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadFailed(f"model \"{name}\" has an unreadable config.json: {exc}") from None
+        weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        return weights + kv_bytes_per_token(cfg) * self.context_length(name, cfg)
+
+    def load(self, name: str) -> LoadedModel:
+        from mlx_lm import load as mlx_load  # deferred: importing mlx_lm pulls in transformers
+
+        path = self.model_dir(name)
+        try:
+            model, tokenizer, cfg = mlx_load(str(path), return_config=True)
+        except Exception as exc:
+            raise ModelLoadFailed(f"failed to load model \"{name}\" from {path}: {exc}") from exc
+        runner = ModelRunner(name, model, tokenizer, self.context_length(name, cfg), max_batch=self.max_batch)
+        return LoadedModel(runner=runner, path=path, config=cfg)
+
+    def unload(self, loaded: LoadedModel) -> None:
+        loaded.runner.close()
+        del loaded
+        # Drop every reference first, then let MLX return the buffers, so active memory really falls.
+        gc.collect()
+        mx.clear_cache()
+
+    def reclaimable_memory(self) -> int:
+        import psutil
+
+        return int(psutil.virtual_memory().available)

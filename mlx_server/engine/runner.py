@@ -1,0 +1,263 @@
+"""One loaded model: its BatchGenerator, per-sequence sampling and stop handling, and the events it publishes.
+
+Only the inference thread calls into a runner. Every active sequence of the model shares one BatchGenerator, so
+concurrent requests share decode steps; a sequence joins between steps and leaves without draining the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
+
+from mlx_server.engine.output import OutputStream
+from mlx_server.errors import BadRequest, MlxServerError, RequestTimeout
+from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest, SamplingParams, Started, Usage
+
+log = logging.getLogger("mlx_server.engine")
+
+Sink = Callable[[Event], None]
+Clock = Callable[[], float]
+
+
+def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
+    """A per-sequence sampler; a seed gives the sequence its own key so batching never changes its draws."""
+    if params.greedy:
+        # One shared object lets BatchGenerator sample all greedy sequences in a single batched argmax.
+        return greedy_sampler
+    chain: list[Callable[[mx.array], mx.array]] = []
+    if 0 < params.top_p < 1.0:
+        chain.append(lambda x: apply_top_p(x, params.top_p))
+    if params.min_p > 0:
+        chain.append(lambda x: apply_min_p(x, params.min_p))
+    if params.top_k > 0:
+        chain.append(lambda x: apply_top_k(x, params.top_k))
+    inv_temp = 1.0 / params.temperature
+    key: list[Optional[mx.array]] = [mx.random.key(params.seed) if params.seed is not None else None]
+
+    def sample(logprobs: mx.array) -> mx.array:
+        for step in chain:
+            logprobs = step(logprobs)
+        if key[0] is None:
+            return mx.random.categorical(logprobs * inv_temp)
+        key[0], sub = mx.random.split(key[0])
+        return mx.random.categorical(logprobs * inv_temp, key=sub)
+
+    return sample
+
+
+def make_processors(params: SamplingParams, num_ctx: int) -> list[Callable[[mx.array, mx.array], mx.array]]:
+    # Ollama: repeat_last_n 0 disables the penalty window, -1 means the whole context.
+    window = num_ctx if params.repeat_last_n < 0 else params.repeat_last_n
+    if window == 0:
+        return []
+    return make_logits_processors(
+        repetition_penalty=params.repeat_penalty if params.repeat_penalty != 1.0 else None,
+        repetition_context_size=window,
+        presence_penalty=params.presence_penalty or None,
+        presence_context_size=window,
+        frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=window,
+    )
+
+
+@dataclass
+class Sequence:
+    request: GenerateRequest
+    sink: Sink
+    uid: int
+    out: OutputStream
+    prompt_tokens: int
+    cached_tokens: int
+    load_duration: float
+    admitted_at: float
+    first_token_at: Optional[float] = None
+    generated: int = 0
+    deadline: Optional[float] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, name: str, model: Any, tokenizer: Any, context_length: int, *,
+                 max_batch: int = 16, clock: Clock = time.perf_counter) -> None:
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.clock = clock
+        self.max_batch = max_batch
+        self.generator = self._new_generator()
+        self.sequences: dict[int, Sequence] = {}  # by BatchGenerator uid
+        self.by_request: dict[int, int] = {}  # request_id → uid
+
+    def _new_generator(self) -> BatchGenerator:
+        eos = sorted(self.tokenizer.eos_token_ids)
+        return BatchGenerator(self.model, stop_tokens=[[t] for t in eos], completion_batch_size=self.max_batch,
+                              prefill_batch_size=min(8, self.max_batch))
+
+    def reset(self) -> None:
+        """After a failed step the batch state is unknown: start a fresh generator (sequences already failed)."""
+        self.generator.close()
+        self.generator = self._new_generator()
+
+    # ---- prompt -------------------------------------------------------------------------------------------
+
+    def render(self, req: GenerateRequest) -> list[int]:
+        tok = self.tokenizer
+        if req.prompt is not None and req.raw:
+            return list(tok.encode(req.prompt))
+        if req.suffix:
+            raise BadRequest(f"model \"{self.name}\" does not support insert (suffix)")
+        messages = [m.to_template() for m in (req.messages or [])]
+        if req.prompt is not None:
+            messages = [{"role": "user", "content": req.prompt}]
+        if req.system is not None:
+            messages = [m for m in messages if m["role"] != "system"]
+            messages.insert(0, {"role": "system", "content": req.system})
+        if not getattr(tok, "has_chat_template", False):
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+            return list(tok.encode(text))
+        kwargs: dict[str, Any] = {}
+        if req.tools:
+            kwargs["tools"] = req.tools
+        if req.think is not None:
+            kwargs["enable_thinking"] = req.think
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        except Exception as exc:  # jinja errors name the template problem; the client sent the messages
+            raise BadRequest(f"chat template failed for these messages: {exc}") from None
+        return list(tok.encode(text, add_special_tokens=False))
+
+    # ---- admission ----------------------------------------------------------------------------------------
+
+    def add(self, req: GenerateRequest, sink: Sink, load_duration: float = 0.0) -> None:
+        """Tokenize, fit the context, and join the batch. Raises MlxServerError for the caller to publish."""
+        tokens = self.render(req)
+        num_ctx = min(req.num_ctx or self.context_length, self.context_length)
+        truncated = 0
+        if len(tokens) >= num_ctx:
+            # Like Ollama: keep the most recent tokens, leaving room to answer.
+            room = min(req.max_tokens or num_ctx // 2, num_ctx // 2)
+            keep = max(1, num_ctx - max(room, 1))
+            truncated = len(tokens) - keep
+            tokens = tokens[-keep:]
+            log.warning("prompt for %s truncated: %d tokens dropped to fit num_ctx=%d",
+                        self.name, truncated, num_ctx)
+        if not tokens:
+            raise BadRequest("prompt is empty after tokenization")
+        max_tokens = num_ctx - len(tokens)
+        if req.max_tokens is not None and req.max_tokens > 0:
+            max_tokens = min(max_tokens, req.max_tokens)
+        now = self.clock()
+        [uid] = self.generator.insert(
+            [tokens], max_tokens=[max_tokens], samplers=[make_sampler(req.sampling)],
+            logits_processors=[make_processors(req.sampling, num_ctx)])
+        seq = Sequence(
+            request=req, sink=sink, uid=uid, out=OutputStream(self.tokenizer.detokenizer, req.stop),
+            prompt_tokens=len(tokens), cached_tokens=0, load_duration=load_duration, admitted_at=now,
+            deadline=(req.created + req.timeout) if req.timeout else None)
+        self.sequences[uid] = seq
+        self.by_request[req.request_id] = uid
+        sink(Started(req.request_id, self.name, len(tokens), 0, load_duration, truncated))
+
+    @property
+    def active(self) -> int:
+        return len(self.sequences)
+
+    def has_work(self) -> bool:
+        return bool(self.sequences)
+
+    # ---- stepping -----------------------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """One BatchGenerator step for every sequence of this model; returns tokens generated."""
+        if not self.sequences:
+            return 0
+        self._expire_deadlines()
+        if not self.sequences:
+            return 0
+        _, responses = self.generator.next()
+        now = self.clock()
+        finished: list[int] = []
+        for r in responses:
+            seq = self.sequences.get(r.uid)
+            if seq is None:
+                continue
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            seq.generated += 1
+            eos = r.finish_reason == "stop"  # BatchGenerator only stops on our eos stop tokens
+            text = "" if eos else seq.out.add(r.token)
+            if seq.out.stopped:
+                finished.append(r.uid)
+                self._emit_text(seq, text)
+                self._finish(seq, "stop", now)
+            elif r.finish_reason is not None:
+                text += seq.out.finish()
+                self._emit_text(seq, text)
+                self._finish(seq, "stop" if eos else "length", now)
+            elif text:
+                self._emit_text(seq, text)
+        if finished:
+            self.generator.remove(finished)
+        return len(responses)
+
+    def _emit_text(self, seq: Sequence, text: str) -> None:
+        if text:
+            seq.sink(Delta(seq.request.request_id, content=text, tokens=1))
+
+    def _usage(self, seq: Sequence, now: float) -> Usage:
+        first = seq.first_token_at or now
+        return Usage(prompt_tokens=seq.prompt_tokens, cached_tokens=seq.cached_tokens,
+                     completion_tokens=seq.generated, load_duration=seq.load_duration,
+                     prompt_eval_duration=first - seq.admitted_at, eval_duration=now - first,
+                     total_duration=seq.load_duration + (now - seq.admitted_at))
+
+    def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+        self.sequences.pop(seq.uid, None)
+        self.by_request.pop(seq.request.request_id, None)
+        seq.sink(Done(seq.request.request_id, self.name, reason, self._usage(seq, now)))  # type: ignore[arg-type]
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        late = [s for s in self.sequences.values() if s.deadline is not None and now >= s.deadline]
+        for seq in late:
+            self.fail(seq.request.request_id,
+                      RequestTimeout(f"request timed out after {seq.request.timeout:g}s"))
+
+    # ---- leaving early ------------------------------------------------------------------------------------
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a sequence (client gone); takes effect before the next step."""
+        uid = self.by_request.pop(request_id, None)
+        if uid is None:
+            return False
+        seq = self.sequences.pop(uid)
+        self.generator.remove([uid])
+        seq.sink(Done(request_id, self.name, "cancelled", self._usage(seq, self.clock())))
+        return True
+
+    def fail(self, request_id: int, error: MlxServerError) -> bool:
+        uid = self.by_request.pop(request_id, None)
+        if uid is None:
+            return False
+        seq = self.sequences.pop(uid)
+        self.generator.remove([uid])
+        seq.sink(Failed(request_id, error))
+        return True
+
+    def fail_all(self, error: MlxServerError) -> None:
+        for request_id in list(self.by_request):
+            self.fail(request_id, error)
+
+    def close(self) -> None:
+        self.fail_all(MlxServerError(f"model \"{self.name}\" was unloaded"))
+        self.generator.close()
+        # The pool drops its entry after this returns; clearing here lets gc free the weights right away.
+        self.generator = None  # type: ignore[assignment]
+        self.model = None

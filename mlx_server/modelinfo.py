@@ -1,0 +1,149 @@
+"""What a model is, read from files on disk without MLX: for /api/tags, /api/show and /api/ps.
+
+Model dirs give config.json and the tokenizer's chat template; GGUF files give their metadata (memory-mapped,
+no tensor data read). Results are cached per (path, mtime) since listings are polled often.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from mlx_server.sources import Located
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    format: str  # "safetensors" | "gguf"
+    family: str
+    parameter_count: int
+    quantization: str
+    context_length: int
+    template: str
+    modified: dt.datetime
+    arch_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parameter_size(self) -> str:
+        n = self.parameter_count
+        if n >= 1e9:
+            return f"{n / 1e9:.1f}B"
+        if n >= 1e6:
+            return f"{n / 1e6:.0f}M"
+        return f"{n / 1e3:.0f}K" if n >= 1e3 else str(n)
+
+    @property
+    def capabilities(self) -> list[str]:
+        caps = ["completion"]
+        if "tools" in self.template:
+            caps.append("tools")
+        if "<think>" in self.template or "reasoning_content" in self.template:
+            caps.append("thinking")
+        return caps
+
+    def details(self) -> dict[str, Any]:
+        return {"parent_model": "", "format": self.format, "family": self.family, "families": [self.family],
+                "parameter_size": self.parameter_size, "quantization_level": self.quantization}
+
+
+def _mtime(path: Path) -> dt.datetime:
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, tz=dt.timezone.utc)
+
+
+def _dir_info(path: Path, size: int) -> ModelInfo:
+    cfg = json.loads((path / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    quant = cfg.get("quantization") or cfg.get("quantization_config") or {}
+    bits = quant.get("bits")
+    if bits:
+        group = quant.get("group_size", 64) or 64
+        bits_per_param = bits + 32 / group  # a float16 scale and bias per group
+        quantization = f"Q{bits}"
+    else:
+        dtype = str(text.get("torch_dtype") or cfg.get("torch_dtype") or "float16")
+        bits_per_param = 32 if "32" in dtype else 16
+        quantization = {"float32": "F32", "bfloat16": "BF16"}.get(dtype, "F16")
+    template = ""
+    tok_cfg = path / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        try:
+            template = json.loads(tok_cfg.read_text()).get("chat_template") or ""
+        except ValueError:
+            template = ""
+    if isinstance(template, list):  # some tokenizers ship named templates
+        template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
+    jinja = path / "chat_template.jinja"
+    if not template and jinja.is_file():
+        template = jinja.read_text()
+    family = str(cfg.get("model_type", "unknown"))
+    ctx = 0
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions"):
+        if isinstance(text.get(key), int):
+            ctx = text[key]
+            break
+    weights = sorted(path.glob("*.safetensors"))
+    modified = _mtime(weights[0]) if weights else _mtime(path / "config.json")
+    arch = {f"{family}.context_length": ctx,
+            f"{family}.embedding_length": text.get("hidden_size"),
+            f"{family}.block_count": text.get("num_hidden_layers"),
+            f"{family}.attention.head_count": text.get("num_attention_heads"),
+            f"{family}.attention.head_count_kv": text.get("num_key_value_heads"),
+            f"{family}.vocab_size": text.get("vocab_size")}
+    return ModelInfo(format="safetensors", family=family, parameter_count=int(size * 8 / bits_per_param),
+                     quantization=quantization, context_length=ctx, template=str(template), modified=modified,
+                     arch_info={k: v for k, v in arch.items() if v is not None})
+
+
+def _gguf_info(path: Path) -> ModelInfo:
+    from gguf import GGUFReader  # deferred: only GGUF sources need it
+
+    reader = GGUFReader(str(path), "r")
+
+    def meta(key: str, default: Any = None) -> Any:
+        fld = reader.fields.get(key)
+        if fld is None:
+            return default
+        value = fld.contents()
+        return value
+
+    arch = str(meta("general.architecture", "llama"))
+    ctx = int(meta(f"{arch}.context_length", 0) or 0)
+    count = sum(int(t.n_elements) for t in reader.tensors)
+    qtypes = {t.tensor_type.name for t in reader.tensors if t.name.endswith("attn_q.weight")}
+    info = {f"{arch}.{k}": meta(f"{arch}.{k}") for k in ("context_length", "embedding_length", "block_count",
+                                                          "attention.head_count", "attention.head_count_kv")}
+    return ModelInfo(format="gguf", family=arch, parameter_count=count,
+                     quantization=next(iter(qtypes), "unknown"), context_length=ctx,
+                     template=str(meta("tokenizer.chat_template", "") or ""), modified=_mtime(path),
+                     arch_info={k: v for k, v in info.items() if v is not None})
+
+
+def _read(path: Path, size: int, kind: str) -> Optional[ModelInfo]:
+    try:
+        return _gguf_info(path) if kind in ("gguf", "package") else _dir_info(path, size)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class InfoCache:
+    """describe() memoized per (path, mtime, size); one per app, since listings are polled often."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, float, int], Optional[ModelInfo]] = {}
+
+    def describe(self, found: Located) -> Optional[ModelInfo]:
+        if found.path is None:
+            return None
+        try:
+            mtime = found.path.stat().st_mtime
+        except OSError:
+            return None
+        key = (str(found.path), mtime, found.size)
+        if key not in self._entries:
+            if len(self._entries) > 256:
+                self._entries.clear()
+            self._entries[key] = _read(found.path, found.size, found.kind)
+        return self._entries[key]

@@ -1,0 +1,210 @@
+"""The engine contract: what a dialect hands the engine and what it gets back.
+
+Nothing here imports MLX, so the HTTP side can build requests and read events without touching the GPU.
+Every message that crosses the thread boundary is one of these dataclasses.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional, Union
+
+from mlx_server.errors import MlxServerError
+
+_request_ids = itertools.count(1)
+
+
+def next_request_id() -> int:
+    # itertools.count is atomic under the GIL, so ids are unique across handler tasks.
+    return next(_request_ids)
+
+
+class Priority(enum.IntEnum):
+    # Lower value is served first; IntEnum so a heap can order waiting requests directly.
+    HIGH = 0
+    MEDIUM = 1
+    LOW = 2
+
+    @classmethod
+    def parse(cls, value: Optional[str]) -> "Priority":
+        if not value:
+            return cls.MEDIUM
+        try:
+            return cls[value.strip().upper()]
+        except KeyError:
+            return cls.MEDIUM
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; defaults are neutral (the dialects apply their own documented defaults)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    content: str = ""
+    thinking: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_name: Optional[str] = None
+    tool_call_id: Optional[str] = None
+    images: Optional[list[str]] = None
+
+    def to_template(self) -> dict[str, Any]:
+        """The dict shape chat templates expect (HF convention)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.thinking:
+            out["reasoning_content"] = self.thinking
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_name:
+            out["name"] = self.tool_name
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+@dataclass
+class GenerateRequest:
+    """One generation, already resolved to a configured model name and engine-level settings.
+
+    Exactly one of `messages` (chat) or `prompt` (completion) is set. `prompt` with `raw=True` is tokenized
+    as is; otherwise it is wrapped in the chat template as a single user turn (Ollama /api/generate semantics).
+    Neither set means load-only (or unload-only when keep_alive is 0).
+    """
+
+    model: str
+    messages: Optional[list[ChatMessage]] = None
+    prompt: Optional[str] = None
+    system: Optional[str] = None
+    suffix: Optional[str] = None
+    raw: bool = False
+    tools: Optional[list[dict[str, Any]]] = None
+    think: Optional[bool] = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: Optional[int] = None  # None = until the context is full
+    num_ctx: Optional[int] = None  # None = the model's configured context length
+    stop: tuple[str, ...] = ()
+    keep_alive: Optional[float] = None  # seconds; None = model/server default; <0 forever; 0 unload when idle
+    priority: Priority = Priority.MEDIUM
+    format: Optional[Union[Literal["json"], dict[str, Any]]] = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    timeout: Optional[float] = None  # seconds from submission; None = no limit
+    request_id: int = field(default_factory=next_request_id)
+    created: float = field(default_factory=time.monotonic)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.messages and not self.prompt
+
+
+# ---- events: engine → handler -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    """The prompt is tokenized and admitted; counts are known before any token is generated."""
+
+    request_id: int
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+    load_duration: float  # seconds spent loading the model for this request (0 when resident)
+    truncated: int = 0  # prompt tokens dropped from the left to fit num_ctx
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Newly decoded output. `content` and `thinking` never contain stop strings or partial UTF-8."""
+
+    request_id: int
+    content: str = ""
+    thinking: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tokens: int = 0  # generated tokens this delta accounts for
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+DoneReason = Literal["stop", "length", "load", "unload", "cancelled", "timeout", "tool_calls"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    load_duration: float = 0.0
+    prompt_eval_duration: float = 0.0
+    eval_duration: float = 0.0
+    total_duration: float = 0.0
+
+    @property
+    def evaluated_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
+@dataclass(frozen=True)
+class Done:
+    request_id: int
+    model: str
+    reason: DoneReason
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request ended with an error; after Started this becomes an in-stream error line."""
+
+    request_id: int
+    error: MlxServerError
+
+
+Event = Union[Started, Delta, Done, Failed]
+
+
+# ---- commands: handler → engine ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submit:
+    request: GenerateRequest
+    sink: Callable[[Event], None]  # thread-safe: the engine calls it from the inference thread
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: int
+    reason: Literal["cancelled", "timeout"] = "cancelled"
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+Command = Union[Submit, Cancel, Shutdown]

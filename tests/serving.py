@@ -1,0 +1,71 @@
+"""A real uvicorn server on a free loopback port, running the real app, for tests that speak HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import httpx
+import uvicorn
+import yaml
+
+from mlx_server.api.app import create_app
+from mlx_server.config import Config, build_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_config(tmp: Path, models: dict[str, Any], **server: Any) -> Config:
+    """Write a models.yaml into tmp and load it the way the CLI does."""
+    doc = {"server": {"memory_budget": "8GB", "keep_alive": "5m", "cache_dir": str(tmp / "cache"), **server},
+           "models": models}
+    path = tmp / "models.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return build_config(yaml.safe_load(path.read_text()), path=path, env={})
+
+
+class Server:
+    def __init__(self, app: Any, port: int) -> None:
+        self.app = app
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def engine(self) -> Any:
+        return self.app.state.ctx.engine
+
+    def start(self) -> "Server":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+
+
+@contextlib.contextmanager
+def serve(config: Config, engine: Optional[Any] = None) -> Iterator[Server]:
+    server = Server(create_app(config, engine=engine), free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
