@@ -203,8 +203,15 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Preload:
+    """Load these models in the background, in order, stopping at the first that would not fit the budget."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
 
-Command = Union[Submit, Cancel, Shutdown]
+Command = Union[Submit, Cancel, Preload, Shutdown]

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import psutil
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -60,4 +61,8 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, status_code=status)
 
 
-routes = [Route("/health", health, methods=["GET", "HEAD"])]
+async def metrics(request: Request) -> Response:
+    return Response(ctx_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [Route("/health", health, methods=["GET", "HEAD"]), Route("/metrics", metrics, methods=["GET"])]

@@ -8,15 +8,46 @@ from typing import Any, AsyncIterator, Optional
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_server.api import admin, ollama
 from mlx_server.api.common import AppContext, error_body
 from mlx_server.config import Config
 from mlx_server.errors import MlxServerError
+from mlx_server.metrics import Metrics
 
 log = logging.getLogger("mlx_server.api")
+
+
+class RequestMetrics:
+    """Counts every HTTP request by route, resolved model and status (pure ASGI: streaming is untouched)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def observe(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            model = scope.get("state", {}).get("model", "")
+            self.metrics.requests.labels(path, model, str(status)).inc()
 
 
 def create_app(config: Config, engine: Optional[Any] = None) -> Starlette:
@@ -25,7 +56,9 @@ def create_app(config: Config, engine: Optional[Any] = None) -> Starlette:
         from mlx_server.engine.core import Engine  # the only place the API side pulls in the engine
 
         engine = Engine(config)
-    ctx = AppContext(config=config, engine=engine)
+    metrics = Metrics(engine)
+    engine.on_event = metrics.observe
+    ctx = AppContext(config=config, engine=engine, metrics=metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -46,7 +79,12 @@ def create_app(config: Config, engine: Optional[Any] = None) -> Starlette:
         assert isinstance(exc, HTTPException)
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
 
+    async def on_bug(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
     app = Starlette(routes=[*admin.routes, *ollama.routes], lifespan=lifespan,
-                    exception_handlers={MlxServerError: on_error, HTTPException: on_http})
+                    exception_handlers={MlxServerError: on_error, HTTPException: on_http, Exception: on_bug},
+                    middleware=[Middleware(RequestMetrics, metrics=metrics)])
     app.state.ctx = ctx
     return app

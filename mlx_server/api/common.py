@@ -25,6 +25,7 @@ log = logging.getLogger("mlx_server.api")
 class AppContext:
     config: Config
     engine: Any  # mlx_server.engine.core.Engine; typed loosely so the API never imports MLX at module load
+    metrics: Any = None  # mlx_server.metrics.Metrics
     infos: InfoCache = field(default_factory=InfoCache)
     started: float = field(default_factory=time.time)
 
@@ -48,6 +49,11 @@ class AppContext:
 
 def ctx_of(request: Request) -> AppContext:
     return request.app.state.ctx
+
+
+def note_model(request: Request, name: str) -> None:
+    """Label this request's metrics and log line with the model it resolved to."""
+    request.scope.setdefault("state", {})["model"] = name
 
 
 async def read_json(request: Request) -> dict[str, Any]:

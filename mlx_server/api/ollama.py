@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mlx_server.api.common import (AppContext, Collected, collect, ctx_of, error_body, field_type, first_event, ns, read_json,
-                                   request_log, rfc3339)
+from mlx_server.api.common import (AppContext, Collected, collect, ctx_of, error_body, field_type, first_event,
+                                   note_model, ns, read_json, request_log, rfc3339)
 from mlx_server.api.options import ollama_sampling
 from mlx_server.api.templates import render_go_template
 from mlx_server.config import parse_duration
@@ -178,6 +178,7 @@ async def _serve(request: Request, chat: bool) -> Response:
     if not requested:
         raise BadRequest("model is required")
     name = ctx.resolve(requested)
+    note_model(request, name)
     req = (chat_request if chat else generate_request)(ctx, body, request, name)
     stream = body.get("stream", True)
     if not isinstance(stream, bool):

@@ -8,6 +8,7 @@ typed events through a per-request sink; `Engine.stream()` wraps that as an asyn
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 import logging
@@ -19,10 +20,10 @@ from typing import AsyncIterator, Callable, Optional
 
 from mlx_server.config import Config
 from mlx_server.engine.loader import LoadedModel, ModelLoader
-from mlx_server.engine.pool import FOREVER, ModelPool
+from mlx_server.engine.pool import FOREVER, ModelPool, Resident
 from mlx_server.errors import InternalError, MlxServerError, ModelNotFound, ServerBusy, ServiceUnavailable
-from mlx_server.types import (Cancel, Command, Done, Event, Failed, GenerateRequest, Shutdown, Started, Submit,
-                              Usage)
+from mlx_server.types import (Cancel, Command, Done, Event, Failed, GenerateRequest, Preload, Shutdown, Started,
+                              Submit, Usage)
 
 log = logging.getLogger("mlx_server.engine")
 
@@ -65,10 +66,14 @@ class Engine:
         self._waiting: list[tuple[int, int, _Waiting]] = []
         self._order = itertools.count()
         self._owner: dict[int, str] = {}  # request_id → model name, for requests admitted into a runner
+        self._parked: dict[str, list[_Waiting]] = {}  # requests waiting for their model to finish loading
+        self._preloads: collections.deque[str] = collections.deque()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self.fatal: Optional[BaseException] = None
         self.counters = EngineCounters()
+        # Observer of every event (metrics); runs on the inference thread and must not raise into it.
+        self.on_event: Optional[Callable[[GenerateRequest, Event], None]] = None
         self._submitted = 0  # handler-side count, so a full queue is refused before the engine sees it
         self._lock = threading.Lock()
 
@@ -77,6 +82,9 @@ class Engine:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mlx-inference", daemon=True)
         self._thread.start()
+        wanted = [m.name for m in self.config.models.values() if m.preload]
+        if wanted:
+            self.preload(wanted)  # in the background: start-up never waits for it
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is None:
@@ -101,6 +109,9 @@ class Engine:
 
     def cancel(self, request_id: int, reason: str = "cancelled") -> None:
         self._commands.put(Cancel(request_id, reason))  # type: ignore[arg-type]
+
+    def preload(self, names: list[str]) -> None:
+        self._commands.put(Preload(tuple(names)))
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Event]:
         """Events for one request; leaving the iteration early cancels it in the engine."""
@@ -132,12 +143,15 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                busy = any(r.model.runner.has_work() for r in self._residents())
+                busy = (self.pool.loading is not None or bool(self._preloads)
+                        or any(r.model.runner.has_work() for r in self._residents()))
                 self._drain(block=not busy)
                 if self._stopping:
                     break
                 self._admit()
                 self._step_all()
+                self._advance_load()
+                self._next_preload()
                 self.pool.sweep()
         except BaseException as exc:  # noqa: BLE001 - record why the thread died so /health can say so
             self.fatal = exc
@@ -177,6 +191,8 @@ class Engine:
             self._set_counters(total_queued=c.total_queued + 1, by_priority=tuple(prio))
         elif isinstance(cmd, Cancel):
             self._cancel(cmd.request_id)
+        elif isinstance(cmd, Preload):
+            self._preloads.extend(cmd.names)
         elif isinstance(cmd, Shutdown):
             self._stopping = True
 
@@ -184,6 +200,11 @@ class Engine:
         """Observe each request's end to release the model and keep the counters honest."""
 
         def wrapped(event: Event) -> None:
+            if self.on_event is not None:
+                try:
+                    self.on_event(req, event)
+                except Exception:  # noqa: BLE001 - observability must never break generation
+                    log.exception("event observer failed")
             if isinstance(event, (Done, Failed)):
                 with self._lock:
                     self._submitted -= 1
@@ -198,9 +219,13 @@ class Engine:
         return wrapped
 
     def _keep_alive(self, req: GenerateRequest) -> float:
+        """Ollama's order: the request's keep_alive, else the model's, else the server default."""
         if req.keep_alive is not None:
             return req.keep_alive
-        model = self.config.models.get(req.model)
+        return self._model_keep_alive(req.model)
+
+    def _model_keep_alive(self, name: str) -> float:
+        model = self.config.models.get(name)
         if model is not None and model.keep_alive is not None:
             return model.keep_alive
         return self.config.server.keep_alive
@@ -212,6 +237,12 @@ class Engine:
                 heapq.heapify(self._waiting)
                 w.sink(Done(request_id, w.request.model, "cancelled", Usage()))
                 return
+        for name, parked in self._parked.items():
+            for w in parked:
+                if w.request.request_id == request_id:
+                    parked.remove(w)
+                    w.sink(Done(request_id, name, "cancelled", Usage()))
+                    return
         name = self._owner.get(request_id)
         entry = self.pool.get(name) if name else None
         if entry is not None:
@@ -222,12 +253,16 @@ class Engine:
         while self._waiting and len(self._owner) < limit:
             _, _, w = heapq.heappop(self._waiting)
             try:
-                self._start(w)
+                self._admit_one(w)
             except MlxServerError as exc:
                 w.sink(Failed(w.request.request_id, exc))
-        self._set_counters(queue_size=len(self._waiting), active_requests=len(self._owner))
+        self._publish_queue()
 
-    def _start(self, w: _Waiting) -> None:
+    def _publish_queue(self) -> None:
+        parked = sum(len(p) for p in self._parked.values())
+        self._set_counters(queue_size=len(self._waiting) + parked, active_requests=len(self._owner))
+
+    def _admit_one(self, w: _Waiting) -> None:
         req = w.request
         if req.model not in self.config.models:
             raise ModelNotFound(req.model)
@@ -236,7 +271,14 @@ class Engine:
             log.info("unload-only request for %s (%s)", req.model, "unloaded" if unloaded else "not resident")
             w.sink(Done(req.request_id, req.model, "unload", Usage()))
             return
-        entry, load_seconds = self.pool.ensure(req.model)
+        entry = self.pool.request(req.model)
+        if entry is None:
+            self._parked.setdefault(req.model, []).append(w)
+            return
+        self._start(w, entry, 0.0)
+
+    def _start(self, w: _Waiting, entry: Resident[LoadedModel], load_seconds: float) -> None:
+        req = w.request
         if req.is_empty:
             self.pool.set_keep_alive(req.model, self._keep_alive(req))
             w.sink(Done(req.request_id, req.model, "load", Usage(load_duration=load_seconds,
@@ -250,6 +292,58 @@ class Engine:
             self._owner.pop(req.request_id, None)
             self.pool.release(req.model, self._keep_alive(req))
             raise
+
+    def _advance_load(self) -> None:
+        name = self.pool.loading
+        if name is None:
+            return
+        try:
+            entry = self.pool.advance()
+        except MlxServerError as exc:
+            for w in self._parked.pop(name, []):
+                w.sink(Failed(w.request.request_id, exc))
+            self._requeue_parked()
+            return
+        if entry is None:
+            return
+        waiting = self._parked.pop(name, [])
+        if not waiting:
+            # A preload, or a load whose requests all left: its keep_alive clock starts now.
+            self.pool.set_keep_alive(name, self._model_keep_alive(name))
+        for w in waiting:
+            try:
+                self._start(w, entry, entry.load_seconds)
+            except MlxServerError as exc:
+                w.sink(Failed(w.request.request_id, exc))
+        self._requeue_parked()
+
+    def _requeue_parked(self) -> None:
+        """Requests that waited behind another model's load get their turn to start theirs."""
+        for parked in self._parked.values():
+            for w in parked:
+                heapq.heappush(self._waiting, (int(w.request.priority), next(self._order), w))
+        self._parked.clear()
+        self._publish_queue()
+
+    def _next_preload(self) -> None:
+        if not self._preloads or self.pool.loading is not None:
+            return
+        name = self._preloads.popleft()
+        try:
+            if self.pool.get(name) is not None:
+                return
+            need = self.loader.estimate(name)
+            if (self.pool.resident_bytes() + need > self.pool.budget
+                    or len(self.pool.names()) >= self.pool.max_models):
+                log.info("preload stopped at %s: it needs %.2f GB and the memory budget (%.2f of %.2f GB used, "
+                         "%d models) is reached", name, need / 1e9, self.pool.resident_bytes() / 1e9,
+                         self.pool.budget / 1e9, len(self.pool.names()))
+                self._preloads.clear()
+                return
+            log.info("preloading %s", name)
+            self.pool.request(name)
+        except MlxServerError as exc:
+            log.warning("preload of %s skipped: %s", name, exc.message)
 
     def _step_all(self) -> None:
         generated = 0
@@ -269,6 +363,10 @@ class Engine:
                                active_requests=len(self._owner))
 
     def _fail_everything(self, error: MlxServerError) -> None:
+        for parked in self._parked.values():
+            for w in parked:
+                w.sink(Failed(w.request.request_id, error))
+        self._parked.clear()
         while self._waiting:
             _, _, w = heapq.heappop(self._waiting)
             w.sink(Failed(w.request.request_id, error))

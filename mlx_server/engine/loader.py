@@ -9,11 +9,15 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Generator, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mlx_server.config import Config
 from mlx_server.engine.runner import ModelRunner
@@ -48,10 +52,13 @@ def model_context_length(cfg: dict[str, Any]) -> int:
 
 
 class ModelLoader:
-    def __init__(self, config: Config, *, max_batch: Optional[int] = None) -> None:
+    def __init__(self, config: Config, *, max_batch: Optional[int] = None, slice_seconds: float = 0.05) -> None:
         self.config = config
         self.max_batch = max_batch or config.server.max_concurrent
+        self.slice_seconds = slice_seconds
         self._config_dir = config.path.parent if config.path else None
+        # Tokenizers load in Python (no MLX), so they can load beside the inference thread.
+        self._tokenizers = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer-load")
 
     def locate(self, name: str) -> Located:
         model = self.config.models.get(name)
@@ -87,12 +94,35 @@ class ModelLoader:
         weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         return weights + kv_bytes_per_token(cfg) * self.context_length(name, cfg)
 
-    def load(self, name: str) -> LoadedModel:
-        from mlx_lm import load as mlx_load  # deferred: importing mlx_lm pulls in transformers
+    def load(self, name: str) -> Generator[None, None, LoadedModel]:
+        """A load in slices: weights are evaluated a few at a time, yielding so other models keep decoding."""
+        from mlx_lm.utils import load_model, load_tokenizer  # deferred: importing mlx_lm pulls in transformers
 
         path = self.model_dir(name)
+        yield
         try:
-            model, tokenizer, cfg = mlx_load(str(path), return_config=True)
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadFailed(f"model \"{name}\" has an unreadable config.json: {exc}") from None
+        tokenizer_future: Future[Any] = self._tokenizers.submit(
+            load_tokenizer, path, None, eos_token_ids=cfg.get("eos_token_id"))
+        try:
+            model, cfg = load_model(path, lazy=True)
+            yield
+            deadline = time.perf_counter() + self.slice_seconds
+            for _, array in tree_flatten(model.parameters()):
+                mx.eval(array)
+                if time.perf_counter() >= deadline:
+                    yield
+                    deadline = time.perf_counter() + self.slice_seconds
+            while True:
+                try:
+                    tokenizer = tokenizer_future.result(timeout=self.slice_seconds)
+                    break
+                except FuturesTimeout:
+                    yield
+        except ModelLoadFailed:
+            raise
         except Exception as exc:
             raise ModelLoadFailed(f"failed to load model \"{name}\" from {path}: {exc}") from exc
         runner = ModelRunner(name, model, tokenizer, self.context_length(name, cfg), max_batch=self.max_batch)

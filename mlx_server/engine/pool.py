@@ -1,9 +1,11 @@
 """Resident models: an LRU under a byte budget and a model count, with refcounts and keep_alive.
 
-The pool is owned by the inference thread; nothing here locks. Loads happen on that thread, one at a time,
-which makes them single-flight by construction: a second request for a model being loaded finds it resident.
-HTTP handlers read `snapshot()`, an immutable copy replaced after every change.
-The clock and the loader are injected so tests can drive expiry and failures deterministically.
+The pool is owned by the inference thread; nothing here locks. A load is a job the engine advances in slices
+between decode steps, so loading one model stalls other models' streams by at most one slice. One load runs at
+a time: a request for a model being loaded (or for another cold model meanwhile) waits, which makes loads
+single-flight by construction. HTTP handlers read `snapshot()`, an immutable copy replaced after every change.
+The clock and the loader are injected so tests can drive expiry, slow loads and failures deterministically.
+A loader returns either the model itself or a generator that yields between slices and returns the model.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Generic, Optional, TypeVar
+from typing import Callable, Generator, Generic, NoReturn, Optional, TypeVar, Union
 
 from mlx_server.errors import InsufficientMemory, MlxServerError, ModelLoadFailed
 
@@ -19,6 +21,16 @@ log = logging.getLogger("mlx_server.pool")
 
 M = TypeVar("M")
 FOREVER = -1.0
+LoadJob = Generator[None, None, M]
+
+
+@dataclass
+class _Loading(Generic[M]):
+    name: str
+    job: Optional[LoadJob]
+    size: int
+    started: float
+    result: Optional[M] = None
 
 
 @dataclass
@@ -58,7 +70,7 @@ class PoolStats:
 
 
 class ModelPool(Generic[M]):
-    def __init__(self, *, budget: int, max_models: int, loader: Callable[[str], M],
+    def __init__(self, *, budget: int, max_models: int, loader: Callable[[str], Union[M, LoadJob]],
                  estimate: Callable[[str], int], unloader: Callable[[M], None],
                  clock: Callable[[], float] = time.monotonic,
                  available: Optional[Callable[[], int]] = None) -> None:
@@ -70,7 +82,7 @@ class ModelPool(Generic[M]):
         self._clock = clock
         self._available = available
         self._resident: dict[str, Resident[M]] = {}  # insertion order = LRU order (oldest first)
-        self._loading: Optional[str] = None
+        self._loading: Optional[_Loading[M]] = None
         self.stats = PoolStats()
         self._snapshot: tuple[ResidentInfo, ...] = ()
 
@@ -90,39 +102,83 @@ class ModelPool(Generic[M]):
 
     # ---- loading and eviction -----------------------------------------------------------------------------
 
-    def ensure(self, name: str) -> tuple[Resident[M], float]:
-        """The resident model, loading it first if needed. Returns it and the seconds spent loading (0 if warm)."""
+    @property
+    def loading(self) -> Optional[str]:
+        return self._loading.name if self._loading else None
+
+    def request(self, name: str) -> Optional[Resident[M]]:
+        """The resident model (now most recently used), or None while it loads.
+
+        A cold model starts loading when no other load is running; otherwise the caller waits and asks again
+        once the current load finishes. Raises InsufficientMemory when it can never fit right now.
+        """
         hit = self._resident.get(name)
         if hit is not None:
             self._resident[name] = self._resident.pop(name)  # most recently used goes last
-            return hit, 0.0
+            return hit
+        if self._loading is not None:
+            return None
         need = self._estimate(name)
         self._make_room(name, need)
-        self._loading = name
+        self._loading = _Loading(name=name, job=None, size=need, started=self._clock())
         self._publish()
-        start = self._clock()
         try:
-            model = self._loader(name)
-        except MlxServerError:
-            self.stats = replace(self.stats, load_failures=self.stats.load_failures + 1)
-            raise
-        except Exception as exc:  # a corrupt file must fail this model's requests, not the server
-            self.stats = replace(self.stats, load_failures=self.stats.load_failures + 1)
-            log.exception("loading %s failed", name)
-            raise ModelLoadFailed(f"failed to load model \"{name}\": {exc}") from exc
-        finally:
-            self._loading = None
-            self._publish()
-        seconds = self._clock() - start
+            produced = self._loader(name)
+        except BaseException as exc:
+            self._fail_load(exc)
+        if isinstance(produced, Generator):
+            self._loading.job = produced
+        else:
+            self._loading.result = produced
+        return None
+
+    def advance(self) -> Optional[Resident[M]]:
+        """Run one slice of the current load; the new resident when it completes. Load errors propagate."""
+        current = self._loading
+        if current is None:
+            return None
+        if current.job is not None:
+            try:
+                next(current.job)
+                return None
+            except StopIteration as stop:
+                current.result = stop.value
+            except BaseException as exc:
+                self._fail_load(exc)
+        self._loading = None
         now = self._clock()
-        entry = Resident(name=name, model=model, size=need, loaded_at=now, load_seconds=seconds,
-                         last_used=now, expires_at=None, keep_alive=FOREVER)
-        self._resident[name] = entry
+        seconds = now - current.started
+        entry = Resident(name=current.name, model=current.result, size=current.size, loaded_at=now,
+                         load_seconds=seconds, last_used=now, expires_at=None, keep_alive=FOREVER)
+        self._resident[current.name] = entry
         self.stats = replace(self.stats, loads=self.stats.loads + 1, load_seconds=self.stats.load_seconds + seconds)
-        log.info("loaded %s in %.2fs (%.2f GB; resident %.2f / %.2f GB)", name, seconds, need / 1e9,
+        log.info("loaded %s in %.2fs (%.2f GB; resident %.2f / %.2f GB)", current.name, seconds, current.size / 1e9,
                  self.resident_bytes() / 1e9, self.budget / 1e9)
         self._publish()
-        return entry, seconds
+        return entry
+
+    def ensure(self, name: str) -> tuple[Resident[M], float]:
+        """Load to completion without interleaving (tools and tests); returns the model and seconds spent."""
+        loaded_now = False
+        while True:
+            entry = self.request(name)
+            if entry is not None:
+                return entry, (entry.load_seconds if loaded_now else 0.0)
+            done = self.advance()
+            loaded_now = loaded_now or (done is not None and done.name == name)
+
+    def _fail_load(self, exc: BaseException) -> NoReturn:
+        current = self._loading
+        self._loading = None
+        self.stats = replace(self.stats, load_failures=self.stats.load_failures + 1)
+        self._publish()
+        name = current.name if current else "?"
+        if current is not None and current.job is not None:
+            current.job.close()
+        if isinstance(exc, MlxServerError):
+            raise exc
+        log.error("loading %s failed: %s", name, exc)
+        raise ModelLoadFailed(f"failed to load model \"{name}\": {exc}") from exc
 
     def _make_room(self, name: str, need: int) -> None:
         if need > self.budget:
@@ -212,6 +268,6 @@ class ModelPool(Generic[M]):
                               last_used=r.last_used, expires_at=r.expires_at, active=r.active,
                               use_count=r.use_count) for r in self._resident.values()]
         if self._loading is not None:
-            infos.append(ResidentInfo(name=self._loading, size=0, loaded_at=0.0, load_seconds=0.0,
+            infos.append(ResidentInfo(name=self._loading.name, size=self._loading.size, loaded_at=0.0, load_seconds=0.0,
                                       last_used=0.0, expires_at=None, active=0, use_count=0, is_loading=True))
         self._snapshot = tuple(infos)
