@@ -1,0 +1,60 @@
+"""/health and /metrics stay instant while a model loads and while others generate."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving import make_config, serve
+from tinymodels import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def heavy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Big enough that loading takes a while on this CPU (hundreds of MB of float32 weights).
+    return build_tiny_model(tmp_path_factory.mktemp("heavy"), hidden_size=1024, num_layers=8, seed=5)
+
+
+def test_health_fast_while_loading_and_generating(heavy: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path, {"heavy": {"source": str(heavy)}, "small": {"source": str(tiny_llama)}})
+    with serve(config) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        client.get("/health")  # connection warm-up
+        stream_done = threading.Event()
+
+        def generate_small() -> None:
+            with httpx.stream("POST", f"{server.url}/api/generate", timeout=60, json={
+                    "model": "small", "prompt": "go", "options": {"num_predict": 400}}) as r:
+                for _ in r.iter_lines():
+                    pass
+            stream_done.set()
+
+        def load_heavy() -> None:
+            httpx.post(f"{server.url}/api/generate", json={"model": "heavy"}, timeout=120)
+
+        gen = threading.Thread(target=generate_small)
+        gen.start()
+        loader = threading.Thread(target=load_heavy)
+        loader.start()
+        latencies: list[float] = []
+        saw_loading = saw_generating = False
+        while loader.is_alive() or gen.is_alive():
+            t = time.perf_counter()
+            r = client.get("/health")
+            latencies.append(time.perf_counter() - t)
+            body = r.json()
+            assert r.status_code == 200 and body["status"] == "healthy"
+            saw_loading |= any(m["is_loading"] for m in body["cached_models"])
+            saw_generating |= body["active_requests"] > 0
+            time.sleep(0.01)
+        gen.join()
+        loader.join()
+        assert saw_loading and saw_generating
+        latencies.sort()
+        p99 = latencies[int(len(latencies) * 0.99) - 1]
+        assert p99 < 0.05, f"p99 {p99 * 1000:.1f} ms over {len(latencies)} probes"
+        metrics = client.get("/metrics").text
+        assert "mlx_model_loads_total 2.0" in metrics and 'mlx_requests_total{model="heavy"' in metrics

@@ -1,0 +1,53 @@
+"""Driving a real Engine from synchronous tests: submit with a thread-safe sink, wait for the end."""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any
+
+from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest
+
+
+class Waiter:
+    def __init__(self, request: GenerateRequest) -> None:
+        self.request = request
+        self.events: "queue.Queue[Event]" = queue.Queue()
+        self.seen: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.put(event)
+
+    def wait(self, timeout: float = 60) -> Event:
+        """Block until Done or Failed; returns it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            self.seen.append(event)
+            if isinstance(event, (Done, Failed)):
+                return event
+
+    def first_delta(self, timeout: float = 60) -> Delta:
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            self.seen.append(event)
+            if isinstance(event, Delta):
+                return event
+            assert not isinstance(event, (Done, Failed)), event
+
+
+def submit(engine: Any, model: str, prompt: str = "hello", **kw: Any) -> Waiter:
+    req = GenerateRequest(model=model, prompt=prompt, raw=True, **kw)
+    waiter = Waiter(req)
+    engine.submit(req, waiter)
+    return waiter
+
+
+def until(predicate: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
