@@ -165,9 +165,13 @@ def request_log(dialect: str, model: str, status: str, collected: Optional[Colle
     usage = collected.usage if collected else Usage()
     elapsed = time.perf_counter() - started_at if started_at else 0.0
     tps = usage.completion_tokens / usage.eval_duration if usage.eval_duration > 0 else 0.0
+    fields = {"dialect": dialect, "model": model, "served_by": "mlx-server", "prompt_tokens": usage.prompt_tokens,
+              "cached_tokens": usage.cached_tokens, "generated_tokens": usage.completion_tokens,
+              "ttft_s": round(usage.prompt_eval_duration, 4), "tokens_per_s": round(tps, 2),
+              "total_s": round(elapsed, 4), "status": status}
     log.info("%s model=%s served_by=mlx-server prompt=%d cached=%d generated=%d ttft=%.3fs tok/s=%.1f "
              "total=%.3fs status=%s", dialect, model, usage.prompt_tokens, usage.cached_tokens,
-             usage.completion_tokens, usage.prompt_eval_duration, tps, elapsed, status)
+             usage.completion_tokens, usage.prompt_eval_duration, tps, elapsed, status, extra={"fields": fields})
 
 
 __all__ = ["AppContext", "Collected", "GenerateRequest", "collect", "ctx_of", "error_body", "field_type",

@@ -75,6 +75,7 @@ class Engine:
         # Observer of every event (metrics); runs on the inference thread and must not raise into it.
         self.on_event: Optional[Callable[[GenerateRequest, Event], None]] = None
         self._submitted = 0  # handler-side count, so a full queue is refused before the engine sees it
+        self.draining = False  # set at shutdown: new requests are refused, in-flight ones finish
         self._lock = threading.Lock()
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
@@ -87,10 +88,15 @@ class Engine:
             self.preload(wanted)  # in the background: start-up never waits for it
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             return
         self._commands.put(Shutdown())
         self._thread.join(timeout)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet finished (queued, loading or generating)."""
+        return self._submitted
 
     @property
     def alive(self) -> bool:
@@ -99,6 +105,8 @@ class Engine:
     # ---- handler side (any thread) ------------------------------------------------------------------------
 
     def submit(self, request: GenerateRequest, sink: Sink) -> None:
+        if self.draining:
+            raise ServiceUnavailable("server is shutting down")
         if not self.alive:
             raise ServiceUnavailable("inference engine is not running")
         with self._lock:

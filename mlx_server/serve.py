@@ -1,0 +1,108 @@
+"""Running the server process: logging, the start-up report, and graceful shutdown on SIGTERM / SIGINT.
+
+Shutdown keeps listening so late clients get a clear 503 instead of a refused connection: new requests are
+refused, in-flight ones get `server.shutdown_grace` seconds to finish, then the engine ends the rest (each
+stream gets an error line), models are unloaded, and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from types import FrameType
+from typing import Any, Optional
+
+import uvicorn
+
+from mlx_server.config import Config
+from mlx_server.sources import locate
+
+log = logging.getLogger("mlx_server")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def startup_report(config: Config) -> None:
+    s = config.server
+    log.info("config %s; listening on %s:%d; memory budget %.1f GB (%s); up to %d models resident",
+             config.path, s.host, s.port, s.memory_budget / 1e9, s.memory_budget_spec, s.max_loaded_models)
+    cfg_dir = config.path.parent if config.path else None
+    for model in config.models.values():
+        found = locate(model, cfg_dir)
+        if found.present:
+            log.info("model %s: present (%s, %.2f GB)%s", model.name, found.kind, found.size / 1e9,
+                     " [preload]" if model.preload else "")
+        else:
+            log.info("model %s: missing (%s)", model.name, found.hint)
+    if s.host not in ("127.0.0.1", "localhost", "::1") and not s.api_key:
+        log.warning("listening on %s without an API key: anyone who can reach this address can use the server",
+                    s.host)
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: Any, grace: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.grace = grace
+        self._draining: Optional[threading.Thread] = None
+
+    def handle_exit(self, sig: int, frame: Optional[FrameType]) -> None:
+        if self._draining is not None:
+            log.warning("second signal: exiting now")
+            super().handle_exit(sig, frame)
+            self.force_exit = True
+            return
+        log.info("signal %d: refusing new requests; %d in flight get %.0fs to finish", sig,
+                 self.engine.in_flight, self.grace)
+        self.engine.draining = True
+        self._draining = threading.Thread(target=self._drain, name="shutdown-drain", daemon=True)
+        self._draining.start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.grace
+        while self.engine.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.engine.in_flight:
+            log.warning("grace period over: ending %d requests", self.engine.in_flight)
+        self.engine.stop(timeout=30)  # fails what is left (error lines) and unloads every model
+        self.should_exit = True
+
+
+def run(config: Config, log_level: str = "info") -> int:
+    from mlx_server.api.app import create_app
+
+    app = create_app(config)
+    engine = app.state.ctx.engine
+    startup_report(config)
+    uv_config = uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=log_level.lower(),
+                               access_log=False, log_config=None)
+    server = GracefulServer(uv_config, engine, config.server.shutdown_grace)
+    server.run()
+    return 0
