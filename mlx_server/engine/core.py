@@ -21,7 +21,8 @@ from typing import AsyncIterator, Callable, Optional
 from mlx_server.config import Config
 from mlx_server.engine.loader import LoadedModel, ModelLoader
 from mlx_server.engine.pool import FOREVER, ModelPool, Resident
-from mlx_server.errors import InternalError, MlxServerError, ModelNotFound, ServerBusy, ServiceUnavailable
+from mlx_server.errors import (InternalError, MlxServerError, ModelNotFound, RequestTimeout, ServerBusy,
+                               ServiceUnavailable)
 from mlx_server.types import (Cancel, Command, Done, Event, Failed, GenerateRequest, Preload, Shutdown, Started,
                               Submit, Usage)
 
@@ -258,6 +259,8 @@ class Engine:
 
     def _admit(self) -> None:
         limit = self.config.server.max_concurrent
+        if self._waiting or self._parked:
+            self._expire_waiting()
         while self._waiting and len(self._owner) < limit:
             _, _, w = heapq.heappop(self._waiting)
             try:
@@ -265,6 +268,24 @@ class Engine:
             except MlxServerError as exc:
                 w.sink(Failed(w.request.request_id, exc))
         self._publish_queue()
+
+    def _expire_waiting(self) -> None:
+        """A request that timed out before it got a slot (or its model) fails instead of waiting on."""
+        now = time.monotonic()
+
+        def late(w: _Waiting) -> bool:
+            return w.request.timeout is not None and now >= w.request.created + w.request.timeout
+
+        for w in [w for _, _, w in self._waiting if late(w)] + [w for p in self._parked.values() for w in p if late(w)]:
+            self._drop_waiting(w.request.request_id)
+            w.sink(Failed(w.request.request_id, RequestTimeout(f"request timed out after {w.request.timeout:g}s "
+                                                               "waiting for its turn")))
+
+    def _drop_waiting(self, request_id: int) -> None:
+        self._waiting = [item for item in self._waiting if item[2].request.request_id != request_id]
+        heapq.heapify(self._waiting)
+        for parked in self._parked.values():
+            parked[:] = [w for w in parked if w.request.request_id != request_id]
 
     def _publish_queue(self) -> None:
         parked = sum(len(p) for p in self._parked.values())
@@ -365,10 +386,22 @@ class Engine:
                 log.exception("decode step failed for %s", entry.name)
                 runner.fail_all(InternalError(f"generation failed: {exc}"))
                 runner.reset()
+        self._cap_prompt_caches()
         if generated:
             c = self.counters
             self._set_counters(steps=c.steps + 1, generated_tokens=c.generated_tokens + generated,
                                active_requests=len(self._owner))
+
+    def _cap_prompt_caches(self) -> None:
+        """One byte cap for the stored prompt caches of all resident models; least recently used models give first."""
+        runners = [entry.model.runner for entry in self._residents()]
+        over = sum(r.prompt_cache.nbytes for r in runners) - self.config.server.prompt_cache_bytes
+        for runner in runners:
+            if over <= 0:
+                return
+            before = runner.prompt_cache.nbytes
+            runner.trim_prompt_cache(before - over)
+            over -= before - runner.prompt_cache.nbytes
 
     def _fail_everything(self, error: MlxServerError) -> None:
         for parked in self._parked.values():

@@ -125,7 +125,8 @@ class ModelLoader:
             raise
         except Exception as exc:
             raise ModelLoadFailed(f"failed to load model \"{name}\" from {path}: {exc}") from exc
-        runner = ModelRunner(name, model, tokenizer, self.context_length(name, cfg), max_batch=self.max_batch)
+        runner = ModelRunner(name, model, tokenizer, self.context_length(name, cfg), max_batch=self.max_batch,
+                             prompt_cache_bytes=self.config.server.prompt_cache_bytes)
         return LoadedModel(runner=runner, path=path, config=cfg)
 
     def unload(self, loaded: LoadedModel) -> None:

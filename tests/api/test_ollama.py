@@ -56,7 +56,8 @@ def chat_tokens(model_dir: Path, messages: list[dict[str, str]]) -> list[int]:
 def test_greedy_chat_equals_mlx_lm(client: ollama.Client, request: pytest.FixtureRequest, model: str,
                                    fixture: str, stream: bool) -> None:
     path = request.getfixturevalue(fixture)
-    messages = [{"role": "system", "content": "You answer briefly."},
+    # a distinct system prompt per case, so no case reuses another's prompt cache
+    messages = [{"role": "system", "content": f"You answer briefly ({'stream' if stream else 'whole'})."},
                 {"role": "user", "content": "What is the weather in the valley?"}]
     want = reference_greedy(path, chat_tokens(path, messages), 20)
     expected = mlx_text(path, want)
@@ -72,7 +73,8 @@ def test_greedy_chat_equals_mlx_lm(client: ollama.Client, request: pytest.Fixtur
         text = final.message.content
     assert text == expected
     assert final.eval_count == 20 and final.done_reason == "length"
-    assert final.prompt_eval_count == len(chat_tokens(path, messages))
+    # evaluated prompt tokens only: a prefix shared with an earlier request (the template header) is cached
+    assert 0 < final.prompt_eval_count <= len(chat_tokens(path, messages))
     for key in ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration"):
         assert isinstance(getattr(final, key), int)
     assert final.total_duration >= final.eval_duration > 0
@@ -171,6 +173,20 @@ def test_unknown_options_are_ignored(client: ollama.Client) -> None:
     r = client.generate(model="llama-tiny", prompt="x", options={**GREEDY, "num_predict": 2, "mirostat": 1,
                                                                   "frobnicate": True})
     assert r.eval_count == 2
+
+
+def test_follow_up_reuses_the_prompt_cache(client: ollama.Client, tiny_qwen2: Path) -> None:
+    history = [{"role": "user", "content": "Tell me a long story about the sea and the ships on it."}]
+    first = client.chat(model="qwen-tiny:1b", messages=history, options={**GREEDY, "num_predict": 12})
+    full = len(chat_tokens(tiny_qwen2, history))
+    assert first.prompt_eval_count > full - 12  # at most the template's default system header was cached
+    history += [{"role": "assistant", "content": first.message.content}, {"role": "user", "content": "And then?"}]
+    second = client.chat(model="qwen-tiny:1b", messages=history, options={**GREEDY, "num_predict": 12})
+    total = len(chat_tokens(tiny_qwen2, history))
+    # Ollama counts only evaluated prompt tokens: the shared prefix came from the cache
+    assert second.prompt_eval_count < total - full + 5
+    want = reference_greedy(tiny_qwen2, chat_tokens(tiny_qwen2, history), 12)
+    assert second.message.content == mlx_text(tiny_qwen2, want)  # same answer as without a cache
 
 
 def test_ndjson_wire_format(server: Server) -> None:

@@ -14,8 +14,11 @@ class Waiter:
         self.request = request
         self.events: "queue.Queue[Event]" = queue.Queue()
         self.seen: list[Event] = []
+        self.ended_at = 0.0  # when the engine published Done / Failed (engine thread's clock reading)
 
     def __call__(self, event: Event) -> None:
+        if isinstance(event, (Done, Failed)):
+            self.ended_at = time.monotonic()
         self.events.put(event)
 
     def wait(self, timeout: float = 60) -> Event:
