@@ -1,33 +1,36 @@
-"""mlx-server command line: serve | check-config | import (pull, list, ps, run and launchd come with operations)."""
+"""mlx-server command line.
+
+Server:     serve | check-config | import | launchd install|uninstall|status
+Models:     pull NAME | preload [NAMES...] (download what is missing, then warm the running server)
+Client:     list | ps | run NAME [PROMPT]   (talk to a running server, like the ollama CLI)
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlx_server.config import ConfigError, default_config_path, load_config
+from mlx_server.config import Config, ConfigError, default_config_path, load_config
 
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO; the client commands' output is their tables, not a request log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from mlx_server.serve import run, setup_logging
 
-    from mlx_server.api.app import create_app
-
-    config = load_config(args.config, overrides={"host": args.host, "port": args.port})
-    app = create_app(config)
-    s = config.server
-    logging.getLogger("mlx_server").info("config %s; listening on %s:%d; memory budget %.1f GB",
-                                         config.path, s.host, s.port, s.memory_budget / 1e9)
-    uvicorn.run(app, host=s.host, port=s.port, log_level=args.log_level.lower(), access_log=False)
-    return 0
+    overrides = {"host": args.host, "port": args.port, "log_format": getattr(args, "log_format", None)}
+    config = load_config(args.config, overrides=overrides)
+    setup_logging(args.log_level, config.server.log_format)
+    return run(config, args.log_level)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -52,27 +55,164 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- operations -------------------------------------------------------------------------------------------------
+
+
+def _client_config(args: argparse.Namespace) -> Optional[Config]:
+    """The config, if there is one: client commands work without it, unless it was named and is broken."""
+    try:
+        return load_config(args.config)
+    except ConfigError:
+        if args.config_explicit:
+            raise
+        return None
+
+
+def _url(args: argparse.Namespace, config: Optional[Config]) -> str:
+    from mlx_server.ops.client import server_url
+
+    return server_url(getattr(args, "server", None), config)
+
+
+def _key(config: Optional[Config]) -> Optional[str]:
+    from mlx_server.ops.client import api_key
+
+    return api_key(config)
+
+
+def cmd_launchd(args: argparse.Namespace) -> int:
+    from mlx_server.ops.launchd import TEMPLATE, Agent, Host, Launchctl
+
+    config_path = Path(args.config).expanduser().resolve()
+    if args.action == "install":
+        load_config(config_path)  # a broken models.yaml would make the agent crash-loop; refuse it now
+    agent = Agent(label=args.label, config=config_path, host=Host.current(),
+                  template=Path(args.template).expanduser().resolve() if args.template else TEMPLATE)
+    ctl = Launchctl(agent)
+    if args.dry_run:
+        return ctl.dry_run(args.action, sys.stdout)
+    if args.action == "install":
+        return ctl.install()
+    if args.action == "uninstall":
+        return ctl.uninstall()
+    config = _client_config(args)
+    return ctl.status(_url(args, config), _key(config), sys.stdout)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from mlx_server.ops.client import human_size
+    from mlx_server.ops.pull import ensure_local
+
+    config = load_config(args.config)
+    name = config.resolve(args.name)
+    if name is None:
+        print(f"Error: model \"{args.name}\" not found in {config.path}", file=sys.stderr)
+        return 1
+    result = ensure_local(config.models[name], config.path.parent if config.path else None, update=True)
+    if not result.ok:
+        print(f"Error: pulling {name} failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"{name}: {result.path} ({human_size(result.size)}, "
+          f"{'downloaded' if result.downloaded else 'up to date'})")
+    print("success")
+    return 0
+
+
+def cmd_preload(args: argparse.Namespace) -> int:
+    from mlx_server.ops.preload import preload
+
+    config = load_config(args.config)
+    return preload(config, args.names, preload_only=args.preload_only, url=_url(args, config),
+                   key=_key(config), do_warm=not args.no_warm, out=sys.stdout, err=sys.stderr)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mlx_server.ops.client import cmd_list as run
+
+    config = _client_config(args)
+    return run(_url(args, config), config, sys.stdout, sys.stderr, _key(config))
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from mlx_server.ops.client import cmd_ps as run
+
+    config = _client_config(args)
+    return run(_url(args, config), sys.stdout, _key(config))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mlx_server.ops.client import cmd_run as run
+
+    config = _client_config(args)
+    prompt = " ".join(args.prompt) if args.prompt else None
+    return run(_url(args, config), args.model, prompt, key=_key(config))
+
+
+# ---- parser -----------------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mlx-server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None,
                         help="models.yaml (default: $MLX_SERVER_CONFIG or ./models.yaml)")
     parser.add_argument("--log-level", default="info")
+    # Every subcommand also takes --config (`mlx-server serve --config X`, what the launchd plist runs).
+    # SUPPRESS keeps an absent sub-option from overwriting a top-level --config.
+    config_opt = argparse.ArgumentParser(add_help=False)
+    config_opt.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="models.yaml")
+    server_opt = argparse.ArgumentParser(add_help=False)
+    server_opt.add_argument("--server", default=None,
+                            help="server URL (default: $MLX_SERVER_URL, else the config's host:port)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the server")
+    serve = sub.add_parser("serve", parents=[config_opt], help="run the server")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--log-format", choices=["text", "json"], default=None, help="json: one object per line")
     serve.set_defaults(func=cmd_serve)
 
-    check = sub.add_parser("check-config", help="validate models.yaml and exit (2 on error)")
+    check = sub.add_parser("check-config", parents=[config_opt], help="validate models.yaml and exit (2 on error)")
     check.add_argument("path", nargs="?", type=Path, default=None)
     check.set_defaults(func=cmd_check_config)
 
-    imp = sub.add_parser("import", help="convert a llama-architecture GGUF file into an MLX model dir")
+    imp = sub.add_parser("import", parents=[config_opt],
+                         help="convert a llama-architecture GGUF file into an MLX model dir")
     imp.add_argument("file")
     imp.add_argument("--name", default=None)
     imp.add_argument("--cache-dir", default=None)
     imp.set_defaults(func=cmd_import)
+
+    launchd = sub.add_parser("launchd", parents=[config_opt, server_opt],
+                             help="run the server as a launchd agent (macOS)")
+    launchd.add_argument("action", choices=["install", "uninstall", "status"])
+    launchd.add_argument("--label", default="com.mlx-server")
+    launchd.add_argument("--template", default=None, help="plist template (default: launchd/ in the checkout)")
+    launchd.add_argument("--dry-run", action="store_true", help="print the plist and commands, change nothing")
+    launchd.set_defaults(func=cmd_launchd)
+
+    pull = sub.add_parser("pull", parents=[config_opt], help="download a configured model's weights")
+    pull.add_argument("name")
+    pull.set_defaults(func=cmd_pull)
+
+    pre = sub.add_parser("preload", parents=[config_opt, server_opt],
+                         help="download missing models, then load them into the running server")
+    pre.add_argument("names", nargs="*", help="models to preload (default: all configured)")
+    pre.add_argument("--preload-only", action="store_true", help="only models with preload: true")
+    pre.add_argument("--no-warm", action="store_true", help="only download and verify; do not load")
+    pre.set_defaults(func=cmd_preload)
+
+    lst = sub.add_parser("list", aliases=["ls"], parents=[config_opt, server_opt], help="list models on disk")
+    lst.set_defaults(func=cmd_list)
+
+    ps = sub.add_parser("ps", parents=[config_opt, server_opt], help="list loaded models")
+    ps.set_defaults(func=cmd_ps)
+
+    run = sub.add_parser("run", parents=[config_opt, server_opt],
+                         help="chat with a model (one-shot with PROMPT or piped stdin, else interactive)")
+    run.add_argument("model")
+    run.add_argument("prompt", nargs="*")
+    run.set_defaults(func=cmd_run)
     return parser
 
 
@@ -80,13 +220,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
+    args.config_explicit = args.config is not None or bool(os.environ.get("MLX_SERVER_CONFIG"))
     if args.config is None:
         args.config = default_config_path()
+    from mlx_server.ops.client import ClientError  # light: httpx only
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except ClientError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

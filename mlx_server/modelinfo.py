@@ -15,6 +15,24 @@ from typing import Any, Optional
 from mlx_server.sources import Located
 
 
+def kv_bytes_per_token(cfg: dict[str, Any]) -> int:
+    """Float16 keys and values for one token across all layers, from an HF-style config."""
+    text = cfg.get("text_config", cfg)  # multimodal configs nest the language model's
+    layers = int(text.get("num_hidden_layers", 0) or 0)
+    heads = int(text.get("num_attention_heads", 1) or 1)
+    kv_heads = int(text.get("num_key_value_heads", heads) or heads)
+    head_dim = int(text.get("head_dim") or (int(text.get("hidden_size", 0) or 0) // max(heads, 1)))
+    return 2 * layers * kv_heads * head_dim * 2
+
+
+def native_context_length(cfg: dict[str, Any]) -> int:
+    text = cfg.get("text_config", cfg)
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+        if isinstance(text.get(key), int) and text[key] > 0:
+            return int(text[key])
+    return 4096
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     format: str  # "safetensors" | "gguf"
@@ -25,6 +43,7 @@ class ModelInfo:
     template: str
     modified: dt.datetime
     arch_info: dict[str, Any] = field(default_factory=dict)
+    kv_bytes_per_token: int = 0
 
     @property
     def parameter_size(self) -> str:
@@ -79,11 +98,7 @@ def _dir_info(path: Path, size: int) -> ModelInfo:
     if not template and jinja.is_file():
         template = jinja.read_text()
     family = str(cfg.get("model_type", "unknown"))
-    ctx = 0
-    for key in ("max_position_embeddings", "max_seq_len", "n_positions"):
-        if isinstance(text.get(key), int):
-            ctx = text[key]
-            break
+    ctx = native_context_length(cfg)
     weights = sorted(path.glob("*.safetensors"))
     modified = _mtime(weights[0]) if weights else _mtime(path / "config.json")
     arch = {f"{family}.context_length": ctx,
@@ -94,7 +109,7 @@ def _dir_info(path: Path, size: int) -> ModelInfo:
             f"{family}.vocab_size": text.get("vocab_size")}
     return ModelInfo(format="safetensors", family=family, parameter_count=int(size * 8 / bits_per_param),
                      quantization=quantization, context_length=ctx, template=str(template), modified=modified,
-                     arch_info={k: v for k, v in arch.items() if v is not None})
+                     arch_info={k: v for k, v in arch.items() if v is not None}, kv_bytes_per_token=kv_bytes_per_token(cfg))
 
 
 def _gguf_info(path: Path) -> ModelInfo:
@@ -115,7 +130,11 @@ def _gguf_info(path: Path) -> ModelInfo:
     qtypes = {t.tensor_type.name for t in reader.tensors if t.name.endswith("attn_q.weight")}
     info = {f"{arch}.{k}": meta(f"{arch}.{k}") for k in ("context_length", "embedding_length", "block_count",
                                                           "attention.head_count", "attention.head_count_kv")}
-    return ModelInfo(format="gguf", family=arch, parameter_count=count,
+    heads = int(meta(f"{arch}.attention.head_count", 1) or 1)
+    kv = kv_bytes_per_token({"num_hidden_layers": meta(f"{arch}.block_count", 0), "num_attention_heads": heads,
+                             "num_key_value_heads": meta(f"{arch}.attention.head_count_kv", heads),
+                             "hidden_size": meta(f"{arch}.embedding_length", 0)})
+    return ModelInfo(format="gguf", family=arch, parameter_count=count, kv_bytes_per_token=kv,
                      quantization=next(iter(qtypes), "unknown"), context_length=ctx,
                      template=str(meta("tokenizer.chat_template", "") or ""), modified=_mtime(path),
                      arch_info={k: v for k, v in info.items() if v is not None})

@@ -81,6 +81,13 @@ class ChatMessage:
         return out
 
 
+@dataclass(frozen=True)
+class ToolChoice:
+    """A required tool call: `name` None means any of the request's tools (OpenAI "required", Anthropic "any")."""
+
+    name: Optional[str] = None
+
+
 @dataclass
 class GenerateRequest:
     """One generation, already resolved to a configured model name and engine-level settings.
@@ -108,6 +115,8 @@ class GenerateRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     timeout: Optional[float] = None  # seconds from submission; None = no limit
+    force_tool: Optional[ToolChoice] = None  # constrain the reply to one call of the request's tools
+    count_only: bool = False  # render + tokenize, publish Started and Done, generate nothing
     request_id: int = field(default_factory=next_request_id)
     created: float = field(default_factory=time.monotonic)
 
@@ -174,6 +183,7 @@ class Done:
     model: str
     reason: DoneReason
     usage: Usage
+    stop_sequence: Optional[str] = None  # the stop string that ended the output, when one did
 
 
 @dataclass(frozen=True)

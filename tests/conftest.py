@@ -29,3 +29,9 @@ def tiny_llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(
         tmp_path_factory.mktemp("tiny-llama3"), arch="llama", template="llama3", seed=2
     )
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mlx-server cache dir per test session, so the demo GGUF is imported once for every test using it."""
+    return tmp_path_factory.mktemp("demo-cache")

@@ -61,8 +61,19 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, status_code=status)
 
 
+async def queue_stats(request: Request) -> Response:
+    ctx = ctx_of(request)
+    c = ctx.engine.counters
+    high, medium, low = c.by_priority
+    return JSONResponse({"active_requests": c.active_requests, "max_concurrent": ctx.config.server.max_concurrent,
+                         "queue_size": c.queue_size,
+                         "stats": {"total_queued": c.total_queued, "total_processed": c.total_processed,
+                                   "by_priority": {"HIGH": high, "MEDIUM": medium, "LOW": low}}})
+
+
 async def metrics(request: Request) -> Response:
     return Response(ctx_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-routes = [Route("/health", health, methods=["GET", "HEAD"]), Route("/metrics", metrics, methods=["GET"])]
+routes = [Route("/health", health, methods=["GET", "HEAD"]), Route("/metrics", metrics, methods=["GET"]),
+          Route("/queue/stats", queue_stats, methods=["GET"])]

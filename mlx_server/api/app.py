@@ -9,12 +9,16 @@ from typing import Any, AsyncIterator, Optional
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_server.api import admin, ollama
-from mlx_server.api.common import AppContext, error_body
+from mlx_server.api import admin, anthropic, models, ollama, openai
+from mlx_server.api.errors_shape import error_response, http_error_payload
+from mlx_server.api.common import AppContext
+from mlx_server.api.limits import RateLimit
+from mlx_server.api.security import Security
 from mlx_server.config import Config
 from mlx_server.errors import MlxServerError
 from mlx_server.metrics import Metrics
@@ -50,6 +54,16 @@ class RequestMetrics:
             self.metrics.requests.labels(path, model, str(status)).inc()
 
 
+LOCAL_ORIGINS = r"^(https?|app|tauri)://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
+
+
+def cors(config: Config) -> Middleware:
+    """Browsers may call us from the configured origins, else from local pages only (as Ollama allows)."""
+    origins = list(config.server.origins)
+    return Middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=None if origins else LOCAL_ORIGINS,
+                      allow_methods=["*"], allow_headers=["*"])
+
+
 def create_app(config: Config, engine: Optional[Any] = None) -> Starlette:
     """Build the ASGI app. The engine (and with it MLX) is created here unless a test hands one in."""
     if engine is None:
@@ -73,18 +87,26 @@ def create_app(config: Config, engine: Optional[Any] = None) -> Starlette:
         assert isinstance(exc, MlxServerError)
         if exc.status >= 500:
             log.warning("%s %s → %d %s", request.method, request.url.path, exc.status, exc.message)
-        return JSONResponse(error_body(exc), status_code=exc.status)
+        return error_response(request.url.path, exc)  # OpenAI / Anthropic / Ollama body by route prefix
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse(http_error_payload(request.url.path, exc.status_code, exc.detail),
+                            status_code=exc.status_code)
 
     async def on_bug(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
-    app = Starlette(routes=[*admin.routes, *ollama.routes], lifespan=lifespan,
+    app = Starlette(routes=[*admin.routes, *ollama.routes, *models.routes, *openai.routes, *anthropic.routes],
+                    lifespan=lifespan,
                     exception_handlers={MlxServerError: on_error, HTTPException: on_http, Exception: on_bug},
-                    middleware=[Middleware(RequestMetrics, metrics=metrics)])
+                    middleware=[Middleware(RequestMetrics, metrics=metrics), cors(config),
+                                Middleware(Security, server=config.server),
+                                *([Middleware(RateLimit, per_minute=config.server.rate_limit_per_minute)]
+                                  if config.server.rate_limit_per_minute else [])])
     app.state.ctx = ctx
+    from mlx_server.api import fallback  # installed innermost, so every other middleware sees proxied requests
+
+    fallback.install(app, config)
     return app

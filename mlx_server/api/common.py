@@ -16,7 +16,7 @@ from mlx_server.config import Config
 from mlx_server.errors import BadRequest, ModelNotFound, MlxServerError
 from mlx_server.modelinfo import InfoCache, ModelInfo
 from mlx_server.sources import Located, locate
-from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest, Started, Usage
+from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest, Started, TokenLogprob, Usage
 
 log = logging.getLogger("mlx_server.api")
 
@@ -62,11 +62,34 @@ async def read_json(request: Request) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"invalid JSON body: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(f"invalid JSON body: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:  # "\ud800" escapes (and json's surrogatepass decoding) yield strs that tokenizers and UTF-8 replies reject
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise BadRequest("invalid JSON body: a string holds a lone UTF-16 surrogate") from None
     return data
+
+
+MAX_JSON_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """Deepest nesting of lists and objects, without recursion (the input decides how deep it goes)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
 
 
 def rfc3339(when: Optional[dt.datetime] = None) -> str:
@@ -97,6 +120,7 @@ class Collected:
     content: str = ""
     thinking: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     done: Optional[Done] = None
 
     @property
@@ -139,6 +163,7 @@ async def collect(events: AsyncIterator[Event], request: Request, first: Event) 
                 out.content += event.content
                 out.thinking += event.thinking
                 out.tool_calls.extend(event.tool_calls)
+                out.logprobs.extend(event.logprobs)
             elif isinstance(event, Done):
                 out.done = event
                 return out

@@ -65,6 +65,39 @@ def parse_messages(raw: Any) -> list[ChatMessage]:
     return out
 
 
+def resolve_target(ctx: AppContext, body: dict[str, Any]) -> tuple[str, str]:
+    """(name to echo, configured model). An explicit model must exist; without one, the MLX-style `category`
+    resolves through the aliases, and an unknown category goes to server.default_model."""
+    requested = field_type(body, "model", str, "a string")
+    if requested:
+        return requested, ctx.resolve(requested)
+    category = field_type(body, "category", str, "a string")
+    default = ctx.config.server.default_model
+    if category is None and default is None:
+        raise BadRequest("model is required")
+    target = (ctx.config.resolve(category) if category else None) or default
+    if target is None:
+        raise BadRequest(f"category \"{category}\" matches no model and server.default_model is not set")
+    name = ctx.resolve(target)
+    return name, name
+
+
+def apply_top_level_options(body: dict[str, Any]) -> None:
+    """MLX-style clients put max_tokens / temperature / top_p at the top level; `options` wins when it sets them."""
+    top = {k: body[k] for k in ("max_tokens", "temperature", "top_p") if body.get(k) is not None}
+    if not top:
+        return
+    options = body.get("options")
+    if options is None:
+        options = body["options"] = {}
+    if not isinstance(options, dict):
+        return  # ollama_sampling reports the bad type
+    if "max_tokens" in top:
+        options.setdefault("num_predict", top.pop("max_tokens"))
+    for key, value in top.items():
+        options.setdefault(key, value)
+
+
 def base_request(ctx: AppContext, body: dict[str, Any], request: Request, name: str) -> GenerateRequest:
     model_options = ctx.config.models[name].options
     sampling, max_tokens, num_ctx, stop = ollama_sampling(body.get("options"), model_options)
@@ -112,7 +145,9 @@ def chat_request(ctx: AppContext, body: dict[str, Any], request: Request, name: 
 
 
 def final_fields(reason: str, usage: Usage) -> dict[str, Any]:
-    return {"done": True, "done_reason": reason, "total_duration": ns(usage.total_duration),
+    # Ollama reports a reply that made tool calls as a plain "stop".
+    return {"done": True, "done_reason": "stop" if reason == "tool_calls" else reason,
+            "total_duration": ns(usage.total_duration),
             "load_duration": ns(usage.load_duration), "prompt_eval_count": usage.evaluated_prompt_tokens,
             "prompt_eval_duration": ns(usage.prompt_eval_duration), "eval_count": usage.completion_tokens,
             "eval_duration": ns(usage.eval_duration)}
@@ -131,6 +166,7 @@ def chunk(chat: bool, model: str, delta: Optional[Delta]) -> dict[str, Any]:
         base["message"] = message
     else:
         base["response"] = content
+        base["text"] = content  # MLX-style clients read `text`; Ollama clients read `response`
         if thinking:
             base["thinking"] = thinking
     base["done"] = False
@@ -174,11 +210,9 @@ async def _serve(request: Request, chat: bool) -> Response:
     started_at = time.perf_counter()
     ctx = ctx_of(request)
     body = await read_json(request)
-    requested = field_type(body, "model", str, "a string")
-    if not requested:
-        raise BadRequest("model is required")
-    name = ctx.resolve(requested)
+    requested, name = resolve_target(ctx, body)
     note_model(request, name)
+    apply_top_level_options(body)
     req = (chat_request if chat else generate_request)(ctx, body, request, name)
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
@@ -214,6 +248,10 @@ async def chat(request: Request) -> Response:
 
 
 async def root(request: Request) -> Response:
+    if "application/json" in request.headers.get("accept", "") and request.method == "GET":
+        ctx = ctx_of(request)
+        present = [name for name in ctx.config.models if ctx.locate(name).present]
+        return JSONResponse({"status": "running", "available_models": present, "version": OLLAMA_VERSION})
     return PlainTextResponse("Ollama is running")
 
 
@@ -226,13 +264,15 @@ def _entry(ctx: AppContext, name: str, label: str) -> Optional[dict[str, Any]]:
     info = ctx.info(name)
     if not found.present or info is None:
         return None
-    return {"name": label, "model": label, "modified_at": rfc3339(info.modified), "size": found.size,
-            "digest": found.digest, "details": info.details()}
+    return {"name": label, "model": name, "modified_at": rfc3339(info.modified), "size": found.size,
+            "digest": found.digest, "details": info.details(), "exists": True}
 
 
 async def tags(request: Request) -> Response:
     ctx = ctx_of(request)
     models = [e for name in ctx.config.models if (e := _entry(ctx, name, name)) is not None]
+    # Each alias is listed as its own entry (name = alias, model = target) for clients that pick by alias.
+    models += [e for alias, name in ctx.config.aliases().items() if (e := _entry(ctx, name, alias)) is not None]
     return JSONResponse({"models": models})
 
 

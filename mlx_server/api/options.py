@@ -36,7 +36,9 @@ def _check(key: str, value: Any) -> Any:
             raise BadRequest(f"invalid option \"{key}\": expected a number, got {value!r}")
         return float(value)
     if key in _INTS:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        # int64 like Ollama's Go structs; float checks first, as int() of NaN / inf raises instead of comparing
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, float) and not value.is_integer()) or not -2**63 <= value < 2**63):
             raise BadRequest(f"invalid option \"{key}\": expected an integer, got {value!r}")
         return int(value)
     if key in _BOOLS:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import heapq
-import itertools
 import logging
 import queue
 import threading
@@ -19,6 +17,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
 from mlx_server.config import Config
+from mlx_server.engine.admission import Waiting, WaitList
 from mlx_server.engine.loader import LoadedModel, ModelLoader
 from mlx_server.engine.pool import FOREVER, ModelPool, Resident
 from mlx_server.errors import (InternalError, MlxServerError, ModelNotFound, RequestTimeout, ServerBusy,
@@ -29,13 +28,6 @@ from mlx_server.types import (Cancel, Command, Done, Event, Failed, GenerateRequ
 log = logging.getLogger("mlx_server.engine")
 
 Sink = Callable[[Event], None]
-
-
-@dataclass
-class _Waiting:
-    request: GenerateRequest
-    sink: Sink
-    enqueued: float
 
 
 @dataclass(frozen=True)
@@ -64,10 +56,8 @@ class Engine:
             estimate=self.loader.estimate, unloader=self.loader.unload, clock=clock,
             available=self.loader.reclaimable_memory)
         self._commands: "queue.Queue[Command]" = queue.Queue()
-        self._waiting: list[tuple[int, int, _Waiting]] = []
-        self._order = itertools.count()
+        self._waiting = WaitList()
         self._owner: dict[int, str] = {}  # request_id → model name, for requests admitted into a runner
-        self._parked: dict[str, list[_Waiting]] = {}  # requests waiting for their model to finish loading
         self._preloads: collections.deque[str] = collections.deque()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
@@ -192,8 +182,7 @@ class Engine:
     def _handle(self, cmd: Command) -> None:
         if isinstance(cmd, Submit):
             req = cmd.request
-            heapq.heappush(self._waiting, (int(req.priority), next(self._order),
-                                           _Waiting(req, self._wrap_sink(req, cmd.sink), self.clock())))
+            self._waiting.push(Waiting(req, self._wrap_sink(req, cmd.sink), self.clock()))
             c = self.counters
             prio = list(c.by_priority)
             prio[int(req.priority)] += 1
@@ -204,6 +193,9 @@ class Engine:
             self._preloads.extend(cmd.names)
         elif isinstance(cmd, Shutdown):
             self._stopping = True
+        else:
+            # Only typed commands cross the queue; anything else is a bug worth dying loudly for (and /health says so).
+            raise TypeError(f"not an engine command: {cmd!r}")
 
     def _wrap_sink(self, req: GenerateRequest, sink: Sink) -> Sink:
         """Observe each request's end to release the model and keep the counters honest."""
@@ -240,18 +232,10 @@ class Engine:
         return self.config.server.keep_alive
 
     def _cancel(self, request_id: int) -> None:
-        for i, (_, _, w) in enumerate(self._waiting):
-            if w.request.request_id == request_id:
-                self._waiting.pop(i)
-                heapq.heapify(self._waiting)
-                w.sink(Done(request_id, w.request.model, "cancelled", Usage()))
-                return
-        for name, parked in self._parked.items():
-            for w in parked:
-                if w.request.request_id == request_id:
-                    parked.remove(w)
-                    w.sink(Done(request_id, name, "cancelled", Usage()))
-                    return
+        waiting = self._waiting.remove(request_id)
+        if waiting is not None:
+            waiting.sink(Done(request_id, waiting.request.model, "cancelled", Usage()))
+            return
         name = self._owner.get(request_id)
         entry = self.pool.get(name) if name else None
         if entry is not None:
@@ -259,39 +243,24 @@ class Engine:
 
     def _admit(self) -> None:
         limit = self.config.server.max_concurrent
-        if self._waiting or self._parked:
-            self._expire_waiting()
-        while self._waiting and len(self._owner) < limit:
-            _, _, w = heapq.heappop(self._waiting)
+        for w in self._waiting.expired(time.monotonic()):
+            w.sink(Failed(w.request.request_id, RequestTimeout(
+                f"request timed out after {w.request.timeout:g}s waiting for its turn")))
+        while self._waiting.ready() and len(self._owner) < limit:
+            w = self._waiting.pop()
             try:
                 self._admit_one(w)
             except MlxServerError as exc:
                 w.sink(Failed(w.request.request_id, exc))
+            except Exception as exc:  # noqa: BLE001 - one request's bad input must fail it, never kill the thread
+                log.exception("admitting request %d failed", w.request.request_id)
+                w.sink(Failed(w.request.request_id, InternalError(f"request failed: {exc}")))
         self._publish_queue()
 
-    def _expire_waiting(self) -> None:
-        """A request that timed out before it got a slot (or its model) fails instead of waiting on."""
-        now = time.monotonic()
-
-        def late(w: _Waiting) -> bool:
-            return w.request.timeout is not None and now >= w.request.created + w.request.timeout
-
-        for w in [w for _, _, w in self._waiting if late(w)] + [w for p in self._parked.values() for w in p if late(w)]:
-            self._drop_waiting(w.request.request_id)
-            w.sink(Failed(w.request.request_id, RequestTimeout(f"request timed out after {w.request.timeout:g}s "
-                                                               "waiting for its turn")))
-
-    def _drop_waiting(self, request_id: int) -> None:
-        self._waiting = [item for item in self._waiting if item[2].request.request_id != request_id]
-        heapq.heapify(self._waiting)
-        for parked in self._parked.values():
-            parked[:] = [w for w in parked if w.request.request_id != request_id]
-
     def _publish_queue(self) -> None:
-        parked = sum(len(p) for p in self._parked.values())
-        self._set_counters(queue_size=len(self._waiting) + parked, active_requests=len(self._owner))
+        self._set_counters(queue_size=len(self._waiting), active_requests=len(self._owner))
 
-    def _admit_one(self, w: _Waiting) -> None:
+    def _admit_one(self, w: Waiting) -> None:
         req = w.request
         if req.model not in self.config.models:
             raise ModelNotFound(req.model)
@@ -302,11 +271,11 @@ class Engine:
             return
         entry = self.pool.request(req.model)
         if entry is None:
-            self._parked.setdefault(req.model, []).append(w)
+            self._waiting.park(req.model, w)
             return
         self._start(w, entry, 0.0)
 
-    def _start(self, w: _Waiting, entry: Resident[LoadedModel], load_seconds: float) -> None:
+    def _start(self, w: Waiting, entry: Resident[LoadedModel], load_seconds: float) -> None:
         req = w.request
         if req.is_empty:
             self.pool.set_keep_alive(req.model, self._keep_alive(req))
@@ -329,13 +298,14 @@ class Engine:
         try:
             entry = self.pool.advance()
         except MlxServerError as exc:
-            for w in self._parked.pop(name, []):
+            for w in self._waiting.unpark(name):
                 w.sink(Failed(w.request.request_id, exc))
-            self._requeue_parked()
+            self._waiting.requeue_parked()
+            self._publish_queue()
             return
         if entry is None:
             return
-        waiting = self._parked.pop(name, [])
+        waiting = self._waiting.unpark(name)
         if not waiting:
             # A preload, or a load whose requests all left: its keep_alive clock starts now.
             self.pool.set_keep_alive(name, self._model_keep_alive(name))
@@ -344,14 +314,10 @@ class Engine:
                 self._start(w, entry, entry.load_seconds)
             except MlxServerError as exc:
                 w.sink(Failed(w.request.request_id, exc))
-        self._requeue_parked()
-
-    def _requeue_parked(self) -> None:
-        """Requests that waited behind another model's load get their turn to start theirs."""
-        for parked in self._parked.values():
-            for w in parked:
-                heapq.heappush(self._waiting, (int(w.request.priority), next(self._order), w))
-        self._parked.clear()
+            except Exception as exc:  # noqa: BLE001 - as in _admit: fail this request, keep the thread
+                log.exception("starting request %d failed", w.request.request_id)
+                w.sink(Failed(w.request.request_id, InternalError(f"request failed: {exc}")))
+        self._waiting.requeue_parked()
         self._publish_queue()
 
     def _next_preload(self) -> None:
@@ -404,12 +370,7 @@ class Engine:
             over -= before - runner.prompt_cache.nbytes
 
     def _fail_everything(self, error: MlxServerError) -> None:
-        for parked in self._parked.values():
-            for w in parked:
-                w.sink(Failed(w.request.request_id, error))
-        self._parked.clear()
-        while self._waiting:
-            _, _, w = heapq.heappop(self._waiting)
+        for w in self._waiting.take_all():
             w.sink(Failed(w.request.request_id, error))
         while True:
             try:

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 from mlx_server.config import Config
 from mlx_server.engine.runner import ModelRunner
 from mlx_server.errors import ModelLoadFailed, ModelNotFound
+from mlx_server.modelinfo import kv_bytes_per_token, native_context_length
 from mlx_server.sources import Located, locate
 
 log = logging.getLogger("mlx_server.loader")
@@ -32,23 +33,6 @@ class LoadedModel:
     runner: ModelRunner
     path: Path
     config: dict[str, Any]
-
-
-def kv_bytes_per_token(cfg: dict[str, Any]) -> int:
-    text = cfg.get("text_config", cfg)  # multimodal configs nest the language model's
-    layers = int(text.get("num_hidden_layers", 0))
-    heads = int(text.get("num_attention_heads", 1))
-    kv_heads = int(text.get("num_key_value_heads", heads) or heads)
-    head_dim = int(text.get("head_dim") or (int(text.get("hidden_size", 0)) // max(heads, 1)))
-    return 2 * layers * kv_heads * head_dim * 2  # keys and values, float16
-
-
-def model_context_length(cfg: dict[str, Any]) -> int:
-    text = cfg.get("text_config", cfg)
-    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
-        if isinstance(text.get(key), int) and text[key] > 0:
-            return int(text[key])
-    return 4096
 
 
 class ModelLoader:
@@ -82,7 +66,7 @@ class ModelLoader:
 
     def context_length(self, name: str, cfg: dict[str, Any]) -> int:
         configured = self.config.models[name].context_length
-        native = model_context_length(cfg)
+        native = native_context_length(cfg)
         return min(configured, native) if configured else native
 
     def estimate(self, name: str) -> int:

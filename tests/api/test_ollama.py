@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import httpx
 import ollama
@@ -224,8 +224,11 @@ def test_listing_endpoints(client: ollama.Client, server: Server) -> None:
     assert httpx.get(server.url).text == "Ollama is running"
     assert httpx.head(server.url).status_code == 200
     assert httpx.get(f"{server.url}/api/version").json()["version"].count(".") == 2
+    listed = httpx.get(f"{server.url}/api/tags").json()["models"]
+    assert {(m["name"], m["model"]) for m in listed} == {("llama-tiny", "llama-tiny"), ("qwen-tiny:1b", "qwen-tiny:1b"),
+                                                         ("small", "llama-tiny")}  # aliases listed as themselves
+    assert all(m["exists"] is True for m in listed)
     models = {m.model: m for m in client.list().models}
-    assert set(models) == {"llama-tiny", "qwen-tiny:1b"}
     m = models["qwen-tiny:1b"]
     assert m.size > 0 and m.digest and m.details.family == "qwen2" and m.modified_at.tzinfo is not None
     show = client.show("small")
@@ -238,6 +241,19 @@ def test_listing_endpoints(client: ollama.Client, server: Server) -> None:
     with pytest.raises(ollama.ResponseError) as err:
         client.show("nope")
     assert err.value.status_code == 404
+
+
+def test_root_json_and_queue_stats(server: Server) -> None:
+    body = httpx.get(server.url, headers={"accept": "application/json"}).json()
+    assert body["status"] == "running" and set(body["available_models"]) == {"llama-tiny", "qwen-tiny:1b"}
+    stats = httpx.get(f"{server.url}/queue/stats").json()
+    assert set(stats) == {"active_requests", "max_concurrent", "queue_size", "stats"}
+    assert set(stats["stats"]["by_priority"]) == {"HIGH", "MEDIUM", "LOW"}
+    before = stats["stats"]["by_priority"]["HIGH"]
+    httpx.post(f"{server.url}/api/generate", headers={"X-Request-Priority": "high"},
+               json={"model": "llama-tiny", "prompt": "x", "stream": False, "options": {"num_predict": 1}})
+    after = httpx.get(f"{server.url}/queue/stats").json()
+    assert after["stats"]["by_priority"]["HIGH"] == before + 1
 
 
 def test_disconnect_mid_stream_cancels_in_engine(server: Server) -> None:

@@ -1,0 +1,81 @@
+"""The wait list: requests not yet decoding, in priority order, and those parked behind a model load.
+
+Owned by the inference thread. Priority first (HIGH before MEDIUM before LOW), then arrival order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+from mlx_server.types import Event, GenerateRequest
+
+Sink = Callable[[Event], None]
+
+
+@dataclass
+class Waiting:
+    request: GenerateRequest
+    sink: Sink
+    enqueued: float
+
+
+class WaitList:
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, Waiting]] = []
+        self._order = itertools.count()
+        self._parked: dict[str, list[Waiting]] = {}  # model → requests waiting for it to finish loading
+
+    def __len__(self) -> int:
+        return len(self._heap) + sum(len(p) for p in self._parked.values())
+
+    def ready(self) -> bool:
+        return bool(self._heap)
+
+    def push(self, w: Waiting) -> None:
+        heapq.heappush(self._heap, (int(w.request.priority), next(self._order), w))
+
+    def pop(self) -> Waiting:
+        return heapq.heappop(self._heap)[2]
+
+    def park(self, model: str, w: Waiting) -> None:
+        self._parked.setdefault(model, []).append(w)
+
+    def unpark(self, model: str) -> list[Waiting]:
+        return self._parked.pop(model, [])
+
+    def requeue_parked(self) -> None:
+        """Requests that waited behind another model's load get their turn to start theirs."""
+        for parked in self._parked.values():
+            for w in parked:
+                self.push(w)
+        self._parked.clear()
+
+    def __iter__(self) -> Iterator[Waiting]:
+        yield from (w for _, _, w in self._heap)
+        yield from (w for parked in self._parked.values() for w in parked)
+
+    def remove(self, request_id: int) -> Optional[Waiting]:
+        found = next((w for w in self if w.request.request_id == request_id), None)
+        if found is not None:
+            self._heap = [item for item in self._heap if item[2] is not found]
+            heapq.heapify(self._heap)
+            for parked in self._parked.values():
+                if found in parked:
+                    parked.remove(found)
+        return found
+
+    def expired(self, now: float) -> list[Waiting]:
+        """Remove and return the requests whose timeout passed while they waited."""
+        late = [w for w in self if w.request.timeout is not None and now >= w.request.created + w.request.timeout]
+        for w in late:
+            self.remove(w.request.request_id)
+        return late
+
+    def take_all(self) -> list[Waiting]:
+        everything = list(self)
+        self._heap.clear()
+        self._parked.clear()
+        return everything
