@@ -7,6 +7,7 @@ with Anthropic's event names; the input token count in `message_start` comes fro
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, AsyncIterator, Optional
 
@@ -15,9 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlx_server.api.common import (AppContext, Collected, collect, ctx_of, first_event, note_model, read_json,
-                                   request_log)
-from mlx_server.api.compat import close_events, integer, json_dumps, new_id, number, stop_list
+from mlx_server.api.common import AppContext, begin, collect, ctx_of, follow, note_model, read_json, request_log
+from mlx_server.api.compat import integer, json_dumps, new_id, number, stop_list
 from mlx_server.api.errors_shape import anthropic_error
 from mlx_server.errors import BadRequest
 from mlx_server.types import (ChatMessage, Delta, Done, Event, Failed, GenerateRequest, Priority, SamplingParams,
@@ -189,18 +189,15 @@ def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:
 async def sse(events: AsyncIterator[Event], first: Event, model: str, started_at: float
               ) -> AsyncIterator[ServerSentEvent]:
     """message_start, then one content block per run of text / thinking / tool_use, message_delta, message_stop."""
-    mid, status, index = new_id("msg_"), "ok", -1
+    mid, index = new_id("msg_"), -1
     block: Optional[str] = None  # type of the open content block
-    event: Optional[Event] = first
     started = first if isinstance(first, Started) else None
     usage = Usage(prompt_tokens=started.prompt_tokens if started else 0,
                   cached_tokens=started.cached_tokens if started else 0)
-    try:
-        yield _event("message_start", {"message": {**message_json(mid, model, [], None, usage)}})
-        yield _event("ping", {})
-        while True:
-            if event is None:
-                event = await events.__anext__()
+    yield _event("message_start", {"message": {**message_json(mid, model, [], None, usage)}})
+    yield _event("ping", {})
+    async with contextlib.aclosing(follow(events, first, "anthropic", model, started_at)) as stream:
+        async for event in stream:
             if isinstance(event, Delta):
                 for kind, text in (("thinking", event.thinking), ("text", event.content)):
                     if not text:
@@ -225,25 +222,14 @@ async def sse(events: AsyncIterator[Event], first: Event, model: str, started_at
                         "type": "input_json_delta", "partial_json": json_dumps(use["input"])}})
                     yield _event("content_block_stop", {"index": index})
             elif isinstance(event, Done):
-                usage = event.usage
                 if block is not None:
                     yield _event("content_block_stop", {"index": index})
                 yield _event("message_delta", {
                     "delta": {"stop_reason": stop_reason(event), "stop_sequence": event.stop_sequence},
                     "usage": {"output_tokens": event.usage.completion_tokens}})
                 yield _event("message_stop", {})
-                return
             elif isinstance(event, Failed):
-                status = f"error: {event.error.message}"
                 yield ServerSentEvent(data=json_dumps(anthropic_error(event.error)), event="error")
-                return
-            event = None
-    except BaseException:
-        status = "disconnected"
-        raise
-    finally:
-        await close_events(events)
-        request_log("anthropic", model, status, Collected(done=Done(0, model, "stop", usage)), started_at)
 
 
 async def _start(request: Request, count_only: bool) -> tuple[str, GenerateRequest, dict[str, Any]]:
@@ -263,11 +249,7 @@ async def messages(request: Request) -> Response:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise BadRequest("stream: expected a boolean")
-    events = ctx_of(request).engine.stream(req)
-    first = await first_event(events, request)
-    if isinstance(first, Failed):
-        await close_events(events)
-        raise first.error
+    events, first = await begin(request, req)
     if stream:
         return EventSourceResponse(sse(events, first, requested, started_at))
     result = await collect(events, request, first)
@@ -284,8 +266,7 @@ async def messages(request: Request) -> Response:
 
 async def count_tokens(request: Request) -> Response:
     _, req, _ = await _start(request, count_only=True)
-    events = ctx_of(request).engine.stream(req)
-    first = await first_event(events, request)
+    events, first = await begin(request, req)
     result = await collect(events, request, first)
     return JSONResponse({"input_tokens": result.started.prompt_tokens if result.started else 0})
 

@@ -143,7 +143,7 @@ async def first_event(events: AsyncIterator[Event], request: Request) -> Event:
                 raise asyncio.CancelledError("client disconnected")
     except BaseException:
         nxt.cancel()
-        await _close(events)
+        await close_events(events)
         raise
 
 
@@ -169,10 +169,47 @@ async def collect(events: AsyncIterator[Event], request: Request, first: Event) 
                 return out
             event = None
     finally:
-        await _close(events)
+        await close_events(events)
 
 
-async def _close(events: AsyncIterator[Event]) -> None:
+async def begin(request: Request, req: GenerateRequest) -> tuple[AsyncIterator[Event], Event]:
+    """Submit and wait for the first event; a request refused before it started raises its error (→ 4xx/5xx)."""
+    events = ctx_of(request).engine.stream(req)
+    first = await first_event(events, request)
+    if isinstance(first, Failed):
+        await close_events(events)
+        raise first.error
+    return events, first
+
+
+async def follow(events: AsyncIterator[Event], first: Event, dialect: str, model: str,
+                 started_at: float) -> AsyncIterator[Event]:
+    """A streaming request's events from `first` through Done or Failed.
+
+    Whatever ends it (its end, an error, the client going away), the engine stream is closed, which cancels
+    an unfinished request, and the request gets its one log line. Consume it under contextlib.aclosing so that
+    happens at once rather than whenever the generator is collected.
+    """
+    status, usage, event = "ok", Usage(), first
+    try:
+        while True:
+            yield event
+            if isinstance(event, Done):
+                usage = event.usage
+                return
+            if isinstance(event, Failed):
+                status = f"error: {event.error.message}"
+                return
+            event = await events.__anext__()
+    except BaseException:
+        status = "disconnected"
+        raise
+    finally:
+        await close_events(events)
+        request_log(dialect, model, status, Collected(done=Done(0, model, "stop", usage)), started_at)
+
+
+async def close_events(events: AsyncIterator[Event]) -> None:
     aclose = getattr(events, "aclose", None)
     if aclose is not None:
         try:

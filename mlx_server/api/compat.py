@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
 from mlx_server.errors import BadRequest
-from mlx_server.types import Event
 
 
 def new_id(prefix: str) -> str:
@@ -84,13 +83,6 @@ def json_dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-async def close_events(events: AsyncIterator[Event]) -> None:
-    aclose = getattr(events, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:  # noqa: BLE001 - closing a finished generator must not mask the real outcome
-            pass
 
 
-__all__ = ["arguments_object", "boolean", "close_events", "integer", "json_dumps", "new_id", "number", "stop_list"]
+__all__ = ["arguments_object", "boolean", "integer", "json_dumps", "new_id", "number", "stop_list"]

@@ -6,6 +6,7 @@ as `{"error"}`, nanosecond durations, RFC 3339 times).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -16,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mlx_server.api.common import (AppContext, Collected, collect, ctx_of, error_body, field_type, first_event,
-                                   note_model, ns, read_json, request_log, rfc3339)
+from mlx_server.api.common import (AppContext, begin, close_events, collect, ctx_of, error_body, field_type,
+                                   follow, note_model, ns, read_json, request_log, rfc3339)
 from mlx_server.api.options import ollama_sampling
 from mlx_server.api.templates import render_go_template
 from mlx_server.config import parse_duration
@@ -180,30 +181,14 @@ def line(obj: dict[str, Any]) -> bytes:
 async def ndjson(events: AsyncIterator[Event], first: Event, chat: bool, model: str,
                  started_at: float) -> AsyncIterator[bytes]:
     """Stream one NDJSON line per delta; an error after the start is one more line with `error`."""
-    event: Optional[Event] = first
-    status = "ok"
-    usage = Usage()
-    try:
-        while True:
-            if event is None:
-                event = await events.__anext__()
+    async with contextlib.aclosing(follow(events, first, "ollama", model, started_at)) as stream:
+        async for event in stream:
             if isinstance(event, Delta):
                 yield line(chunk(chat, model, event))
             elif isinstance(event, Done):
-                usage = event.usage
                 yield line({**chunk(chat, model, None), **final_fields(event.reason, event.usage)})
-                return
             elif isinstance(event, Failed):
-                status = f"error: {event.error.message}"
                 yield line(error_body(event.error))
-                return
-            event = None
-    except BaseException:
-        status = "disconnected"
-        raise
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
-        request_log("ollama", model, status, Collected(done=Done(0, model, "stop", usage)), started_at)
 
 
 async def _serve(request: Request, chat: bool) -> Response:
@@ -217,13 +202,9 @@ async def _serve(request: Request, chat: bool) -> Response:
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
         raise BadRequest("invalid value for field \"stream\": expected a boolean")
-    events = ctx.engine.stream(req)
-    first = await first_event(events, request)
-    if isinstance(first, Failed):
-        await events.aclose()
-        raise first.error
+    events, first = await begin(request, req)
     if isinstance(first, Done) and first.reason in ("load", "unload"):
-        await events.aclose()
+        await close_events(events)
         return JSONResponse({**chunk(chat, requested, None), **final_fields(first.reason, first.usage)})
     if stream:
         return StreamingResponse(ndjson(events, first, chat, requested, started_at),

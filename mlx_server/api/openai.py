@@ -7,6 +7,7 @@ ending in `data: [DONE]`; an error after the first chunk is one more `data: {"er
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
@@ -16,9 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlx_server.api.common import (AppContext, Collected, collect, ctx_of, first_event, note_model, read_json,
-                                   request_log)
-from mlx_server.api.compat import (arguments_object, boolean, close_events, integer, json_dumps, new_id, number,
+from mlx_server.api.common import AppContext, begin, collect, ctx_of, follow, note_model, read_json, request_log
+from mlx_server.api.compat import (arguments_object, boolean, integer, json_dumps, new_id, number,
                                    stop_list)
 from mlx_server.api.errors_shape import openai_error
 from mlx_server.errors import BadRequest, ModelNotFound
@@ -263,44 +263,29 @@ def chunk_json(cid: str, reply: Reply, created: int, delta: Optional[Delta], too
 async def sse(events: AsyncIterator[Event], first: Event, reply: Reply, started_at: float
               ) -> AsyncIterator[dict[str, Any]]:
     cid, created = new_id("chatcmpl-" if reply.chat else "cmpl-"), int(time.time())
-    tool_index, offset, status, usage = 0, len(reply.echo), "ok", Usage()
-    event: Optional[Event] = first
-    try:
-        if reply.chat:
-            opening = chunk_json(cid, reply, created, None, 0)
-            opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            yield {"data": json_dumps(opening)}
-        elif reply.echo:
-            yield {"data": json_dumps(chunk_json(cid, reply, created, Delta(0, content=reply.echo), 0))}
-        while True:
-            if event is None:
-                event = await events.__anext__()
+    tool_index, offset = 0, len(reply.echo)
+    if reply.chat:
+        opening = chunk_json(cid, reply, created, None, 0)
+        opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        yield {"data": json_dumps(opening)}
+    elif reply.echo:
+        yield {"data": json_dumps(chunk_json(cid, reply, created, Delta(0, content=reply.echo), 0))}
+    async with contextlib.aclosing(follow(events, first, "openai", reply.requested, started_at)) as stream:
+        async for event in stream:
             if isinstance(event, Delta):
                 if event.content or event.thinking or event.tool_calls or event.logprobs:
                     yield {"data": json_dumps(chunk_json(cid, reply, created, event, tool_index, offset=offset))}
                 tool_index += len(event.tool_calls)
                 offset += len(event.content)
             elif isinstance(event, Done):
-                usage = event.usage
                 finish = FINISH.get(event.reason, "stop")
                 yield {"data": json_dumps(chunk_json(cid, reply, created, None, tool_index, finish))}
                 if reply.include_usage:
                     yield {"data": json_dumps({**_envelope(cid, reply, created, chunk=True), "choices": [],
-                                               "usage": usage_json(usage)})}
+                                               "usage": usage_json(event.usage)})}
                 yield {"data": "[DONE]"}
-                return
             elif isinstance(event, Failed):
-                status = f"error: {event.error.message}"
                 yield {"data": json_dumps(openai_error(event.error))}
-                return
-            event = None
-    except BaseException:
-        status = "disconnected"
-        raise
-    finally:
-        await close_events(events)
-        request_log("openai", reply.requested, status, Collected(done=Done(0, reply.requested, "stop", usage)),
-                    started_at)
 
 
 async def _serve(request: Request, chat: bool) -> Response:
@@ -319,11 +304,7 @@ async def _serve(request: Request, chat: bool) -> Response:
                   include_usage=stream and isinstance(options, dict) and options.get("include_usage") is True,
                   echo=req.prompt if (not chat and boolean(body, "echo") and req.prompt) else "",
                   legacy_logprobs=not chat)
-    events = ctx.engine.stream(req)
-    first = await first_event(events, request)
-    if isinstance(first, Failed):
-        await close_events(events)
-        raise first.error
+    events, first = await begin(request, req)
     if stream:
         return EventSourceResponse(sse(events, first, reply, started_at))
     result = await collect(events, request, first)
