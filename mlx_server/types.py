@@ -7,19 +7,16 @@ Every message that crosses the thread boundary is one of these dataclasses.
 from __future__ import annotations
 
 import enum
-import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 
 from mlx_server.errors import MlxServerError
 
-_request_ids = itertools.count(1)
-
-
 def next_request_id() -> int:
-    # itertools.count is atomic under the GIL, so ids are unique across handler tasks.
-    return next(_request_ids)
+    # Random 63-bit ids need no shared counter (no module state) and never collide in practice.
+    return secrets.randbits(63)
 
 
 class Priority(enum.IntEnum):

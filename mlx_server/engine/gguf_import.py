@@ -27,37 +27,31 @@ import mlx.core as mx
 GGML_BLOCK = 32
 
 # The weight format each mode name stands for: (keep quants?, float dtype for everything else).
-_MODES: Mapping[str, tuple[bool, str]] = MappingProxyType(
-    {
-        "quantized": (True, "float16"),
-        "quantized-f32": (True, "float32"),
-        "dequantized": (False, "float16"),
-        "dequantized-bf16": (False, "bfloat16"),
-        "dequantized-f32": (False, "float32"),
-    }
-)
-# Measured with scripts/bench_gguf.py (docs/benchmarks.md): MLX's CPU backend runs dense float32
-# matmuls through BLAS, while its quantized and half-precision kernels are plain loops.
-_CPU_AUTO_MODE = "dequantized-f32"
+_MODES: Mapping[str, tuple[bool, str]] = MappingProxyType({
+    "quantized": (True, "float16"), "quantized-f32": (True, "float32"),
+    "dequantized": (False, "float16"), "dequantized-bf16": (False, "bfloat16"), "dequantized-f32": (False, "float32"),
+})
 # Metal has fast quantized kernels; float16 scales are what mlx-community checkpoints ship.
 _GPU_AUTO_MODE = "quantized"
+# Measured with scripts/bench_gguf.py (docs/benchmarks.md): on MLX's CPU backend anything float16
+# is 10-30x slower; dense bfloat16 decodes as fast as float32 (packed or dense) and prefills ~2x
+# faster. Packed float32 is the fallback when dense bfloat16 would crowd out RAM: same decode
+# speed at well under half the memory.
+_CPU_AUTO_MODE = "dequantized-bf16"
+_CPU_LOW_MEMORY_MODE = "quantized-f32"
+# Dense bfloat16 is at most ~3.6x the file (16 bits per weight against Q4_0's 4.5).
+_DENSE_BF16_GROWTH = 3.6
+_MAX_RAM_SHARE = 0.5
 
 _TOP_LEVEL_NAMES: Mapping[str, str] = MappingProxyType(
     {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 )
-_LAYER_NAMES: Mapping[str, str] = MappingProxyType(
-    {
-        "attn_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-        "attn_q": "self_attn.q_proj",
-        "attn_k": "self_attn.k_proj",
-        "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj",
-        "ffn_gate": "mlp.gate_proj",
-        "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj",
-    }
-)
+_LAYER_NAMES: Mapping[str, str] = MappingProxyType({
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+})
 
 # llama.cpp pre-tokenizers that split every digit off before the GPT-2 regex
 # (llama-vocab.cpp: "\p{N}" then the GPT-2 pattern). The HF originals spell that
@@ -89,8 +83,10 @@ def resolve_package_source(spec: str) -> Path:
         found = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         found = None
-    if found is None or not found.submodule_search_locations:
+    if found is None:
         raise FileNotFoundError(f"Python package {module!r} is not installed ({hint})")
+    if not found.submodule_search_locations:
+        raise FileNotFoundError(f"{module!r} is a plain module, not a package that can ship {rel!r}")
     for root in found.submodule_search_locations:
         candidate = Path(root, rel)
         if candidate.is_file():
@@ -98,11 +94,16 @@ def resolve_package_source(spec: str) -> Path:
     raise FileNotFoundError(f"{rel!r} not found in installed package {module!r}; reinstall it ({hint})")
 
 
-def resolve_mode(mode: str) -> str:
-    """The concrete weight format for `mode`; "auto" follows the backend that will run the model."""
+def resolve_mode(mode: str, gguf_path: Path | None = None) -> str:
+    """The concrete weight format for `mode`; "auto" follows the backend (and, on CPU, the RAM)."""
     if mode == "auto":
-        on_gpu = mx.default_device().type == mx.DeviceType.gpu
-        return _GPU_AUTO_MODE if on_gpu else _CPU_AUTO_MODE
+        if mx.default_device().type == mx.DeviceType.gpu:
+            return _GPU_AUTO_MODE
+        if gguf_path is not None:
+            dense_bytes = _DENSE_BF16_GROWTH * Path(gguf_path).stat().st_size
+            if dense_bytes > _MAX_RAM_SHARE * _physical_memory():
+                return _CPU_LOW_MEMORY_MODE
+        return _CPU_AUTO_MODE
     if mode not in _MODES:
         raise ValueError(f"unknown GGUF import mode {mode!r}; use auto or one of {sorted(_MODES)}")
     return mode
@@ -111,7 +112,7 @@ def resolve_mode(mode: str) -> str:
 def import_gguf(gguf_path: Path, cache_dir: Path, *, mode: str = "auto") -> Path:
     """Convert a llama GGUF into an MLX model dir under cache_dir/imports, once; return the dir."""
     gguf_path = Path(gguf_path).resolve()
-    resolved = resolve_mode(mode)
+    resolved = resolve_mode(mode, gguf_path)
     imports = Path(cache_dir) / "imports"
     imports.mkdir(parents=True, exist_ok=True)
     target = imports / f"{_cached_digest(gguf_path, imports)[:16]}-{resolved}"
@@ -147,6 +148,13 @@ def _remove_stale_tmp_dirs(imports: Path, name: str) -> None:
             pass  # another process cleaned it up first
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): do not hold back
+        return 1 << 62
+
+
 def _is_complete(model_dir: Path) -> bool:
     try:
         marker = json.loads((model_dir / _MARKER).read_text())
@@ -176,8 +184,7 @@ def _cached_digest(path: Path, imports: Path) -> str:
 
 def _convert(gguf_path: Path, out: Path, mode: str) -> None:
     tensors, meta = mx.load(str(gguf_path), return_metadata=True)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
+    if (arch := meta.get("general.architecture")) != "llama":
         raise ValueError(f"{gguf_path.name}: only llama-architecture GGUFs are supported, got {arch!r}")
     if "rope_freqs.weight" in tensors:
         # Llama 3.1-style scaled rope is baked into this tensor, not stated in the metadata.
@@ -216,8 +223,7 @@ def _config_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, mx.arra
     if "output.weight" in tensors and tensors["output.weight"].shape[0] != vocab_rows:
         raise ValueError("output.weight and token_embd.weight disagree on the vocabulary size")
     config: dict[str, Any] = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
         "hidden_size": hidden,
         "num_hidden_layers": int(get("block_count")),
         "intermediate_size": int(get("feed_forward_length")),
@@ -229,8 +235,7 @@ def _config_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, mx.arra
         "max_position_embeddings": int(get("context_length", 4096)),
         # The padded embedding decides the model's shape; the tokenizer may use fewer ids.
         "vocab_size": vocab_rows,
-        "attention_bias": False,
-        "mlp_bias": False,
+        "attention_bias": False, "mlp_bias": False,
     }
     scaling = _rope_scaling(get("rope.scaling.type"), get("rope.scaling.factor"),
                             get("rope.scaling.original_context_length"))
@@ -253,20 +258,18 @@ def _rope_scaling(kind: str | None, factor: float | None, original: int | None) 
     if kind == "linear":
         return {"type": "linear", "factor": float(factor)}
     if kind == "yarn":
-        scaling: dict[str, Any] = {"type": "yarn", "factor": float(factor)}
-        if original:
-            scaling["original_max_position_embeddings"] = int(original)
-        return scaling
+        extra = {"original_max_position_embeddings": int(original)} if original else {}
+        return {"type": "yarn", "factor": float(factor), **extra}
     raise ValueError(f"unsupported rope scaling type {kind!r} in GGUF")
 
 
-def _hf_name(gguf_base: str) -> str | None:
+def _hf_name(gguf_base: str) -> str:
     if gguf_base in _TOP_LEVEL_NAMES:
         return _TOP_LEVEL_NAMES[gguf_base]
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)", gguf_base)
     if match and match.group(2) in _LAYER_NAMES:
         return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
-    return None
+    raise ValueError(f"unexpected tensor {gguf_base!r} in a llama GGUF")
 
 
 def _unpermute_rows(x: mx.array, n_heads: int | None) -> mx.array:
@@ -289,28 +292,26 @@ def _convert_tensors(
     for key in sorted(k for k in tensors if k.endswith(".weight")):
         base = key[: -len(".weight")]
         name = _hf_name(base)
-        if name is None:
-            raise ValueError(f"unexpected tensor {key!r} in a llama GGUF")
         n_heads = heads.get(base.rsplit(".", 1)[-1])
         if f"{base}.scales" not in tensors:
-            weights[f"{name}.weight"] = _unpermute_rows(tensors[key].astype(dtype), n_heads)
-            continue
-        packed, scales, biases = tensors[key], tensors[f"{base}.scales"], tensors[f"{base}.biases"]
-        group_size = GGML_BLOCK
-        bits = packed.shape[-1] * 32 // (scales.shape[-1] * group_size)
-        if keep_quants:
-            # The permutation moves whole output rows, so it applies alike to all three parts.
-            weights[f"{name}.weight"] = _unpermute_rows(packed, n_heads)
-            weights[f"{name}.scales"] = _unpermute_rows(scales.astype(dtype), n_heads)
-            weights[f"{name}.biases"] = _unpermute_rows(biases.astype(dtype), n_heads)
-            quant_layers[name] = (group_size, bits)
+            new = {"weight": tensors[key].astype(dtype)}
         else:
-            # Dequantize in float32 from the file's own float16 scales; round once, at the end.
-            dense = mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32),
-                                  group_size=group_size, bits=bits)
-            weights[f"{name}.weight"] = _unpermute_rows(dense.astype(dtype), n_heads)
+            packed, scales, biases = tensors[key], tensors[f"{base}.scales"], tensors[f"{base}.biases"]
+            group_size = GGML_BLOCK
+            bits = packed.shape[-1] * 32 // (scales.shape[-1] * group_size)
+            if keep_quants:
+                new = {"weight": packed, "scales": scales.astype(dtype), "biases": biases.astype(dtype)}
+                quant_layers[name] = (group_size, bits)
+            else:
+                # Dequantize in float32 from the file's own float16 scales; round once, at the end.
+                dense = mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32),
+                                      group_size=group_size, bits=bits)
+                new = {"weight": dense.astype(dtype)}
+        # The permutation moves whole output rows, so it applies alike to weight, scales and biases.
+        new = {part: _unpermute_rows(value, n_heads) for part, value in new.items()}
         # Evaluate per tensor so peak memory stays near one copy of the model, not several.
-        mx.eval([weights[k] for k in weights if k.startswith(name + ".")])
+        mx.eval(list(new.values()))
+        weights.update({f"{name}.{part}": value for part, value in new.items()})
     return weights, quant_layers
 
 

@@ -117,7 +117,9 @@ def test_logits_match_gguf_reference(
 
     got, want = _last_logits(model, ids), _last_logits(ref_model, ids)
     scale = float(np.abs(want).max())
-    assert float(np.abs(got - want).max()) < 1e-3 * scale
+    # float32 formats reproduce the reference; bfloat16 weights round to 8 mantissa bits.
+    tolerance = 1e-3 if resolve_mode(mode, gguf_path).endswith("f32") else 3e-2
+    assert float(np.abs(got - want).max()) < tolerance * scale
     assert int(got.argmax()) == int(want.argmax())
 
 
@@ -158,6 +160,7 @@ def test_digits_are_split_one_per_token(auto_model: tuple) -> None:
     _, tokenizer = auto_model
     ids = tokenizer.encode("12345", add_special_tokens=False)
     assert [tokenizer.decode([i]) for i in ids] == ["1", "2", "3", "4", "5"]
+    assert tokenizer.encode("12345") == ids  # the GGUF says add_bos_token false
     assert "<|im_start|>" in tokenizer.chat_template
 
 
@@ -173,7 +176,7 @@ def test_reimport_is_a_noop(gguf_path: Path, cache_dir: Path, auto_dir: Path) ->
 
 def test_modes_get_their_own_dirs(gguf_path: Path, cache_dir: Path, auto_dir: Path) -> None:
     quantized = import_gguf(gguf_path, cache_dir, mode="quantized")
-    assert (quantized == auto_dir) == (resolve_mode("auto") == "quantized")
+    assert (quantized == auto_dir) == (resolve_mode("auto", gguf_path) == "quantized")
     assert quantized.name.startswith(gguf_import.file_sha256(gguf_path)[:16])
     with pytest.raises(ValueError, match="unknown GGUF import mode"):
         import_gguf(gguf_path, cache_dir, mode="q5")
