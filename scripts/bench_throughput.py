@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Concurrent-stream throughput, prefix-cache TTFT and /health latency: mlx-server vs `python -m mlx_lm server`.
 
-Same model, same machine, same run. The servers run one after the other (ours, then theirs; --rounds R repeats
-the pair with fresh processes and reports medians), each with its default batching/cache settings, so they never
-generate at the same time. Per server process:
+Same model, same machine, same run. The servers run one after the other, each a fresh process with its default
+batching/cache settings, so they never generate at the same time; --rounds R repeats the pair in alternating order
+(ours-theirs, theirs-ours, ...) and reports medians. Per server process:
 
 1. warm-up (one short request: model load and kernel compilation are not measured);
 2. for each level N: N concurrent streaming requests, each with a different prompt (no shared prefix, so no prompt
@@ -13,8 +13,11 @@ generate at the same time. Per server process:
 3. prefix cache: a cold ~2,000-token prompt (max 4 tokens), then the same prefix + a short new suffix: the ratio
    of their times to first content chunk, median over --ttft-runs fresh prefixes.
 
-    .venv/bin/python scripts/bench_throughput.py --model tiny --json tp_tiny.json
-    .venv/bin/python scripts/bench_throughput.py --model demo --tokens 64 --json tp_demo.json
+Ours is driven through /v1/completions when it answers with raw-text semantics like mlx_lm's, else through
+/api/generate with raw=true (same prompt tokens either way). Results: docs/benchmarks.md.
+
+    .venv/bin/python scripts/bench_throughput.py --model tiny --rounds 3 --json tp_tiny.json
+    .venv/bin/python scripts/bench_throughput.py --model demo --tokens 32 --ttft-runs 1 --json tp_demo.json
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ class Stream:
     ttft: float  # seconds from send to the first non-empty content chunk
     end: float  # perf_counter when the stream finished
     prompt: int  # prompt tokens the server says it processed (-1: not reported)
+    retries: int  # connection attempts that failed before the server answered
 
 
 def start(side: str, path: Path, work: Path, cache: Path, max_level: int) -> Server:
@@ -145,8 +149,19 @@ async def stream_one(client: httpx.AsyncClient, srv: Server, prompt: str, max_to
             "model": srv.model, "prompt": prompt, "raw": True, "stream": True,
             "options": {"temperature": 0, "repeat_penalty": 1.0, "num_predict": max_tokens}}
     sent, first = time.perf_counter(), None
-    chunks, reported, prompt_n = 0, None, -1
-    async with client.stream("POST", url, json=body) as r:
+    chunks, reported, prompt_n, retries = 0, None, -1, 0
+    while True:
+        try:
+            r = await client.send(client.build_request("POST", url, json=body), stream=True)
+            break
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+            # mlx_lm.server's ThreadingHTTPServer listens with a backlog of 5, so a burst of 16 connects (+ the
+            # /health poller) can be reset before any response; a real client retries, and the TTFT keeps the cost.
+            retries += 1
+            if retries > 5:
+                raise
+            await asyncio.sleep(0.05 * retries)
+    try:
         if r.status_code != 200:
             raise RuntimeError(f"{srv.name} {url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
         async for raw in r.aiter_lines():
@@ -171,9 +186,11 @@ async def stream_one(client: httpx.AsyncClient, srv: Server, prompt: str, max_to
             if text:
                 chunks += 1
                 first = first or time.perf_counter()
+    finally:
+        await r.aclose()
     end = time.perf_counter()
     # Chunks under-count when a server holds back partial UTF-8, so the server's own count comes first.
-    return Stream(reported if reported is not None else chunks, (first or end) - sent, end, prompt_n)
+    return Stream(reported if reported is not None else chunks, (first or end) - sent, end, prompt_n, retries)
 
 
 class CpuMeter:
@@ -217,6 +234,7 @@ class Raw:
     prompt: dict[int, list[int]] = field(default_factory=dict)  # per level: every stream's prompt tokens
     other: dict[int, list[float]] = field(default_factory=dict)  # per level: CpuMeter.other_cores per round
     health_ms: list[float] = field(default_factory=list)
+    retries: int = 0  # throughput-run requests that needed a reconnect (see stream_one)
     cold: list[float] = field(default_factory=list)
     warm: list[float] = field(default_factory=list)
     prefix: dict[str, int] = field(default_factory=dict)
@@ -226,7 +244,7 @@ class Raw:
         h = sorted(self.health_ms) or [float("nan")]
         med = statistics.median
         return {
-            "endpoint": self.endpoint,
+            "endpoint": self.endpoint, "connect_retries": self.retries,
             "levels": {n: {"tps": med(v), "tps_rounds": v, "ttft_p50_ms": 1000 * med(self.ttft[n]),
                            "prompt_tokens_mean": statistics.mean(self.prompt[n]), "other_cores": self.other[n]}
                        for n, v in self.tps.items()},
@@ -274,6 +292,7 @@ async def measure(srv: Server, tok: Any, args: argparse.Namespace, res: Raw) -> 
             res.ttft.setdefault(n, []).extend(s.ttft for s in streams)
             res.prompt.setdefault(n, []).extend(s.prompt for s in streams)
             res.other.setdefault(n, []).append(other := meter.other_cores())
+            res.retries += sum(s.retries for s in streams)
             print(f"  {srv.name:14} {n:>2} streams: {total:>5} tokens in {wall:6.2f} s = {total / wall:7.1f} tok/s "
                   f"(other processes used {other:.2f} cores)", flush=True)
         for run in range(args.ttft_runs):
@@ -346,7 +365,8 @@ def main() -> int:
         for side in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
             run_server(start(side, path, work, cache, max(args.levels)), tok, args, raws[side])
     ours, theirs = raws["ours"].summary(), raws["theirs"].summary()
-    print(f"ours answered on {ours['endpoint']}, theirs on {theirs['endpoint']}; medians over {args.rounds} round(s)")
+    print(f"ours answered on {ours['endpoint']}, theirs on {theirs['endpoint']}; medians over {args.rounds} round(s); "
+          f"reconnects: ours {ours['connect_retries']}, theirs {theirs['connect_retries']}")
     print(f"\n{'streams':>7} {'ours tok/s':>11} {'theirs tok/s':>13} {'ours/theirs':>12} "
           f"{'ours TTFT p50':>14} {'theirs TTFT p50':>16} {'prompt tok ours/theirs':>23} {'other cores o/t':>16}")
     for n in args.levels:
