@@ -36,6 +36,12 @@ class _EngineCollector(Collector):
                                 value=sum(r.size for r in snapshot))
         yield GaugeMetricFamily("mlx_memory_budget_bytes", "Memory budget for resident models",
                                 value=self.engine.pool.budget)
+        yield GaugeMetricFamily("mlx_active_memory_bytes", "MLX allocator: memory in use",
+                                value=counters.mlx_active_bytes)
+        yield GaugeMetricFamily("mlx_peak_memory_bytes", "MLX allocator: peak memory in use",
+                                value=counters.mlx_peak_bytes)
+        yield GaugeMetricFamily("mlx_cache_memory_bytes", "MLX allocator: freed buffers kept for reuse",
+                                value=counters.mlx_cache_bytes)
         yield CounterMetricFamily("mlx_model_loads", "Model loads completed", value=stats.loads)
         yield CounterMetricFamily("mlx_model_load_failures", "Model loads that failed", value=stats.load_failures)
         yield CounterMetricFamily("mlx_model_evictions", "Models evicted to make room", value=stats.evictions)

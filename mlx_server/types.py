@@ -194,6 +194,27 @@ class Failed:
 Event = Union[Started, Delta, Done, Failed]
 
 
+# ---- engine status: read by handlers ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineCounters:
+    """Read by /health and /metrics from other threads; replaced whole, never mutated."""
+
+    active_requests: int = 0
+    queue_size: int = 0
+    total_queued: int = 0
+    total_processed: int = 0
+    steps: int = 0
+    generated_tokens: int = 0
+    cancelled: int = 0
+    by_priority: tuple[int, int, int] = (0, 0, 0)
+    mlx_active_bytes: int = 0  # MLX's own allocator, read on the inference thread
+    mlx_peak_bytes: int = 0
+    mlx_cache_bytes: int = 0
+
+
+
 # ---- commands: handler → engine ------------------------------------------------------------------------------
 
 

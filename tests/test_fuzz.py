@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import httpx
+import jsonschema
 import pytest
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from serving import Server, make_config, serve
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from mlx_server.api.openapi import ROUTES as DOCUMENTED
+from mlx_server.api.openapi import request_schema
 
 MAX_BODY = 64 * 1024  # small, so the 413 path is reachable with cheap bodies
 CONTEXT = 32  # tokens: every sequence (prompt + answer) fits in this, so no case can generate for long
@@ -250,6 +251,7 @@ def send(client: httpx.Client, method: str, path: str, *, body: Any = None, cont
     assert r.status_code < 500, where
     if method == "HEAD":
         return r.status_code
+    path = r.request.url.path  # as sent: the client resolves dot segments ("/v1/." is "/v1", an Ollama path)
     if r.status_code >= 400:
         try:
             check_error(path, r.status_code, raw)
@@ -277,6 +279,8 @@ GENERATION = ["/api/generate", "/api/chat", "/v1/chat/completions", "/v1/complet
 def test_generation_routes(client: httpx.Client, path: str, case: st.DataObject) -> None:
     kind, body = case.draw(body_for(path), label="body")
     prio = case.draw(priority, label="priority")
+    if kind == "valid":  # the OpenAPI document must accept what the server accepts
+        jsonschema.validate(body, request_schema(path))
     status = send(client, "POST", path, body=body, headers={"x-request-priority": prio} if prio else None)
     if kind == "valid":
         assert status == 200, body
@@ -287,6 +291,8 @@ def test_generation_routes(client: httpx.Client, path: str, case: st.DataObject)
 @given(case=st.data())
 def test_model_routes(client: httpx.Client, path: str, case: st.DataObject) -> None:
     kind, body = case.draw(body_for(path), label="body")
+    if kind == "valid":
+        jsonschema.validate(body, request_schema(path))
     status = send(client, "POST", path, body=body)
     if kind == "valid":
         assert status == 200, body
@@ -315,7 +321,17 @@ def test_raw_bodies(client: httpx.Client, path: str, raw: bytes, ctype: Optional
 
 
 READ_ROUTES = ["/", "/api/version", "/api/tags", "/api/ps", "/health", "/metrics", "/queue/stats", "/v1/models",
-               "/v1/models/llama-tiny", "/v1/models/tiny-alias"]
+               "/v1/models/llama-tiny", "/v1/models/tiny-alias", "/openapi.json"]
+
+
+def test_openapi_document_covers_every_route(server: Server, client: httpx.Client) -> None:
+    doc = client.get("/openapi.json").json()
+    routed = {(r.path.replace("{model:path}", "{model}"), m.lower()) for r in server.app.routes
+              for m in getattr(r, "methods", None) or () if m != "HEAD"}
+    documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
+    assert routed == documented
+    assert set(DOCUMENTED) == set(doc["paths"])
+    jsonschema.Draft202012Validator.check_schema({"$defs": doc["components"]["schemas"]})
 segment = st.text(alphabet=st.sampled_from("abcXYZ019-_.~:%"), max_size=12)
 
 

@@ -49,7 +49,9 @@ def health_body(request: Request) -> tuple[dict[str, Any], int]:
              "is_loading": r.is_loading} for r in snapshot],
         "memory": {"used_percent": mem.percent, "available_gb": round(mem.available / GB, 3),
                    "total_gb": round(mem.total / GB, 3), "budget_gb": round(budget / GB, 3),
-                   "resident_gb": round(resident / GB, 3)},
+                   "resident_gb": round(resident / GB, 3),
+                   "mlx_active_gb": round(counters.mlx_active_bytes / GB, 3),
+                   "mlx_peak_gb": round(counters.mlx_peak_bytes / GB, 3)},
         "uptime_seconds": round(time.time() - ctx.started, 1),
         "warnings": warnings,
     }

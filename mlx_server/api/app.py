@@ -98,7 +98,10 @@ def create_app(config: Config, engine: Optional[Any] = None) -> Starlette:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
 
-    app = Starlette(routes=[*admin.routes, *ollama.routes, *models.routes, *openai.routes, *anthropic.routes],
+    from mlx_server.api import openapi  # GET /openapi.json: the request bodies of every route here
+
+    app = Starlette(routes=[*admin.routes, *ollama.routes, *models.routes, *openai.routes, *anthropic.routes,
+                            *openapi.routes],
                     lifespan=lifespan,
                     exception_handlers={MlxServerError: on_error, HTTPException: on_http, Exception: on_bug},
                     middleware=[Middleware(RequestMetrics, metrics=metrics), cors(config),

@@ -13,8 +13,9 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
+
+import mlx.core as mx
 
 from mlx_server.config import Config
 from mlx_server.engine.admission import Waiting, WaitList
@@ -22,26 +23,12 @@ from mlx_server.engine.loader import LoadedModel, ModelLoader
 from mlx_server.engine.pool import FOREVER, ModelPool, Resident
 from mlx_server.errors import (InternalError, MlxServerError, ModelNotFound, RequestTimeout, ServerBusy,
                                ServiceUnavailable)
-from mlx_server.types import (Cancel, Command, Done, Event, Failed, GenerateRequest, Preload, Shutdown, Started,
-                              Submit, Usage)
+from mlx_server.types import (Cancel, Command, Done, EngineCounters, Event, Failed, GenerateRequest, Preload, Shutdown,
+                              Started, Submit, Usage)
 
 log = logging.getLogger("mlx_server.engine")
 
 Sink = Callable[[Event], None]
-
-
-@dataclass(frozen=True)
-class EngineCounters:
-    """Read by /health and /metrics from other threads; replaced whole, never mutated."""
-
-    active_requests: int = 0
-    queue_size: int = 0
-    total_queued: int = 0
-    total_processed: int = 0
-    steps: int = 0
-    generated_tokens: int = 0
-    cancelled: int = 0
-    by_priority: tuple[int, int, int] = (0, 0, 0)
 
 
 class Engine:
@@ -152,6 +139,7 @@ class Engine:
                 self._advance_load()
                 self._next_preload()
                 self.pool.sweep()
+                self._read_memory()
         except BaseException as exc:  # noqa: BLE001 - record why the thread died so /health can say so
             self.fatal = exc
             log.exception("inference thread died")
@@ -357,6 +345,12 @@ class Engine:
             c = self.counters
             self._set_counters(steps=c.steps + 1, generated_tokens=c.generated_tokens + generated,
                                active_requests=len(self._owner))
+
+    def _read_memory(self) -> None:
+        active, peak, cached = mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory()
+        c = self.counters
+        if (active, peak, cached) != (c.mlx_active_bytes, c.mlx_peak_bytes, c.mlx_cache_bytes):
+            self._set_counters(mlx_active_bytes=active, mlx_peak_bytes=peak, mlx_cache_bytes=cached)
 
     def _cap_prompt_caches(self) -> None:
         """One byte cap for the stored prompt caches of all resident models; least recently used models give first."""

@@ -14,59 +14,18 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
+from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_server.engine.constrained import Constraints
+from mlx_server.engine.sampling import make_processors, make_sampler
 from mlx_server.engine.output import SequenceOutput, make_output
 from mlx_server.errors import BadRequest, InternalError, MlxServerError, RequestTimeout
-from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest, SamplingParams, Started, Usage
+from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest, Started, Usage
 
 log = logging.getLogger("mlx_server.engine")
 
 Sink = Callable[[Event], None]
 Clock = Callable[[], float]
-
-
-def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
-    """A per-sequence sampler; a seed gives the sequence its own key so batching never changes its draws."""
-    if params.greedy:
-        # One shared object lets BatchGenerator sample all greedy sequences in a single batched argmax.
-        return greedy_sampler
-    chain: list[Callable[[mx.array], mx.array]] = []
-    if 0 < params.top_p < 1.0:
-        chain.append(lambda x: apply_top_p(x, params.top_p))
-    if params.min_p > 0:
-        chain.append(lambda x: apply_min_p(x, params.min_p))
-    if params.top_k > 0:
-        chain.append(lambda x: apply_top_k(x, params.top_k))
-    inv_temp = 1.0 / params.temperature
-    # mx.random.key takes a uint64 only (a negative or >= 2**64 seed raises TypeError): wrap any int into range.
-    key: list[Optional[mx.array]] = [mx.random.key(params.seed % 2**64) if params.seed is not None else None]
-
-    def sample(logprobs: mx.array) -> mx.array:
-        for step in chain:
-            logprobs = step(logprobs)
-        if key[0] is None:
-            return mx.random.categorical(logprobs * inv_temp)
-        key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
-
-    return sample
-
-
-def make_processors(params: SamplingParams, num_ctx: int) -> list[Callable[[mx.array, mx.array], mx.array]]:
-    # Ollama: repeat_last_n 0 disables the penalty window, -1 means the whole context.
-    window = num_ctx if params.repeat_last_n < 0 else params.repeat_last_n
-    if window == 0:
-        return []
-    return make_logits_processors(
-        repetition_penalty=params.repeat_penalty if params.repeat_penalty != 1.0 else None,
-        repetition_context_size=window,
-        presence_penalty=params.presence_penalty or None,
-        presence_context_size=window,
-        frequency_penalty=params.frequency_penalty or None,
-        frequency_context_size=window,
-    )
 
 
 @dataclass

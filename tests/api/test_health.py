@@ -57,4 +57,5 @@ def test_health_fast_while_loading_and_generating(heavy: Path, tiny_llama: Path,
         p99 = latencies[int(len(latencies) * 0.99) - 1]
         assert p99 < 0.05, f"p99 {p99 * 1000:.1f} ms over {len(latencies)} probes"
         metrics = client.get("/metrics").text
-        assert "mlx_model_loads_total 2.0" in metrics and 'mlx_requests_total{model="heavy"' in metrics
+        assert "mlx_active_memory_bytes" in metrics
+    assert "mlx_model_loads_total 2.0" in metrics and 'mlx_requests_total{model="heavy"' in metrics

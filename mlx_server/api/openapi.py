@@ -1,0 +1,170 @@
+"""GET /openapi.json: an OpenAPI 3.1 document of every route and the request bodies it accepts.
+
+Hand-written and static (no framework introspection): the schemas state what the handlers check, with their
+ranges, so a client generator or a schema fuzzer (tests/test_fuzz.py validates its valid cases against it) sees
+the same contract the server enforces. Unknown fields are allowed everywhere, as the dialects ignore them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+JSON = dict[str, Any]
+
+
+def _obj(required: list[str], **props: JSON) -> JSON:
+    return {"type": "object", "required": required, "properties": props, "additionalProperties": True}
+
+
+def _num(lo: float, hi: float) -> JSON:
+    return {"type": "number", "minimum": lo, "maximum": hi}
+
+
+STR: JSON = {"type": "string"}
+BOOL: JSON = {"type": "boolean"}
+INT: JSON = {"type": "integer"}
+INT64: JSON = {"type": "integer", "minimum": -2**63, "maximum": 2**63 - 1}
+STOP: JSON = {"oneOf": [STR, {"type": "array", "items": STR}]}
+KEEP_ALIVE: JSON = {"description": "seconds, or a Go duration such as \"5m\" or \"1h30m\"; negative = forever",
+                    "oneOf": [{"type": "number"}, {"type": "string", "pattern": r"^\s*[+-]?(\d|\.\d)"}]}
+FORMAT: JSON = {"oneOf": [{"enum": ["", "json"]}, {"type": "object", "description": "a JSON schema"}]}
+THINK: JSON = {"oneOf": [BOOL, {"enum": ["low", "medium", "high"]}]}
+
+OLLAMA_OPTIONS: JSON = {
+    "type": "object", "additionalProperties": True,
+    "description": "Ollama options; unknown keys are ignored, known keys are type-checked",
+    "properties": {"num_predict": {**INT64, "description": "<= 0 means until the context is full"},
+                   "num_ctx": {**INT64, "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
+                   "top_p": _num(0, 1), "top_k": {**INT64, "minimum": 0}, "min_p": {"type": "number"},
+                   "repeat_penalty": {"type": "number", "exclusiveMinimum": 0}, "repeat_last_n": INT64,
+                   "presence_penalty": {"type": "number"}, "frequency_penalty": {"type": "number"},
+                   "seed": {**INT64, "description": "negative means random"}, "stop": STOP}}
+OLLAMA_MESSAGE = _obj(["role"], role=STR, content=STR, thinking=STR, images={"type": "array", "maxItems": 0},
+                      tool_calls={"type": "array"}, tool_name=STR)
+OLLAMA_COMMON: JSON = {"model": STR, "category": {**STR, "description": "MLX-style: an alias to resolve"},
+                       "stream": {**BOOL, "default": True}, "options": OLLAMA_OPTIONS, "keep_alive": KEEP_ALIVE,
+                       "format": FORMAT, "think": THINK, "tools": {"type": "array"},
+                       "max_tokens": INT64, "temperature": {"type": "number"}, "top_p": _num(0, 1)}
+OLLAMA_GENERATE = _obj([], prompt=STR, suffix=STR, system=STR, template=STR, raw=BOOL,
+                       images={"type": "array", "maxItems": 0}, **OLLAMA_COMMON)
+OLLAMA_CHAT = _obj([], messages={"type": "array", "items": OLLAMA_MESSAGE}, **OLLAMA_COMMON)
+MODEL_REF = _obj([], model=STR, name=STR, stream=BOOL)
+
+TEXT_PART = _obj(["type"], type={"enum": ["text", "input_text"]}, text=STR)
+OPENAI_MESSAGE = _obj(["role"], role={"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
+                      content={"oneOf": [STR, {"type": "null"}, {"type": "array", "items": TEXT_PART}]},
+                      tool_calls={"type": "array"}, tool_call_id=STR, name=STR, reasoning_content=STR)
+OPENAI_SAMPLING: JSON = {"model": {**STR, "minLength": 1}, "stream": BOOL, "stop": STOP, "seed": INT,
+                         "temperature": _num(0, 2), "top_p": _num(0, 1), "top_k": {**INT, "minimum": 0},
+                         "min_p": _num(0, 1), "repeat_penalty": _num(0.01, 10), "presence_penalty": _num(-2, 2),
+                         "frequency_penalty": _num(-2, 2), "n": {**INT, "minimum": 1, "maximum": 1},
+                         "max_tokens": {**INT, "minimum": 1}}
+OPENAI_CHAT = _obj(["model", "messages"], messages={"type": "array", "minItems": 1, "items": OPENAI_MESSAGE},
+                   max_completion_tokens={**INT, "minimum": 1}, logprobs=BOOL,
+                   top_logprobs={**INT, "minimum": 0, "maximum": 20},
+                   stream_options=_obj([], include_usage=BOOL), tools={"type": "array"},
+                   tool_choice={"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
+                   response_format=_obj(["type"], type={"enum": ["text", "json_object", "json_schema"]}),
+                   reasoning_effort=STR, **OPENAI_SAMPLING)
+OPENAI_COMPLETION = _obj(["model", "prompt"], prompt={"oneOf": [STR, {"type": "array", "items": STR,
+                                                                      "minItems": 1, "maxItems": 1}]},
+                         suffix=STR, echo=BOOL, logprobs={**INT, "minimum": 0, "maximum": 5}, **OPENAI_SAMPLING)
+
+ANTHROPIC_BLOCK = _obj(["type"], type={"enum": ["text", "thinking", "redacted_thinking", "tool_use",
+                                                "tool_result"]})
+ANTHROPIC_MESSAGE = _obj(["role", "content"], role={"enum": ["user", "assistant"]},
+                         content={"oneOf": [STR, {"type": "array", "items": ANTHROPIC_BLOCK}]})
+ANTHROPIC_COMMON: JSON = {
+    "model": {**STR, "minLength": 1}, "messages": {"type": "array", "minItems": 1, "items": ANTHROPIC_MESSAGE},
+    "system": {"oneOf": [STR, {"type": "array", "items": ANTHROPIC_BLOCK}]}, "tools": {"type": "array"},
+    "tool_choice": _obj(["type"], type={"enum": ["auto", "any", "tool", "none"]}, name=STR),
+    "thinking": _obj(["type"], type={"enum": ["enabled", "disabled", "adaptive"]})}
+ANTHROPIC_MESSAGES = _obj(["model", "messages", "max_tokens"], max_tokens={**INT, "minimum": 1}, stream=BOOL,
+                          temperature=_num(0, 1), top_p=_num(0, 1), top_k={**INT, "minimum": 0},
+                          stop_sequences={"type": "array", "items": STR}, output_config={"type": "object"},
+                          **ANTHROPIC_COMMON)
+ANTHROPIC_COUNT = _obj(["model", "messages"], **ANTHROPIC_COMMON)
+
+ERRORS: JSON = {
+    "OllamaError": _obj(["error"], error=STR),
+    "OpenAIError": _obj(["error"], error=_obj(["message", "type"], message=STR, type=STR)),
+    "AnthropicError": _obj(["type", "error"], type={"const": "error"},
+                           error=_obj(["type", "message"], type=STR, message=STR)),
+}
+SCHEMAS: JSON = {"OllamaGenerateRequest": OLLAMA_GENERATE, "OllamaChatRequest": OLLAMA_CHAT,
+                 "ModelReference": MODEL_REF, "ChatCompletionRequest": OPENAI_CHAT,
+                 "CompletionRequest": OPENAI_COMPLETION, "MessagesRequest": ANTHROPIC_MESSAGES,
+                 "CountTokensRequest": ANTHROPIC_COUNT, **ERRORS}
+
+# path → (method → (summary, request schema name or None, error schema name, streams))
+ROUTES: dict[str, dict[str, tuple[str, Any, str, bool]]] = {
+    "/": {"get": ("Liveness text (JSON with Accept: application/json)", None, "OllamaError", False)},
+    "/health": {"get": ("Health, queue and memory snapshot", None, "OllamaError", False)},
+    "/metrics": {"get": ("Prometheus metrics", None, "OllamaError", False)},
+    "/queue/stats": {"get": ("Queue counters", None, "OllamaError", False)},
+    "/api/version": {"get": ("Ollama version", None, "OllamaError", False)},
+    "/api/tags": {"get": ("Models on disk", None, "OllamaError", False)},
+    "/api/ps": {"get": ("Models in memory", None, "OllamaError", False)},
+    "/api/show": {"post": ("Model details", "ModelReference", "OllamaError", False)},
+    "/api/pull": {"post": ("Download a configured model", "ModelReference", "OllamaError", True)},
+    "/api/delete": {"delete": ("Delete a downloaded model", "ModelReference", "OllamaError", False)},
+    "/api/generate": {"post": ("Ollama completion (NDJSON stream by default)", "OllamaGenerateRequest",
+                               "OllamaError", True)},
+    "/api/chat": {"post": ("Ollama chat (NDJSON stream by default)", "OllamaChatRequest", "OllamaError", True)},
+    "/v1/models": {"get": ("OpenAI model list", None, "OpenAIError", False)},
+    "/v1/models/{model}": {"get": ("One OpenAI model", None, "OpenAIError", False)},
+    "/v1/chat/completions": {"post": ("OpenAI chat completion (SSE when stream)", "ChatCompletionRequest",
+                                      "OpenAIError", True)},
+    "/v1/completions": {"post": ("OpenAI text completion (SSE when stream)", "CompletionRequest", "OpenAIError",
+                                 True)},
+    "/v1/messages": {"post": ("Anthropic message (SSE when stream)", "MessagesRequest", "AnthropicError", True)},
+    "/v1/messages/count_tokens": {"post": ("Anthropic token count", "CountTokensRequest", "AnthropicError",
+                                           False)},
+    "/openapi.json": {"get": ("This document", None, "OllamaError", False)},
+}
+
+
+def _operation(summary: str, body: Any, error: str, streams: bool, path: str) -> JSON:
+    ok: JSON = {"description": "OK", "content": {"application/json": {}}}
+    if streams:
+        ok["content"]["application/x-ndjson" if path.startswith("/api/") else "text/event-stream"] = {}
+    err = {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}}}
+    op: JSON = {"summary": summary, "responses": {
+        "200": ok, "400": {"description": "invalid request", **err}, "404": {"description": "unknown model", **err},
+        "413": {"description": "body too large", **err},
+        "503": {"description": "designed refusal: queue full, memory budget, shutting down", **err}}}
+    if body:
+        op["requestBody"] = {"required": False, "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}}
+    if "{model}" in path:
+        op["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": STR}]
+    op["x-request-priority"] = "X-Request-Priority: high | medium | low (generation routes)"
+    return op
+
+
+def document() -> JSON:
+    return {"openapi": "3.1.0",
+            "info": {"title": "mlx-server", "version": "1",
+                     "description": "Ollama, OpenAI and Anthropic dialects over one MLX engine."},
+            "paths": {path: {method: _operation(*spec, path=path) for method, spec in ops.items()}
+                      for path, ops in ROUTES.items()},
+            "components": {"schemas": SCHEMAS}}
+
+
+def request_schema(path: str, method: str = "post") -> JSON:
+    """The request body schema of a route (self-contained: no $refs), for validators and fuzzers."""
+    name = ROUTES[path][method][1]
+    return SCHEMAS[name] if name else {}
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(document())
+
+
+routes = [Route("/openapi.json", openapi_json, methods=["GET"])]
+
+__all__ = ["document", "request_schema", "routes"]
