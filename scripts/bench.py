@@ -109,7 +109,9 @@ def main() -> int:
 
     port = free_port()
     cfg = work / "models.yaml"
-    cfg.write_text(yaml.safe_dump({"server": {"port": port, "memory_budget": "90%", "cache_dir": str(cache)},
+    # No prompt cache: every run re-evaluates the prompt, as the in-process side does, so TTFTs compare.
+    cfg.write_text(yaml.safe_dump({"server": {"port": port, "memory_budget": "90%", "cache_dir": str(cache),
+                                              "prompt_cache_bytes": 0},
                                    "models": {"bench": {"source": str(path), "keep_alive": -1}}}))
     server = subprocess.Popen([sys.executable, "-m", "mlx_server", "--config", str(cfg), "--log-level", "warning",
                                "serve"], stdout=subprocess.DEVNULL)
