@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from serving import free_port
@@ -95,3 +96,19 @@ def test_in_flight_request_finishes_within_grace(tiny_llama: Path, tmp_path: Pat
     [req] = [r for r in records if r.get("dialect") == "ollama"]
     assert req["model"] == "tiny" and req["generated_tokens"] == 300 and req["served_by"] == "mlx-server"
     assert req["status"] == "ok" and req["tokens_per_s"] > 0
+
+
+def test_binding_beyond_loopback_without_key_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from mlx_server.config import build_config
+    from mlx_server.serve import startup_report
+
+    exposed = build_config({"server": {"host": "0.0.0.0", "memory_budget": "1GB"}, "models": {}}, env={})
+    with caplog.at_level("WARNING", logger="mlx_server"):
+        startup_report(exposed)
+    assert any("without an API key" in r.message for r in caplog.records)
+    caplog.clear()
+    keyed = build_config({"server": {"host": "0.0.0.0", "api_key": "k", "memory_budget": "1GB"}, "models": {}},
+                         env={})
+    with caplog.at_level("WARNING", logger="mlx_server"):
+        startup_report(keyed)
+    assert not any("without an API key" in r.message for r in caplog.records)
