@@ -27,7 +27,8 @@ log = logging.getLogger("mlx_server.api")
 
 
 class RequestMetrics:
-    """Counts every HTTP request by route, resolved model and status (pure ASGI: streaming is untouched)."""
+    """Counts every HTTP request by route, resolved model and status, and makes sure every response says who
+    served it (pure ASGI: streaming is untouched)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -43,6 +44,10 @@ class RequestMetrics:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"x-served-by" for k, _ in headers):
+                    # Refusals from the outer layers (host, key, rate limit) were served here too.
+                    message = {**message, "headers": [*headers, (b"x-served-by", b"mlx-server")]}
             await send(message)
 
         try:

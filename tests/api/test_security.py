@@ -28,6 +28,7 @@ def test_api_key_everywhere_but_health(tiny_llama: Path, tmp_path: Path) -> None
         for path in ("/api/tags", "/api/version", "/", "/metrics", "/api/ps"):
             r = httpx.get(f"{s.url}{path}")
             assert r.status_code == 401 and "API key" in r.json()["error"], path
+            assert r.headers["x-served-by"] == "mlx-server"
         assert httpx.get(f"{s.url}/api/tags", headers={"authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(f"{s.url}/api/tags", headers={"authorization": "Bearer s3cret"}).status_code == 200
         assert httpx.get(f"{s.url}/api/tags", headers={"x-api-key": "s3cret"}).status_code == 200
