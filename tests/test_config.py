@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlx_server.config import ConfigError, build_config, load_config, parse_duration, parse_size
+from mlx_server.config import Config, ConfigError, build_config, load_config, parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cfg(doc: dict, **kw: object):
+def cfg(doc: dict, **kw: object) -> Config:
     return build_config(doc, path=Path("/etc/models.yaml"), env=kw.pop("env", {}), total_memory=lambda: 64 * 10**9,
                         **kw)
 

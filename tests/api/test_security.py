@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import ollama
@@ -55,7 +56,7 @@ def test_body_and_json_limits(tiny_llama: Path, tmp_path: Path) -> None:
         r = httpx.post(f"{s.url}/api/generate", content=big)
         assert r.status_code == 413 and "larger than" in r.json()["error"]
 
-        def chunks():  # no Content-Length: the cap must hold for a streamed body too
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the cap must hold for a streamed body too
             yield b'{"model": "m", "prompt": "'
             for _ in range(100):
                 yield b"y" * 1000
