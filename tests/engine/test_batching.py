@@ -91,6 +91,25 @@ def test_prompt_cache_reuse_and_byte_cap(model: tuple[Any, Any]) -> None:
         assert capped.prompt_cache.nbytes <= 200_000
 
 
+def test_stored_prompt_caches_hold_only_what_they_count(model: tuple[Any, Any]) -> None:
+    import gc
+
+    import mlx.core as mx
+
+    runner = ModelRunner("m", *model, 2048, max_batch=8, prompt_cache_bytes=2 * 2**20)
+    gc.collect()
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    for i in range(20):  # batches of 6, so each stored cache is cut out of a shared batch buffer
+        drive(runner, [GenerateRequest(model="m", prompt=f"{i} {j} hello there", raw=True, sampling=GREEDY,
+                                       max_tokens=12) for j in range(6)])
+    gc.collect()
+    mx.clear_cache()
+    stored = runner.prompt_cache.nbytes
+    assert stored > 0
+    assert mx.get_active_memory() - base < 1.5 * stored + 2**20
+
+
 @pytest.fixture
 def engine(tiny_llama: Path, tmp_path: Path) -> Iterator[Engine]:
     config = make_config(tmp_path, {"m": {"source": str(tiny_llama)}}, max_concurrent=1, max_queue=3)
