@@ -59,6 +59,12 @@ class ModelLoadFailed(MlxServerError):
     anthropic_type = "api_error"
 
 
+class NotSupported(MlxServerError):
+    status = 501
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+
+
 class UpstreamUnavailable(MlxServerError):
     status = 502
     openai_type = "server_error"

@@ -22,7 +22,7 @@ from mlx_server.api.common import (AppContext, begin, close_events, collect, ctx
 from mlx_server.api.options import ollama_sampling
 from mlx_server.api.templates import render_go_template
 from mlx_server.config import parse_duration
-from mlx_server.errors import BadRequest, MlxServerError
+from mlx_server.errors import BadRequest, MlxServerError, NotSupported
 from mlx_server.types import ChatMessage, Delta, Done, Event, Failed, GenerateRequest, Priority, Started, Usage
 
 log = logging.getLogger("mlx_server.api.ollama")
@@ -297,7 +297,21 @@ async def ps(request: Request) -> Response:
     return JSONResponse({"models": models})
 
 
+async def embed(request: Request) -> Response:
+    """Known models, clear refusal: this server generates; embeddings go to the fallback Ollama, if any."""
+    ctx = ctx_of(request)
+    body = await read_json(request)
+    requested = field_type(body, "model", str, "a string")
+    if not requested:
+        raise BadRequest("model is required")
+    name = ctx.resolve(requested)
+    raise NotSupported(f"model \"{name}\" does not support embeddings on this server")
+
+
 routes = [
+    Route("/api/embed", embed, methods=["POST"]),
+    Route("/api/embeddings", embed, methods=["POST"]),
+    Route("/v1/embeddings", embed, methods=["POST"]),
     Route("/", root, methods=["GET", "HEAD"]),
     Route("/api/version", version, methods=["GET"]),
     Route("/api/tags", tags, methods=["GET"]),

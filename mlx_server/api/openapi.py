@@ -124,6 +124,12 @@ ROUTES: dict[str, dict[str, tuple[str, Any, str, bool]]] = {
     "/v1/messages": {"post": ("Anthropic message (SSE when stream)", "MessagesRequest", "AnthropicError", True)},
     "/v1/messages/count_tokens": {"post": ("Anthropic token count", "CountTokensRequest", "AnthropicError",
                                            False)},
+    "/api/embed": {"post": ("Embeddings: not served here (501; the fallback Ollama answers for its models)",
+                            "ModelReference", "OllamaError", False)},
+    "/api/embeddings": {"post": ("Legacy embeddings: not served here (501)", "ModelReference", "OllamaError",
+                                 False)},
+    "/v1/embeddings": {"post": ("OpenAI embeddings: not served here (501)", "ModelReference", "OpenAIError",
+                                False)},
     "/openapi.json": {"get": ("This document", None, "OllamaError", False)},
 }
 

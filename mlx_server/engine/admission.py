@@ -1,6 +1,8 @@
 """The wait list: requests not yet decoding, in priority order, and those parked behind a model load.
 
-Owned by the inference thread. Priority first (HIGH before MEDIUM before LOW), then arrival order.
+Owned by the inference thread. Priority first (HIGH before MEDIUM before LOW), then arrival order — except that
+a request gains one priority level for every `aging` seconds it has waited, so under saturation a LOW request
+is delayed, never starved.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ class Waiting:
 
 
 class WaitList:
-    def __init__(self) -> None:
+    def __init__(self, aging: float = 30.0) -> None:
+        self.aging = aging
         self._heap: list[tuple[int, int, Waiting]] = []
         self._order = itertools.count()
         self._parked: dict[str, list[Waiting]] = {}  # model → requests waiting for it to finish loading
@@ -37,7 +40,18 @@ class WaitList:
     def push(self, w: Waiting) -> None:
         heapq.heappush(self._heap, (int(w.request.priority), next(self._order), w))
 
-    def pop(self) -> Waiting:
+    def pop(self, now: float) -> Waiting:
+        """The next request to admit: best priority after ageing, then the earliest to arrive."""
+        if self.aging > 0 and len(self._heap) > 1:
+            def rank(item: tuple[int, int, Waiting]) -> tuple[float, int]:
+                priority, order, w = item
+                return priority - (now - w.enqueued) // self.aging, order
+
+            best = min(self._heap, key=rank)
+            if best is not self._heap[0]:
+                self._heap.remove(best)
+                heapq.heapify(self._heap)
+                return best[2]
         return heapq.heappop(self._heap)[2]
 
     def park(self, model: str, w: Waiting) -> None:

@@ -235,7 +235,7 @@ class Engine:
             w.sink(Failed(w.request.request_id, RequestTimeout(
                 f"request timed out after {w.request.timeout:g}s waiting for its turn")))
         while self._waiting.ready() and len(self._owner) < limit:
-            w = self._waiting.pop()
+            w = self._waiting.pop(self.clock())
             try:
                 self._admit_one(w)
             except MlxServerError as exc:

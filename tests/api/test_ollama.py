@@ -278,3 +278,12 @@ def test_health_is_instant(server: Server) -> None:
     r = httpx.get(f"{server.url}/health")
     assert time.perf_counter() - t < 0.5
     assert r.status_code == 200 and r.json()["status"] == "healthy"
+
+
+def test_embeddings_are_refused_clearly(server: Server) -> None:
+    for path in ("/api/embed", "/api/embeddings"):
+        r = httpx.post(f"{server.url}{path}", json={"model": "llama-tiny", "input": "hello"})
+        assert r.status_code == 501 and "embeddings" in r.json()["error"]
+        assert httpx.post(f"{server.url}{path}", json={"model": "nope", "input": "x"}).status_code == 404
+    r = httpx.post(f"{server.url}/v1/embeddings", json={"model": "llama-tiny", "input": "hello"})
+    assert r.status_code == 501 and "embeddings" in r.json()["error"]["message"]
