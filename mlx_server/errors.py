@@ -45,10 +45,24 @@ class ModelNotFound(MlxServerError):
         self.name = name
 
 
+class ModelBusy(MlxServerError):
+    """The model has requests in flight, so it cannot be deleted now."""
+
+    status = 409
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+
+
 class PayloadTooLarge(MlxServerError):
     status = 413
     openai_type = "invalid_request_error"
     anthropic_type = "request_too_large"
+
+
+class RateLimited(MlxServerError):
+    status = 429
+    openai_type = "rate_limit_error"
+    anthropic_type = "rate_limit_error"
 
 
 class ModelLoadFailed(MlxServerError):
@@ -63,6 +77,12 @@ class NotSupported(MlxServerError):
     status = 501
     openai_type = "invalid_request_error"
     anthropic_type = "invalid_request_error"
+
+
+class PullFailed(MlxServerError):
+    """Downloading a model's weights failed (hub unreachable, offline, incomplete files)."""
+
+    status = 500
 
 
 class UpstreamUnavailable(MlxServerError):

@@ -12,16 +12,10 @@ from typing import Callable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_server.api.errors_shape import error_response
-from mlx_server.errors import MlxServerError
+from mlx_server.errors import RateLimited
 
 GENERATION_PATHS = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/v1/chat/completions",
                     "/v1/completions", "/v1/embeddings", "/v1/messages")
-
-
-class RateLimited(MlxServerError):
-    status = 429
-    openai_type = "rate_limit_error"
-    anthropic_type = "rate_limit_error"
 
 
 class RateLimit:

@@ -18,19 +18,11 @@ from starlette.routing import Route
 
 from mlx_server.api.common import AppContext, ctx_of, field_type, read_json
 from mlx_server.api.ollama import line
-from mlx_server.errors import BadRequest, MlxServerError, ModelNotFound
+from mlx_server.errors import BadRequest, ModelBusy, ModelNotFound, PullFailed
 from mlx_server.ops.pull import FileProgress, NotManaged, PullResult, check_managed, delete_local, ensure_local
 from mlx_server.types import Done, Failed, GenerateRequest
 
 log = logging.getLogger("mlx_server.api.models")
-
-
-class PullFailed(MlxServerError):
-    status = 500
-
-
-class ModelBusy(MlxServerError):
-    status = 409
 
 
 def _requested(body: dict[str, Any]) -> str:
