@@ -65,7 +65,7 @@ def _is_hf_repo_id(source: str) -> bool:
             and not source.endswith(".gguf"))
 
 
-def _weights_size(model_dir: Path) -> int:
+def weights_size(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
 
@@ -106,7 +106,7 @@ def locate(model: ModelConfig, config_dir: Optional[Path] = None) -> Located:
     if _is_hf_repo_id(source) and not (base / source).exists():
         snap = hf_cached_snapshot(source)
         if snap is not None and complete_model_dir(snap):
-            return Located("hf", snap, _weights_size(snap))
+            return Located("hf", snap, weights_size(snap))
         return Located("hf", None, 0, f"pull it first: mlx-server pull {model.name}")
     path = Path(source).expanduser()
     if not path.is_absolute():
@@ -116,5 +116,5 @@ def locate(model: ModelConfig, config_dir: Optional[Path] = None) -> Located:
             return Located("gguf", path, path.stat().st_size)
         return Located("gguf", None, 0, f"GGUF file {path} does not exist")
     if path.is_dir() and complete_model_dir(path):
-        return Located("dir", path, _weights_size(path))
+        return Located("dir", path, weights_size(path))
     return Located("dir", None, 0, f"model directory {path} is missing or incomplete")

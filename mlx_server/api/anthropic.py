@@ -253,7 +253,7 @@ async def messages(request: Request) -> Response:
     if stream:
         return EventSourceResponse(sse(events, first, requested, started_at))
     result = await collect(events, request, first)
-    request_log("anthropic", requested, "ok", result, started_at)
+    request_log("anthropic", requested, "ok", result.usage, started_at)
     assert result.done is not None
     content: list[dict[str, Any]] = []
     if result.thinking:

@@ -206,7 +206,7 @@ async def follow(events: AsyncIterator[Event], first: Event, dialect: str, model
         raise
     finally:
         await close_events(events)
-        request_log(dialect, model, status, Collected(done=Done(0, model, "stop", usage)), started_at)
+        request_log(dialect, model, status, usage, started_at)
 
 
 async def close_events(events: AsyncIterator[Event]) -> None:
@@ -222,10 +222,8 @@ def error_body(exc: MlxServerError) -> dict[str, Any]:
     return {"error": exc.message}
 
 
-def request_log(dialect: str, model: str, status: str, collected: Optional[Collected] = None,
-                started_at: Optional[float] = None) -> None:
-    usage = collected.usage if collected else Usage()
-    elapsed = time.perf_counter() - started_at if started_at else 0.0
+def request_log(dialect: str, model: str, status: str, usage: Usage, started_at: float) -> None:
+    elapsed = time.perf_counter() - started_at
     tps = usage.completion_tokens / usage.eval_duration if usage.eval_duration > 0 else 0.0
     fields = {"dialect": dialect, "model": model, "served_by": "mlx-server", "prompt_tokens": usage.prompt_tokens,
               "cached_tokens": usage.cached_tokens, "generated_tokens": usage.completion_tokens,

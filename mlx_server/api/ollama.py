@@ -210,7 +210,7 @@ async def _serve(request: Request, chat: bool) -> Response:
         return StreamingResponse(ndjson(events, first, chat, requested, started_at),
                                  media_type="application/x-ndjson")
     result = await collect(events, request, first)
-    request_log("ollama", requested, "ok", result, started_at)
+    request_log("ollama", requested, "ok", result.usage, started_at)
     assert result.done is not None
     obj = chunk(chat, requested, Delta(0, content=result.content, thinking=result.thinking,
                                        tool_calls=tuple(result.tool_calls)))

@@ -308,7 +308,7 @@ async def _serve(request: Request, chat: bool) -> Response:
     if stream:
         return EventSourceResponse(sse(events, first, reply, started_at))
     result = await collect(events, request, first)
-    request_log("openai", requested, "ok", result, started_at)
+    request_log("openai", requested, "ok", result.usage, started_at)
     assert result.done is not None
     lps = result.logprobs
     out = {**_envelope(new_id("chatcmpl-" if chat else "cmpl-"), reply, int(time.time()), chunk=False),

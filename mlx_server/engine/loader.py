@@ -23,7 +23,7 @@ from mlx_server.config import Config
 from mlx_server.engine.runner import ModelRunner
 from mlx_server.errors import ModelLoadFailed, ModelNotFound
 from mlx_server.modelinfo import kv_bytes_per_token, native_context_length
-from mlx_server.sources import Located, locate
+from mlx_server.sources import Located, locate, weights_size
 
 log = logging.getLogger("mlx_server.loader")
 
@@ -75,7 +75,7 @@ class ModelLoader:
             cfg = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise ModelLoadFailed(f"model \"{name}\" has an unreadable config.json: {exc}") from None
-        weights = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+        weights = weights_size(path)
         return weights + kv_bytes_per_token(cfg) * self.context_length(name, cfg)
 
     def load(self, name: str) -> Generator[None, None, LoadedModel]:

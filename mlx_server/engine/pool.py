@@ -157,16 +157,6 @@ class ModelPool(Generic[M]):
         self._publish()
         return entry
 
-    def ensure(self, name: str) -> tuple[Resident[M], float]:
-        """Load to completion without interleaving (tools and tests); returns the model and seconds spent."""
-        loaded_now = False
-        while True:
-            entry = self.request(name)
-            if entry is not None:
-                return entry, (entry.load_seconds if loaded_now else 0.0)
-            done = self.advance()
-            loaded_now = loaded_now or (done is not None and done.name == name)
-
     def _fail_load(self, exc: BaseException) -> NoReturn:
         current = self._loading
         self._loading = None

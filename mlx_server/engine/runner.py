@@ -211,10 +211,6 @@ class ModelRunner:
         for cache, tokens in self.generator.remove(uids, return_prompt_caches=True).values():
             self._keep_cache(tokens, cache)
 
-    @property
-    def active(self) -> int:
-        return len(self.sequences)
-
     def has_work(self) -> bool:
         return bool(self.sequences)
 
