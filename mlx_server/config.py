@@ -11,14 +11,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
 DEFAULT_PORT = 11435
 DEFAULT_CONFIG_NAME = "models.yaml"
-
-T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -164,47 +162,10 @@ class Config:
         return {alias: m.name for m in self.models.values() for alias in m.aliases}
 
 
-# ---- validation ---------------------------------------------------------------------------------------------
+# ---- validation (the file's shape lives in mlx_server.config_schema) ------------------------------------------
 
-
-class _Validator:
-    def __init__(self, path: Optional[Path]) -> None:
-        self.path = path
-
-    def fail(self, key: str, message: str) -> ConfigError:
-        return ConfigError(self.path, key, message)
-
-    def mapping(self, value: Any, key: str) -> Mapping[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
-        return value
-
-    def known_keys(self, value: Mapping[str, Any], key: str, allowed: set[str]) -> None:
-        for k in value:
-            if k not in allowed:
-                raise self.fail(f"{key}.{k}" if key else str(k), f"unknown key (allowed: {', '.join(sorted(allowed))})")
-
-    def typed(self, value: Any, key: str, kind: type, allow_none: bool = False) -> Any:
-        if value is None and allow_none:
-            return None
-        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok, value = True, float(value)
-        if not ok:
-            raise self.fail(key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
-        return value
-
-    def convert(self, value: Any, key: str, fn: Callable[[Any], T]) -> T:
-        try:
-            return fn(value)
-        except ValueError as exc:
-            raise self.fail(key, str(exc)) from None
-
-
-_SERVER_KEYS = {f for f in ServerConfig.__dataclass_fields__} - {"memory_budget_spec"}
-_MODEL_KEYS = {"source", "aliases", "preload", "keep_alive", "context_length", "options", "priority"}
+_ENV = (("MLX_SERVER_HOST", "host", str), ("MLX_SERVER_PORT", "port", int), ("MLX_SERVER_API_KEY", "api_key", str),
+        ("MLX_SERVER_CACHE_DIR", "cache_dir", str))
 
 
 def _physical_memory() -> int:
@@ -213,98 +174,70 @@ def _physical_memory() -> int:
     return int(psutil.virtual_memory().total)
 
 
+def _with_overrides(raw: Any, path: Optional[Path], env: Mapping[str, str],
+                    overrides: Mapping[str, Any]) -> Any:
+    """The document with env, then CLI, values put into its `server` section (a copy; the caller's is untouched).
+
+    A document whose shape is wrong is returned as it is, for the schema to report.
+    """
+    doc = {} if raw is None else raw
+    if not isinstance(doc, Mapping) or not (doc.get("server") is None or isinstance(doc["server"], Mapping)):
+        return doc
+    server = dict(doc.get("server") or {})
+    for env_key, cfg_key, convert in _ENV:
+        if env.get(env_key):
+            try:
+                server[cfg_key] = convert(env[env_key])
+            except ValueError as exc:
+                raise ConfigError(path, env_key, str(exc)) from None
+    server.update({k: v for k, v in overrides.items() if v is not None})
+    return {**doc, "server": server}
+
+
+def _check_names(models: Mapping[str, ModelConfig], path: Optional[Path]) -> None:
+    # Names and aliases share one namespace, and `x` is `x:latest`, as Ollama resolves them.
+    seen: dict[str, str] = {}
+    for name, model in models.items():
+        for label in (name, *model.aliases):
+            canon = label.removesuffix(":latest")
+            if canon in seen:
+                raise ConfigError(path, f"models.{name}" if label == name else f"models.{name}.aliases",
+                                  f"duplicate name or alias {label!r} (already used by {seen[canon]!r})")
+            seen[canon] = name
+
+
 def build_config(raw: Any, path: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
                  overrides: Optional[Mapping[str, Any]] = None,
                  total_memory: Optional[Callable[[], int]] = None) -> Config:
     """Validate a parsed YAML document; env then CLI overrides are applied on top of the file's `server` section."""
-    v = _Validator(path)
-    doc = v.mapping(raw, "")
-    v.known_keys(doc, "", {"server", "models"})
-    server_raw = dict(v.mapping(doc.get("server"), "server"))
-    v.known_keys(server_raw, "server", _SERVER_KEYS)
-    env = os.environ if env is None else env
-    for env_key, cfg_key, conv in (("MLX_SERVER_HOST", "host", str), ("MLX_SERVER_PORT", "port", int),
-                                    ("MLX_SERVER_API_KEY", "api_key", str),
-                                    ("MLX_SERVER_CACHE_DIR", "cache_dir", str)):
-        if env.get(env_key):
-            server_raw[cfg_key] = v.convert(env[env_key], env_key, conv)
-    for k, val in (overrides or {}).items():
-        if val is not None:
-            server_raw[k] = val
+    from pydantic import ValidationError  # deferred with the schema: it imports this module for the typed tree
 
-    s: dict[str, Any] = {}
-    for k in ("host", "default_model", "fallback_url", "api_key", "log_format"):
-        if k in server_raw:
-            s[k] = v.typed(server_raw[k], f"server.{k}", str, allow_none=True)
-    for k in ("port", "max_loaded_models", "max_queue", "max_concurrent", "rate_limit_per_minute"):
-        if k in server_raw:
-            s[k] = v.typed(server_raw[k], f"server.{k}", int, allow_none=(k == "rate_limit_per_minute"))
-            if s[k] is not None and s[k] < (0 if k == "max_queue" else 1):
-                raise v.fail(f"server.{k}", f"must be positive, got {s[k]}")
-    if "port" in s and not 0 <= s["port"] <= 65535:
-        raise v.fail("server.port", f"not a port number: {s['port']}")
-    for k in ("keep_alive",):
-        if k in server_raw:
-            s[k] = v.convert(server_raw[k], f"server.{k}", parse_duration)
-    for k in ("request_timeout", "shutdown_grace"):
-        if k in server_raw and server_raw[k] is not None:
-            s[k] = v.convert(server_raw[k], f"server.{k}", parse_duration)
-            if s[k] < 0:
-                raise v.fail(f"server.{k}", "must not be negative")
-    for k in ("prompt_cache_bytes", "max_body_bytes"):
-        if k in server_raw:
-            s[k] = v.convert(server_raw[k], f"server.{k}", parse_size)
-    if "fallback_when_busy" in server_raw:
-        s["fallback_when_busy"] = v.typed(server_raw["fallback_when_busy"], "server.fallback_when_busy", bool)
-    for k in ("allowed_hosts", "origins"):
-        if k in server_raw:
-            items = v.typed(server_raw[k], f"server.{k}", list)
-            s[k] = tuple(v.typed(x, f"server.{k}[{i}]", str) for i, x in enumerate(items))
-    if "cache_dir" in server_raw:
-        s["cache_dir"] = Path(v.typed(server_raw["cache_dir"], "server.cache_dir", str)).expanduser()
-    if s.get("log_format", "text") not in ("text", "json"):
-        raise v.fail("server.log_format", "must be 'text' or 'json'")
-    spec = server_raw.get("memory_budget", "75%")
-    s["memory_budget_spec"] = str(spec)
-    s["memory_budget"] = v.convert(spec, "server.memory_budget",
-                                   lambda x: parse_size(x, (total_memory or _physical_memory)()
-                                                        if isinstance(x, str) and x.strip().endswith("%") else None))
-    server = ServerConfig(**s)
+    from mlx_server.config_schema import ModelsFile, errors_of
 
-    models: dict[str, ModelConfig] = {}
-    seen: dict[str, str] = {}
-    models_raw = v.mapping(doc.get("models"), "models")
-    for name, body in models_raw.items():
-        key = f"models.{name}"
-        if not isinstance(name, str) or not name.strip():
-            raise v.fail(key, "model names must be non-empty strings")
-        body = v.mapping(body, key)
-        v.known_keys(body, key, _MODEL_KEYS)
-        if "source" not in body:
-            raise v.fail(f"{key}.source", "required (HF repo id, local dir, .gguf path, or package:MODULE/FILE)")
-        source = v.typed(body["source"], f"{key}.source", str)
-        aliases = tuple(v.typed(a, f"{key}.aliases[{i}]", str)
-                        for i, a in enumerate(v.typed(body.get("aliases", []) or [], f"{key}.aliases", list)))
-        for label in (name, *aliases):
-            canon = label[: -len(":latest")] if label.endswith(":latest") else label
-            if canon in seen:
-                raise v.fail(key if label == name else f"{key}.aliases",
-                             f"duplicate name or alias {label!r} (already used by {seen[canon]!r})")
-            seen[canon] = name
-        keep_alive = (v.convert(body["keep_alive"], f"{key}.keep_alive", parse_duration)
-                      if body.get("keep_alive") is not None else None)
-        ctx = v.typed(body.get("context_length"), f"{key}.context_length", int, allow_none=True)
-        if ctx is not None and ctx < 1:
-            raise v.fail(f"{key}.context_length", "must be positive")
-        options = dict(v.mapping(body.get("options"), f"{key}.options"))
-        models[name] = ModelConfig(
-            name=name, source=source, aliases=aliases,
-            preload=v.typed(body.get("preload", False), f"{key}.preload", bool),
-            keep_alive=keep_alive, context_length=ctx, options=options,
-            priority=v.typed(body.get("priority", 100), f"{key}.priority", int))
+    doc = _with_overrides(raw, path, os.environ if env is None else env, overrides or {})
+    try:
+        checked = ModelsFile.model_validate(doc)
+    except ValidationError as exc:
+        (key, message), *more = errors_of(exc)
+        also = "".join(f"\n  {k}: {m}" for k, m in more)  # every mistake at once, the first one as .key
+        raise ConfigError(path, key, message + (f"\n  and also:{also}" if also else "")) from None
+    s = checked.server
+    spec = s.memory_budget
+    percent = isinstance(spec, str) and spec.strip().endswith("%")
+    server = ServerConfig(
+        **s.model_dump(exclude={"memory_budget", "cache_dir", "allowed_hosts", "origins"}),
+        memory_budget=parse_size(spec, (total_memory or _physical_memory)() if percent else None),
+        memory_budget_spec=str(spec), allowed_hosts=tuple(s.allowed_hosts), origins=tuple(s.origins),
+        **({"cache_dir": Path(s.cache_dir).expanduser()} if s.cache_dir is not None else {}))
+    models = {name: ModelConfig(name=name, source=m.source, aliases=tuple(m.aliases), preload=m.preload,
+                                keep_alive=m.keep_alive, context_length=m.context_length, options=dict(m.options),
+                                priority=m.priority)
+              for name, m in checked.models.items()}
+    _check_names(models, path)
     config = Config(server=server, models=models, path=path)
     if server.default_model is not None and config.resolve(server.default_model) is None:
-        raise v.fail("server.default_model", f"{server.default_model!r} is not a configured model or alias")
+        raise ConfigError(path, "server.default_model",
+                          f"{server.default_model!r} is not a configured model or alias")
     return config
 
 

@@ -14,34 +14,40 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest, Started
+from mlx_server.status import EngineClient
+from mlx_server.types import Delta, Done, EngineRequest, Event, Failed, GenerateRequest, Started
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
 
     def collect(self) -> Iterable[Metric]:
-        counters = self.engine.counters
-        snapshot = [r for r in self.engine.pool.snapshot() if not r.is_loading]
-        stats = self.engine.pool.stats
+        status = self.engine.status()
+        counters, stats, memory = status.counters, status.pool, status.memory
+        snapshot = [r for r in status.models if not r.is_loading]
         yield GaugeMetricFamily("mlx_queue_depth", "Requests waiting for admission or a model load",
                                 value=counters.queue_size)
         yield GaugeMetricFamily("mlx_active_requests", "Sequences decoding now", value=counters.active_requests)
         yield GaugeMetricFamily("mlx_resident_models", "Models resident in memory", value=len(snapshot))
         yield GaugeMetricFamily("mlx_resident_bytes", "Estimated bytes of resident models",
                                 value=sum(r.size for r in snapshot))
-        yield GaugeMetricFamily("mlx_memory_budget_bytes", "Memory budget for resident models",
-                                value=self.engine.pool.budget)
+        yield GaugeMetricFamily("mlx_memory_budget_bytes", "Memory budget: weights + reserved KV + prompt caches",
+                                value=memory.budget)
+        yield GaugeMetricFamily("mlx_kv_reserved_bytes", "KV reserved for admitted sequences",
+                                value=memory.kv_reserved)
+        yield GaugeMetricFamily("mlx_prompt_cache_bytes", "Stored prompt caches", value=memory.prompt_cache)
+        yield GaugeMetricFamily("mlx_budget_used_bytes", "Weights + reserved KV + prompt caches",
+                                value=memory.used)
         yield GaugeMetricFamily("mlx_active_memory_bytes", "MLX allocator: memory in use",
-                                value=counters.mlx_active_bytes)
+                                value=memory.mlx_active)
         yield GaugeMetricFamily("mlx_peak_memory_bytes", "MLX allocator: peak memory in use",
-                                value=counters.mlx_peak_bytes)
+                                value=memory.mlx_peak)
         yield GaugeMetricFamily("mlx_cache_memory_bytes", "MLX allocator: freed buffers kept for reuse",
-                                value=counters.mlx_cache_bytes)
+                                value=memory.mlx_cache)
         yield CounterMetricFamily("mlx_model_loads", "Model loads completed", value=stats.loads)
         yield CounterMetricFamily("mlx_model_load_failures", "Model loads that failed", value=stats.load_failures)
         yield CounterMetricFamily("mlx_model_evictions", "Models evicted to make room", value=stats.evictions)
@@ -53,7 +59,7 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engine: Any, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, engine: EngineClient, clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.clock = clock
         self.requests = Counter("mlx_requests", "HTTP requests by route, model and status",
@@ -71,8 +77,10 @@ class Metrics:
         self.registry.register(_EngineCollector(engine))
         self._last: dict[int, float] = {}  # request_id → time of its last token (inference thread only)
 
-    def observe(self, request: GenerateRequest, event: Event) -> None:
+    def observe(self, request: EngineRequest, event: Event) -> None:
         """Called by the engine on the inference thread for every event."""
+        if not isinstance(request, GenerateRequest):
+            return
         model = request.model
         if isinstance(event, Started):
             self.tokens_in.labels(model).inc(event.prompt_tokens)

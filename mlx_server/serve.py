@@ -19,6 +19,7 @@ import uvicorn
 
 from mlx_server.config import Config
 from mlx_server.sources import locate
+from mlx_server.status import EngineClient
 
 log = logging.getLogger("mlx_server")
 
@@ -67,7 +68,7 @@ def startup_report(config: Config) -> None:
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: Any, grace: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, grace: float) -> None:
         super().__init__(config)
         self.engine = engine
         self.grace = grace
@@ -80,17 +81,17 @@ class GracefulServer(uvicorn.Server):
             self.force_exit = True
             return
         log.info("signal %d: refusing new requests; %d in flight get %.0fs to finish", sig,
-                 self.engine.in_flight, self.grace)
-        self.engine.draining = True
+                 self.engine.status().in_flight, self.grace)
+        self.engine.drain()
         self._draining = threading.Thread(target=self._drain, name="shutdown-drain", daemon=True)
         self._draining.start()
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.grace
-        while self.engine.in_flight and time.monotonic() < deadline:
+        while self.engine.status().in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self.engine.in_flight:
-            log.warning("grace period over: ending %d requests", self.engine.in_flight)
+        if self.engine.status().in_flight:
+            log.warning("grace period over: ending %d requests", self.engine.status().in_flight)
         self.engine.stop(timeout=30)  # fails what is left (error lines) and unloads every model
         self.should_exit = True
 

@@ -91,7 +91,7 @@ class GenerateRequest:
 
     Exactly one of `messages` (chat) or `prompt` (completion) is set. `prompt` with `raw=True` is tokenized
     as is; otherwise it is wrapped in the chat template as a single user turn (Ollama /api/generate semantics).
-    Neither set means load-only (or unload-only when keep_alive is 0).
+    Loading, unloading and counting are requests of their own kinds (below), never an empty GenerateRequest.
     """
 
     model: str
@@ -113,13 +113,52 @@ class GenerateRequest:
     top_logprobs: int = 0
     timeout: Optional[float] = None  # seconds from submission; None = no limit
     force_tool: Optional[ToolChoice] = None  # constrain the reply to one call of the request's tools
-    count_only: bool = False  # render + tokenize, publish Started and Done, generate nothing
+    request_id: int = field(default_factory=next_request_id)
+    created: float = field(default_factory=time.monotonic)  # arrival: Ollama's durations include queue and load
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Make the model resident (Ollama's empty /api/generate or /api/chat); ends with Done(reason="load")."""
+
+    model: str
+    keep_alive: Optional[float] = None
+    priority: Priority = Priority.MEDIUM
+    timeout: Optional[float] = None
+    request_id: int = field(default_factory=next_request_id)
+    created: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class UnloadRequest:
+    """Unload the model once idle (Ollama's empty request with keep_alive 0); ends with Done(reason="unload")."""
+
+    model: str
+    priority: Priority = Priority.MEDIUM
+    timeout: Optional[float] = None
+    request_id: int = field(default_factory=next_request_id)
+    created: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class CountTokensRequest:
+    """Render and tokenize `request` as a generation would, generate nothing, never load or evict a model.
+
+    Ends with Done(reason="stop") whose usage.prompt_tokens is the count.
+    """
+
+    request: GenerateRequest
+    priority: Priority = Priority.MEDIUM
+    timeout: Optional[float] = None
     request_id: int = field(default_factory=next_request_id)
     created: float = field(default_factory=time.monotonic)
 
     @property
-    def is_empty(self) -> bool:
-        return not self.messages and not self.prompt
+    def model(self) -> str:
+        return self.request.model
+
+
+EngineRequest = Union[GenerateRequest, LoadRequest, UnloadRequest, CountTokensRequest]
 
 
 # ---- events: engine → handler -------------------------------------------------------------------------------
@@ -192,54 +231,3 @@ class Failed:
 
 
 Event = Union[Started, Delta, Done, Failed]
-
-
-# ---- engine status: read by handlers ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EngineCounters:
-    """Read by /health and /metrics from other threads; replaced whole, never mutated."""
-
-    active_requests: int = 0
-    queue_size: int = 0
-    total_queued: int = 0
-    total_processed: int = 0
-    steps: int = 0
-    generated_tokens: int = 0
-    cancelled: int = 0
-    by_priority: tuple[int, int, int] = (0, 0, 0)
-    mlx_active_bytes: int = 0  # MLX's own allocator, read on the inference thread
-    mlx_peak_bytes: int = 0
-    mlx_cache_bytes: int = 0
-
-
-
-# ---- commands: handler → engine ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Submit:
-    request: GenerateRequest
-    sink: Callable[[Event], None]  # thread-safe: the engine calls it from the inference thread
-
-
-@dataclass(frozen=True)
-class Cancel:
-    request_id: int
-    reason: Literal["cancelled", "timeout"] = "cancelled"
-
-
-@dataclass(frozen=True)
-class Preload:
-    """Load these models in the background, in order, stopping at the first that would not fit the budget."""
-
-    names: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    pass
-
-
-Command = Union[Submit, Cancel, Preload, Shutdown]

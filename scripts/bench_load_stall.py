@@ -24,9 +24,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tiny-model builder
 
 from mlx_server.config import build_config  # noqa: E402
-from mlx_server.engine.core import Engine  # noqa: E402
-from mlx_server.engine.loader import ModelLoader  # noqa: E402
-from mlx_server.types import Delta, Done, GenerateRequest, SamplingParams  # noqa: E402
+from mlx_server.engine.engine import Engine  # noqa: E402
+from mlx_server.types import Delta, Done, GenerateRequest, LoadRequest, SamplingParams  # noqa: E402
 from tinymodels import build_tiny_model  # noqa: E402
 
 
@@ -34,7 +33,7 @@ def measure(work: Path, small: Path, big: Path, slice_seconds: float) -> dict[st
     doc = {"server": {"memory_budget": "8GB", "cache_dir": str(work / "cache")},
            "models": {"small": {"source": str(small)}, "big": {"source": str(big)}}}
     config = build_config(yaml.safe_load(yaml.safe_dump(doc)), env={})
-    engine = Engine(config, loader=ModelLoader(config, slice_seconds=slice_seconds))
+    engine = Engine(config, load_slice=slice_seconds)
     engine.start()
     try:
         events: "queue.Queue[tuple[float, object]]" = queue.Queue()
@@ -48,7 +47,7 @@ def measure(work: Path, small: Path, big: Path, slice_seconds: float) -> dict[st
                 stamps.append(t)
         load_start = time.perf_counter()
         loaded: "queue.Queue[object]" = queue.Queue()
-        engine.submit(GenerateRequest(model="big"), loaded.put)
+        engine.submit(LoadRequest("big"), loaded.put)
         during: list[float] = []
         while loaded.empty():
             t, e = events.get()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,6 @@ import httpx
 import uvicorn
 import yaml
 
-from mlx_server.api.app import create_app
 from mlx_server.config import Config, build_config
 
 
@@ -64,8 +65,30 @@ class Server:
 
 @contextlib.contextmanager
 def serve(config: Config, engine: Optional[Any] = None) -> Iterator[Server]:
+    from mlx_server.api.app import create_app  # here, so engine-only tests never import the API
+
     server = Server(create_app(config, engine=engine), free_port()).start()
     try:
         yield server
     finally:
         server.stop()
+
+
+def start_process(tmp: Path, models: dict, *extra: str, **server: object) -> tuple[subprocess.Popen, str]:
+    """`mlx-server serve` as a real process on a free port; returns it and its URL once /health answers."""
+    port = free_port()
+    cfg = tmp / "models.yaml"
+    cfg.write_text(yaml.safe_dump({"server": {"port": port, "memory_budget": "4GB", "cache_dir": str(tmp / "c"),
+                                              **server}, "models": models}))
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_server", "--config", str(cfg), "serve", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(proc.stdout.read() if proc.stdout else "server did not start")

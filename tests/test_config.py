@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,66 @@ def test_check_config_cli_exits_2_with_key_path(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "mlx_server", "check-config", str(REPO / "models.yaml")],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("doc,key,says", [
+    ({"models": {"phi3:mini-4k": {"source": "x/y", "aliases": ["ok", 7]}}}, "models.phi3:mini-4k.aliases[1]",
+     "valid string"),
+    ({"server": {"allowed_hosts": ["a.internal", None]}}, "server.allowed_hosts[1]", "valid string"),
+    ({"models": {"m": {"source": "x/y", "options": ["temperature", 0]}}}, "models.m.options", "expected a mapping"),
+    ({"models": {"m": "x/y"}}, "models.m", "expected a mapping"),
+    ({"models": {7: {"source": "x/y"}}}, "models.7", "valid string"),
+    ({"models": {"m": {"source": "x/y", "context_length": 0}}}, "models.m.context_length", "greater than or equal"),
+    ({"models": {"m": {"source": "x/y", "preload": "yes"}}}, "models.m.preload", "valid boolean"),
+    ({"server": {"request_timeout": "-5m"}}, "server.request_timeout", "must not be negative"),
+    ({"server": {"log_format": "xml"}}, "server.log_format", "'text' or 'json'"),
+    ({"server": ["port", 1]}, "server", "expected a mapping"),
+    ({"server": {"memory_budget": True}}, "server.memory_budget", "expected a size"),
+])
+def test_nested_errors_name_the_full_key_path(doc: dict, key: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        cfg(doc)
+    assert (err.value.key, err.value.path) == (key, Path("/etc/models.yaml"))
+    assert str(err.value).startswith(f"/etc/models.yaml: {key}: ") and says in str(err.value)
+
+
+def test_every_error_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        cfg({"server": {"port": "x"}, "models": {"a": {"source": "x/y", "keep_alive": "later", "aliases": [1]}}})
+    assert err.value.key == "server.port"
+    assert "models.a.keep_alive" in str(err.value) and "models.a.aliases[0]" in str(err.value)
+
+
+def test_env_value_errors_name_the_variable() -> None:
+    with pytest.raises(ConfigError) as err:
+        cfg({}, env={"MLX_SERVER_PORT": "eleven"})
+    assert err.value.key == "MLX_SERVER_PORT"
+    with pytest.raises(ConfigError) as err:
+        cfg({}, env={"MLX_SERVER_PORT": "70000"})
+    assert err.value.key == "server.port"  # a number, but not a port: checked like the file's own value
+
+
+def test_empty_sections_mean_defaults() -> None:
+    config = cfg({"server": None, "models": {"a": {"source": "x/y", "aliases": None, "options": None}}})
+    assert config.server.port == 11435 and config.models["a"].aliases == () and config.models["a"].options == {}
+    assert cfg(None).models == {}
+
+
+def test_committed_json_schema_is_what_the_code_generates() -> None:
+    from mlx_server.config_schema import json_schema_text
+
+    committed = (REPO / "docs" / "models.schema.json").read_text()
+    assert committed == json_schema_text(), "regenerate: python -m mlx_server.config_schema > docs/models.schema.json"
+
+
+def test_json_schema_accepts_the_shipped_file_and_rejects_mistakes() -> None:
+    import jsonschema
+
+    schema = json.loads((REPO / "docs" / "models.schema.json").read_text())
+    jsonschema.validate(yaml.safe_load((REPO / "models.yaml").read_text()), schema)
+    for bad in ({"server": {"colour": "blue"}}, {"models": {"a": {"aliases": []}}},
+                {"models": {"a": {"source": "x/y", "context_length": 0}}}, {"server": {"log_format": "xml"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        with pytest.raises(ConfigError):
+            cfg(bad)  # the schema and the validator agree on these

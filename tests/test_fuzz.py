@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -27,8 +28,6 @@ from mlx_server.api.openapi import request_schema
 MAX_BODY = 64 * 1024  # small, so the 413 path is reachable with cheap bodies
 CONTEXT = 32  # tokens: every sequence (prompt + answer) fits in this, so no case can generate for long
 MODELS = ["llama-tiny", "qwen-tiny", "tiny-alias", "llama-tiny:latest"]
-CASES: dict[str, int] = {}  # route → cases sent, summed by the last test
-SLOW: list[tuple[float, str, bytes]] = []  # cases over a second, printed by the last test (they stall the engine)
 
 
 def fuzz_settings(n: int) -> Callable[[Any], Any]:
@@ -234,8 +233,29 @@ def check_stream(path: str, content_type: str, raw: bytes) -> None:
             check_error(path, 400, data.encode())
 
 
-def send(client: httpx.Client, method: str, path: str, *, body: Any = None, content: Optional[bytes] = None,
-         headers: Optional[dict[str, str]] = None) -> int:
+class Tally:
+    """The cases one test sent, counted where they are sent: each test checks its own, whatever ran before it."""
+
+    def __init__(self) -> None:
+        self.sent: Counter[str] = Counter()  # "route status-class" → cases
+        self.slow: list[tuple[float, str, bytes]] = []  # cases over a second (they stall the engine)
+
+    def cases(self, n: int, **strategies: Any) -> Callable[[Callable[..., None]], None]:
+        """Decorator: run the decorated case `n` times under Hypothesis right away, then check they were all sent."""
+        def run(case: Callable[..., None]) -> None:
+            fuzz_settings(n)(given(**strategies)(case))()
+            self.check(n)
+        return run
+
+    def check(self, at_least: int) -> None:
+        total = sum(self.sent.values())
+        print(f"fuzz cases sent: {total} {dict(self.sent)}; slowest: {sorted(self.slow, reverse=True)[:5]}")
+        # Fewer means Hypothesis gave up early (e.g. a strategy collapsed to a few values): the fuzzing did not happen.
+        assert total >= at_least, f"only {total} of {at_least} cases were sent: {dict(self.sent)}"
+
+
+def send(client: httpx.Client, tally: Tally, method: str, path: str, *, body: Any = None,
+         content: Optional[bytes] = None, headers: Optional[dict[str, str]] = None) -> int:
     """Send one case and apply every check; returns the status."""
     if body is not None:
         content = json.dumps(body).encode()  # ASCII-escaped: lone surrogates and NaN travel as \ud800 / NaN
@@ -243,10 +263,9 @@ def send(client: httpx.Client, method: str, path: str, *, body: Any = None, cont
     with client.stream(method, path, content=content, headers=headers) as r:
         raw = r.read()
     if time.perf_counter() - started > 1.0:
-        SLOW.append((round(time.perf_counter() - started, 2), path, (content or b"")[:200]))
+        tally.slow.append((round(time.perf_counter() - started, 2), path, (content or b"")[:200]))
     ctype = r.headers.get("content-type", "")
-    key = f"{path if path in KNOWN else 'other'} {r.status_code // 100}xx"
-    CASES[key] = CASES.get(key, 0) + 1
+    tally.sent[f"{path if path in KNOWN else 'other'} {r.status_code // 100}xx"] += 1
     where = f"{method} {path} body={content[:300] if content else None!r} → {r.status_code} {raw[:300]!r}"
     assert r.status_code < 500, where
     if method == "HEAD":
@@ -273,36 +292,47 @@ GENERATION = ["/api/generate", "/api/chat", "/v1/chat/completions", "/v1/complet
               "/v1/messages/count_tokens"]
 
 
+# Each test runs its Hypothesis cases through Tally.cases, which then checks how many were sent (3,460 in all).
+
+
 @pytest.mark.parametrize("path", GENERATION)
-@fuzz_settings(400)
-@given(case=st.data())
-def test_generation_routes(client: httpx.Client, path: str, case: st.DataObject) -> None:
-    kind, body = case.draw(body_for(path), label="body")
-    prio = case.draw(priority, label="priority")
-    if kind == "valid":  # the OpenAPI document must accept what the server accepts
-        jsonschema.validate(body, request_schema(path))
-    status = send(client, "POST", path, body=body, headers={"x-request-priority": prio} if prio else None)
-    if kind == "valid":
-        assert status == 200, body
+def test_generation_routes(client: httpx.Client, path: str) -> None:
+    tally = Tally()
+
+    @tally.cases(400, case=st.data())
+    def one(case: st.DataObject) -> None:
+        kind, body = case.draw(body_for(path), label="body")
+        prio = case.draw(priority, label="priority")
+        if kind == "valid":  # the OpenAPI document must accept what the server accepts
+            jsonschema.validate(body, request_schema(path))
+        status = send(client, tally, "POST", path, body=body,
+                      headers={"x-request-priority": prio} if prio else None)
+        if kind == "valid":
+            assert status == 200, body
 
 
 @pytest.mark.parametrize("path", ["/api/show", "/api/pull"])
-@fuzz_settings(150)
-@given(case=st.data())
-def test_model_routes(client: httpx.Client, path: str, case: st.DataObject) -> None:
-    kind, body = case.draw(body_for(path), label="body")
-    if kind == "valid":
-        jsonschema.validate(body, request_schema(path))
-    status = send(client, "POST", path, body=body)
-    if kind == "valid":
-        assert status == 200, body
+def test_model_routes(client: httpx.Client, path: str) -> None:
+    tally = Tally()
+
+    @tally.cases(150, case=st.data())
+    def one(case: st.DataObject) -> None:
+        kind, body = case.draw(body_for(path), label="body")
+        if kind == "valid":
+            jsonschema.validate(body, request_schema(path))
+        status = send(client, tally, "POST", path, body=body)
+        if kind == "valid":
+            assert status == 200, body
 
 
-@fuzz_settings(60)
-@given(body=st.one_of(junk, st.fixed_dictionaries({"model": st.one_of(model, junk)}, optional={"name": junk})))
-def test_delete_never_removes_local_models(client: httpx.Client, body: Any) -> None:
-    # Local model folders are the user's: /api/delete must refuse them (400), never 5xx, never delete.
-    send(client, "DELETE", "/api/delete", body=body)
+def test_delete_never_removes_local_models(client: httpx.Client) -> None:
+    tally = Tally()
+
+    @tally.cases(60, body=st.one_of(junk, st.fixed_dictionaries({"model": st.one_of(model, junk)},
+                                                                 optional={"name": junk})))
+    def one(body: Any) -> None:
+        # Local model folders are the user's: /api/delete must refuse them (400), never 5xx, never delete.
+        send(client, tally, "DELETE", "/api/delete", body=body)
 
 
 RAW = st.one_of(st.binary(max_size=64), st.sampled_from([
@@ -314,10 +344,12 @@ CONTENT_TYPES = st.sampled_from([None, "application/json", "text/plain", "applic
                                  "multipart/form-data; boundary=x", "application/json; charset=latin-1"])
 
 
-@fuzz_settings(400)
-@given(path=st.sampled_from(GENERATION + ["/api/show", "/api/pull"]), raw=RAW, ctype=CONTENT_TYPES)
-def test_raw_bodies(client: httpx.Client, path: str, raw: bytes, ctype: Optional[str]) -> None:
-    send(client, "POST", path, content=raw, headers={"content-type": ctype} if ctype else None)
+def test_raw_bodies(client: httpx.Client) -> None:
+    tally = Tally()
+
+    @tally.cases(400, path=st.sampled_from(GENERATION + ["/api/show", "/api/pull"]), raw=RAW, ctype=CONTENT_TYPES)
+    def one(path: str, raw: bytes, ctype: Optional[str]) -> None:
+        send(client, tally, "POST", path, content=raw, headers={"content-type": ctype} if ctype else None)
 
 
 READ_ROUTES = ["/", "/api/version", "/api/tags", "/api/ps", "/health", "/metrics", "/queue/stats", "/v1/models",
@@ -335,17 +367,17 @@ def test_openapi_document_covers_every_route(server: Server, client: httpx.Clien
 segment = st.text(alphabet=st.sampled_from("abcXYZ019-_.~:%"), max_size=12)
 
 
-@fuzz_settings(300)
-@given(method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
-       path=st.one_of(st.sampled_from(READ_ROUTES + GENERATION), st.builds(
-           lambda p, s: p + s, st.sampled_from(["/", "/api/", "/v1/", "/v1/models/", "/v1/messages/", "/api/chat/"]),
-           segment)),
-       query=st.one_of(st.just(""), st.builds(lambda k, v: f"?{k}={v}", segment, segment)),
-       body=st.one_of(st.none(), junk))
-def test_paths_and_methods(client: httpx.Client, method: str, path: str, query: str, body: Any) -> None:
-    if method in ("GET", "HEAD", "OPTIONS"):
-        body = None
-    send(client, method, path + query, body=body)
+def test_paths_and_methods(client: httpx.Client) -> None:
+    tally = Tally()
+
+    @tally.cases(300, method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
+                 path=st.one_of(st.sampled_from(READ_ROUTES + GENERATION), st.builds(
+                     lambda p, s: p + s,
+                     st.sampled_from(["/", "/api/", "/v1/", "/v1/models/", "/v1/messages/", "/api/chat/"]), segment)),
+                 query=st.one_of(st.just(""), st.builds(lambda k, v: f"?{k}={v}", segment, segment)),
+                 body=st.one_of(st.none(), junk))
+    def one(method: str, path: str, query: str, body: Any) -> None:
+        send(client, tally, method, path + query, body=None if method in ("GET", "HEAD", "OPTIONS") else body)
 
 
 KNOWN = set(GENERATION + READ_ROUTES + ["/api/show", "/api/pull", "/api/delete"])
@@ -359,13 +391,10 @@ def test_still_serving_afterwards(server: Server, client: httpx.Client) -> None:
     assert r.status_code == 200 and r.json()["done"] is True, r.text
     # Nothing lost: every request the fuzzers started has finished in the engine.
     deadline = time.monotonic() + 10
-    while server.engine.in_flight and time.monotonic() < deadline:
+    while server.engine.status().in_flight and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert server.engine.in_flight == 0 and server.engine.alive
+    assert server.engine.status().in_flight == 0 and server.engine.alive
     # The server's own count of 5xx answers, as a cross-check of the per-case assertions.
     fivexx = [ln for ln in client.get("/metrics").text.splitlines()
               if ln.startswith("mlx_requests_total") and 'status="5' in ln]
     assert not fivexx, fivexx
-    total = sum(CASES.values())
-    print(f"fuzz cases sent: {total} {CASES}; slowest: {sorted(SLOW, reverse=True)[:5]}")
-    assert total >= 2000, CASES

@@ -14,26 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from serving import free_port
-
-
-def start(tmp: Path, models: dict, *extra: str, **server: object) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cfg = tmp / "models.yaml"
-    cfg.write_text(yaml.safe_dump({"server": {"port": port, "memory_budget": "4GB", "cache_dir": str(tmp / "c"),
-                                              **server}, "models": models}))
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_server", "--config", str(cfg), "serve", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(proc.stdout.read() if proc.stdout else "server did not start")
+from serving import free_port, start_process as start
 
 
 def test_sigterm_drains_then_exits_0(tiny_llama: Path, tmp_path: Path) -> None:

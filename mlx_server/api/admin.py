@@ -9,7 +9,6 @@ import psutil
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from mlx_server.api.common import ctx_of
 
@@ -18,23 +17,22 @@ GB = 1e9
 
 def health_body(request: Request) -> tuple[dict[str, Any], int]:
     ctx = ctx_of(request)
-    engine = ctx.engine
-    counters = engine.counters
-    snapshot = engine.pool.snapshot()
+    status = ctx.engine.status()
+    counters, snapshot, memory = status.counters, status.models, status.memory
     mem = psutil.virtual_memory()
-    resident = sum(r.size for r in snapshot)
-    budget = ctx.config.server.memory_budget
+    resident = memory.weights
+    budget = memory.budget
     warnings: list[str] = []
     if mem.percent >= 90:
         warnings.append(f"system memory {mem.percent:.0f}% used")
-    if budget and resident > 0.9 * budget:
-        warnings.append(f"resident models use {resident / budget:.0%} of the memory budget")
+    if budget and memory.used > 0.9 * budget:
+        warnings.append(f"weights, KV and prompt caches use {memory.used / budget:.0%} of the memory budget")
     if counters.queue_size >= ctx.config.server.max_queue:
         warnings.append("request queue is full")
     now = time.monotonic()
-    alive = engine.alive
+    alive = status.alive
     if not alive:
-        warnings.append(f"inference engine is not running: {engine.fatal!r}")
+        warnings.append(f"inference engine is not running: {status.fatal or 'stopped'}")
     body = {
         "status": "healthy" if alive else "unhealthy",
         "active_requests": counters.active_requests,
@@ -49,9 +47,10 @@ def health_body(request: Request) -> tuple[dict[str, Any], int]:
              "is_loading": r.is_loading} for r in snapshot],
         "memory": {"used_percent": mem.percent, "available_gb": round(mem.available / GB, 3),
                    "total_gb": round(mem.total / GB, 3), "budget_gb": round(budget / GB, 3),
-                   "resident_gb": round(resident / GB, 3),
-                   "mlx_active_gb": round(counters.mlx_active_bytes / GB, 3),
-                   "mlx_peak_gb": round(counters.mlx_peak_bytes / GB, 3)},
+                   "resident_gb": round(resident / GB, 3), "kv_reserved_gb": round(memory.kv_reserved / GB, 3),
+                   "prompt_cache_gb": round(memory.prompt_cache / GB, 3),
+                   "mlx_active_gb": round(memory.mlx_active / GB, 3),
+                   "mlx_peak_gb": round(memory.mlx_peak / GB, 3)},
         "uptime_seconds": round(time.time() - ctx.started, 1),
         "warnings": warnings,
     }
@@ -65,7 +64,7 @@ async def health(request: Request) -> Response:
 
 async def queue_stats(request: Request) -> Response:
     ctx = ctx_of(request)
-    c = ctx.engine.counters
+    c = ctx.engine.status().counters
     high, medium, low = c.by_priority
     return JSONResponse({"active_requests": c.active_requests, "max_concurrent": ctx.config.server.max_concurrent,
                          "queue_size": c.queue_size,
@@ -76,6 +75,3 @@ async def queue_stats(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     return Response(ctx_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-
-routes = [Route("/health", health, methods=["GET", "HEAD"]), Route("/metrics", metrics, methods=["GET"]),
-          Route("/queue/stats", queue_stats, methods=["GET"])]

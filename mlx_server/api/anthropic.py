@@ -3,25 +3,24 @@
 Nothing here generates. Content blocks map onto ChatMessage fields (text → content, thinking → thinking, tool_use →
 tool_calls, tool_result → a `tool` message), so the model's own chat template renders them. Streams are SSE
 with Anthropic's event names; the input token count in `message_start` comes from the engine's Started event.
+Sampling is request field > models.yaml option > Anthropic's default (temperature 1), see api/sampling.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from typing import Any, AsyncIterator, Optional
 
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import Response
 
-from mlx_server.api.common import AppContext, begin, collect, ctx_of, follow, note_model, read_json, request_log
-from mlx_server.api.compat import integer, json_dumps, new_id, number, stop_list
-from mlx_server.api.errors_shape import anthropic_error
-from mlx_server.errors import BadRequest
-from mlx_server.types import (ChatMessage, Delta, Done, Event, Failed, GenerateRequest, Priority, SamplingParams,
-                              Started, ToolChoice, Usage)
+from mlx_server.api.bodies import CountTokensBody, MessagesBody, validated
+from mlx_server.api.common import Collected
+from mlx_server.api.compat import json_dumps, new_id
+from mlx_server.api.dialect import Call, Generation, Incoming, named_model
+from mlx_server.api.sampling import ANTHROPIC_DEFAULTS, resolve_sampling
+from mlx_server.errors import BadRequest, MlxServerError
+from mlx_server.types import (ChatMessage, CountTokensRequest, Delta, Done, Event, Failed, GenerateRequest, Started,
+                              ToolChoice, Usage)
 
 
 # ---- request translation ------------------------------------------------------------------------------------
@@ -117,28 +116,31 @@ def _tools(body: dict[str, Any]) -> tuple[Optional[list[dict[str, Any]]], Option
     raise BadRequest("tool_choice: type must be auto, any, tool or none")
 
 
-def build_request(ctx: AppContext, body: dict[str, Any], request: Request, name: str,
-                  count_only: bool = False) -> GenerateRequest:
-    max_tokens = integer(body, "max_tokens", 1)
-    if max_tokens is None and not count_only:
-        raise BadRequest("max_tokens: Field required")
-    options = ctx.config.models[name].options
-    thinking = body.get("thinking")
-    think = None
-    if isinstance(thinking, dict):
-        think = thinking.get("type") in ("enabled", "adaptive")
+def _request(incoming: Incoming, body: CountTokensBody, fields: dict[str, Any]) -> GenerateRequest:
+    resolved = resolve_sampling(incoming.model_options, fields, ANTHROPIC_DEFAULTS)
+    thinking = body.thinking
     req = GenerateRequest(
-        model=name, messages=parse_messages(body.get("messages"), body.get("system")),
-        sampling=SamplingParams(temperature=number(body, "temperature", 0, 1, 1.0) or 0.0,
-                                top_p=number(body, "top_p", 0, 1, 1.0) or 0.0,
-                                top_k=integer(body, "top_k", 0, None, 0) or 0),
-        max_tokens=max_tokens, stop=stop_list(body, "stop_sequences"), think=think,
-        num_ctx=options.get("num_ctx") if isinstance(options.get("num_ctx"), int) else None,
-        priority=Priority.parse(request.headers.get("x-request-priority")),
-        timeout=ctx.config.server.request_timeout, count_only=count_only)
-    req.tools, req.force_tool = _tools(body)
-    req.format = _output_format(body)
+        model=incoming.name, messages=parse_messages(body.messages, body.system), sampling=resolved.sampling,
+        max_tokens=resolved.max_tokens, num_ctx=resolved.num_ctx, stop=resolved.stop,
+        think=thinking.get("type") in ("enabled", "adaptive") if isinstance(thinking, dict) else None,
+        priority=incoming.priority, timeout=incoming.timeout, created=incoming.arrival)
+    req.tools, req.force_tool = _tools(incoming.body)
+    req.format = _output_format(incoming.body)
     return req
+
+
+def build_message(incoming: Incoming) -> Call:
+    body = validated(MessagesBody, incoming.body, "anthropic")
+    req = _request(incoming, body, body.sampling_fields())
+    headers = incoming.tools_note(req.tools) if req.force_tool is None else {}
+    return Call(req, stream=body.stream, headers=headers)
+
+
+def build_count(incoming: Incoming) -> Call:
+    """Tokenized exactly as /v1/messages would be; the engine counts without loading the model."""
+    req = _request(incoming, validated(CountTokensBody, incoming.body, "anthropic"), {})
+    return Call(CountTokensRequest(req, priority=req.priority, timeout=req.timeout, created=req.created),
+                stream=False)
 
 
 def _output_format(body: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -186,74 +188,66 @@ def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:
     return ServerSentEvent(data=json_dumps({"type": name, **data}), event=name)
 
 
-async def sse(events: AsyncIterator[Event], first: Event, model: str, started_at: float
-              ) -> AsyncIterator[ServerSentEvent]:
-    """message_start, then one content block per run of text / thinking / tool_use, message_delta, message_stop."""
+def _blocks_of(delta: Delta, index: int, block: Optional[str]) -> tuple[list[ServerSentEvent], int, Optional[str]]:
+    """The events for one delta, given the open content block; returns them with the new index and open block."""
+    out = []
+    for kind, text in (("thinking", delta.thinking), ("text", delta.content)):
+        if not text:
+            continue
+        if block != kind:
+            if block is not None:
+                out.append(_event("content_block_stop", {"index": index}))
+            index, block = index + 1, kind
+            start = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" \
+                else {"type": "text", "text": ""}
+            out.append(_event("content_block_start", {"index": index, "content_block": start}))
+        piece = {"type": "thinking_delta", "thinking": text} if kind == "thinking" \
+            else {"type": "text_delta", "text": text}
+        out.append(_event("content_block_delta", {"index": index, "delta": piece}))
+    for call in delta.tool_calls:
+        if block is not None:
+            out.append(_event("content_block_stop", {"index": index}))
+        index, block = index + 1, None
+        use = tool_use(call)
+        out.append(_event("content_block_start", {"index": index, "content_block": {**use, "input": {}}}))
+        out.append(_event("content_block_delta", {"index": index, "delta": {
+            "type": "input_json_delta", "partial_json": json_dumps(use["input"])}}))
+        out.append(_event("content_block_stop", {"index": index}))
+    return out, index, block
+
+
+async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -> AsyncIterator[Any]:
+    """message_start, then one content block per run of text / thinking / tool_use, message_delta, message_stop.
+
+    The input token count in message_start comes from the engine's Started event, the first one.
+    """
     mid, index = new_id("msg_"), -1
     block: Optional[str] = None  # type of the open content block
-    started = first if isinstance(first, Started) else None
-    usage = Usage(prompt_tokens=started.prompt_tokens if started else 0,
-                  cached_tokens=started.cached_tokens if started else 0)
-    yield _event("message_start", {"message": {**message_json(mid, model, [], None, usage)}})
-    yield _event("ping", {})
-    async with contextlib.aclosing(follow(events, first, "anthropic", model, started_at)) as stream:
-        async for event in stream:
-            if isinstance(event, Delta):
-                for kind, text in (("thinking", event.thinking), ("text", event.content)):
-                    if not text:
-                        continue
-                    if block != kind:
-                        if block is not None:
-                            yield _event("content_block_stop", {"index": index})
-                        index, block = index + 1, kind
-                        start = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" \
-                            else {"type": "text", "text": ""}
-                        yield _event("content_block_start", {"index": index, "content_block": start})
-                    delta = {"type": "thinking_delta", "thinking": text} if kind == "thinking" \
-                        else {"type": "text_delta", "text": text}
-                    yield _event("content_block_delta", {"index": index, "delta": delta})
-                for call in event.tool_calls:
-                    if block is not None:
-                        yield _event("content_block_stop", {"index": index})
-                    index, block = index + 1, None
-                    use = tool_use(call)
-                    yield _event("content_block_start", {"index": index, "content_block": {**use, "input": {}}})
-                    yield _event("content_block_delta", {"index": index, "delta": {
-                        "type": "input_json_delta", "partial_json": json_dumps(use["input"])}})
-                    yield _event("content_block_stop", {"index": index})
-            elif isinstance(event, Done):
-                if block is not None:
-                    yield _event("content_block_stop", {"index": index})
-                yield _event("message_delta", {
-                    "delta": {"stop_reason": stop_reason(event), "stop_sequence": event.stop_sequence},
-                    "usage": {"output_tokens": event.usage.completion_tokens}})
-                yield _event("message_stop", {})
-            elif isinstance(event, Failed):
-                yield ServerSentEvent(data=json_dumps(anthropic_error(event.error)), event="error")
+    opened = False
+    async for event in events:
+        if not opened:
+            opened = True
+            started = event if isinstance(event, Started) else None
+            usage = Usage(prompt_tokens=started.prompt_tokens if started else 0,
+                          cached_tokens=started.cached_tokens if started else 0)
+            yield _event("message_start", {"message": message_json(mid, incoming.requested, [], None, usage)})
+            yield _event("ping", {})
+        if isinstance(event, Delta):
+            frames, index, block = _blocks_of(event, index, block)
+            for frame in frames:
+                yield frame
+        elif isinstance(event, Done):
+            if block is not None:
+                yield _event("content_block_stop", {"index": index})
+            yield _event("message_delta", {
+                "delta": {"stop_reason": stop_reason(event), "stop_sequence": event.stop_sequence},
+                "usage": {"output_tokens": event.usage.completion_tokens}})
+            yield _event("message_stop", {})
+        elif isinstance(event, Failed):
+            yield error_frame(event.error)
 
 
-async def _start(request: Request, count_only: bool) -> tuple[str, GenerateRequest, dict[str, Any]]:
-    ctx = ctx_of(request)
-    body = await read_json(request)
-    requested = body.get("model")
-    if not isinstance(requested, str) or not requested:
-        raise BadRequest("model: Field required")
-    name = ctx.resolve(requested)
-    note_model(request, name)
-    return requested, build_request(ctx, body, request, name, count_only), body
-
-
-async def messages(request: Request) -> Response:
-    started_at = time.perf_counter()
-    requested, req, body = await _start(request, count_only=False)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("stream: expected a boolean")
-    events, first = await begin(request, req)
-    if stream:
-        return EventSourceResponse(sse(events, first, requested, started_at))
-    result = await collect(events, request, first)
-    request_log("anthropic", requested, "ok", result.usage, started_at)
+def final_message(incoming: Incoming, call: Call, result: Collected) -> dict[str, Any]:
     assert result.done is not None
     content: list[dict[str, Any]] = []
     if result.thinking:
@@ -261,19 +255,40 @@ async def messages(request: Request) -> Response:
     if result.content:
         content.append({"type": "text", "text": result.content})
     content.extend(tool_use(c) for c in result.tool_calls)
-    return JSONResponse(message_json(new_id("msg_"), requested, content, result.done, result.usage))
+    return message_json(new_id("msg_"), incoming.requested, content, result.done, result.usage)
 
 
-async def count_tokens(request: Request) -> Response:
-    _, req, _ = await _start(request, count_only=True)
-    events, first = await begin(request, req)
-    result = await collect(events, request, first)
-    return JSONResponse({"input_tokens": result.started.prompt_tokens if result.started else 0})
+def final_count(incoming: Incoming, call: Call, result: Collected) -> dict[str, Any]:
+    return {"input_tokens": result.usage.prompt_tokens}
 
 
-routes = [
-    Route("/v1/messages", messages, methods=["POST"]),
-    Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
-]
+# ---- errors and streams ------------------------------------------------------------------------------------------
 
-__all__ = ["routes"]
+# HTTP statuses Starlette itself raises (unknown route, wrong method) and the outer layers' refusals.
+_HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+               401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def error_body(exc: MlxServerError) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": exc.anthropic_type, "message": exc.message}}
+
+
+def http_error_body(status: int, detail: str) -> dict[str, Any]:
+    kind = _HTTP_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": detail}}
+
+
+def error_frame(exc: MlxServerError) -> bytes:
+    # The anthropic SDK raises on `event: error`
+    return ServerSentEvent(data=json_dumps(error_body(exc)), event="error").encode()
+
+
+def stream_response(frames: AsyncIterator[Any]) -> Response:
+    return EventSourceResponse(frames)
+
+
+target = named_model("model: Field required")
+MESSAGES = Generation(target, build_message, encode, final_message)
+COUNT_TOKENS = Generation(target, build_count, encode, final_count)
+
+__all__ = ["COUNT_TOKENS", "MESSAGES", "error_body", "error_frame", "http_error_body", "stream_response"]

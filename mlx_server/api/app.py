@@ -14,14 +14,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_server.api import admin, anthropic, models, ollama, openai
-from mlx_server.api.errors_shape import error_response, http_error_payload
+from mlx_server.api import dialects, openapi
+from mlx_server.api.catalog import Catalog
 from mlx_server.api.common import AppContext
+from mlx_server.api.errors_shape import error_response, http_error_payload
 from mlx_server.api.limits import RateLimit
 from mlx_server.api.security import Security
 from mlx_server.config import Config
-from mlx_server.errors import MlxServerError
+from mlx_server.errors import InternalError, MlxServerError
 from mlx_server.metrics import Metrics
+from mlx_server.status import EngineClient
 
 log = logging.getLogger("mlx_server.api")
 
@@ -69,23 +71,26 @@ def cors(config: Config) -> Middleware:
                       allow_methods=["*"], allow_headers=["*"])
 
 
-def create_app(config: Config, engine: Optional[Any] = None) -> Starlette:
-    """Build the ASGI app. The engine (and with it MLX) is created here unless a test hands one in."""
+def create_app(config: Config, engine: Optional[EngineClient] = None, catalog: Optional[Catalog] = None) -> Starlette:
+    """Build the ASGI app. The engine (and with it MLX) and the model catalog are created here unless a test hands
+    them in."""
     if engine is None:
-        from mlx_server.engine.core import Engine  # the only place the API side pulls in the engine
+        from mlx_server.engine.engine import Engine  # the only place the API side pulls in the engine
 
         engine = Engine(config)
     metrics = Metrics(engine)
-    engine.on_event = metrics.observe
-    ctx = AppContext(config=config, engine=engine, metrics=metrics)
+    engine.observe(metrics.observe)
+    ctx = AppContext(config=config, engine=engine, metrics=metrics, catalog=catalog or Catalog(config))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if not engine.alive:
+        if not engine.status().alive:
             engine.start()
+        ctx.models.warm()  # in the background: the first /api/tags finds the GGUF headers already read
         try:
             yield
         finally:
+            ctx.models.close()
             engine.stop(timeout=config.server.shutdown_grace)
 
     async def on_error(request: Request, exc: Exception) -> Response:
@@ -101,17 +106,16 @@ def create_app(config: Config, engine: Optional[Any] = None) -> Starlette:
 
     async def on_bug(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+        return error_response(request.url.path, InternalError(f"internal error: {type(exc).__name__}"))
 
-    from mlx_server.api import openapi  # GET /openapi.json: the request bodies of every route here
-
-    app = Starlette(routes=[*admin.routes, *ollama.routes, *models.routes, *openai.routes, *anthropic.routes,
-                            *openapi.routes],
+    # Every route comes from the dialect registry; GET /openapi.json documents them all.
+    app = Starlette(routes=[*dialects.routes(), *openapi.routes],
                     lifespan=lifespan,
                     exception_handlers={MlxServerError: on_error, HTTPException: on_http, Exception: on_bug},
                     middleware=[Middleware(RequestMetrics, metrics=metrics), cors(config),
                                 Middleware(Security, server=config.server),
-                                *([Middleware(RateLimit, per_minute=config.server.rate_limit_per_minute)]
+                                *([Middleware(RateLimit, per_minute=config.server.rate_limit_per_minute,
+                                               paths=dialects.paths(lambda e: e.rate_limited))]
                                   if config.server.rate_limit_per_minute else [])])
     app.state.ctx = ctx
     from mlx_server.api import fallback  # installed innermost, so every other middleware sees proxied requests

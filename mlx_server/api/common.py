@@ -13,10 +13,13 @@ from typing import Any, AsyncIterator, Optional
 from starlette.requests import Request
 
 from mlx_server.config import Config
-from mlx_server.errors import BadRequest, ModelNotFound, MlxServerError
-from mlx_server.modelinfo import InfoCache, ModelInfo
-from mlx_server.sources import Located, locate
-from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest, Started, TokenLogprob, Usage
+from mlx_server.api.catalog import Catalog
+from mlx_server.errors import BadRequest, MlxServerError
+from mlx_server.modelinfo import ModelInfo
+from mlx_server.sources import Located
+from mlx_server.status import EngineClient
+from mlx_server.types import (Delta, Done, EngineRequest, Event, Failed, GenerateRequest, Started, TokenLogprob,
+                              Usage)
 
 log = logging.getLogger("mlx_server.api")
 
@@ -24,27 +27,31 @@ log = logging.getLogger("mlx_server.api")
 @dataclass
 class AppContext:
     config: Config
-    engine: Any  # mlx_server.engine.core.Engine; typed loosely so the API never imports MLX at module load
+    engine: EngineClient  # a protocol: the API never imports MLX, and tests hand in a FakeEngine
     metrics: Any = None  # mlx_server.metrics.Metrics
-    infos: InfoCache = field(default_factory=InfoCache)
+    catalog: Optional[Catalog] = None  # built from config unless handed in (create_app's test seam)
     started: float = field(default_factory=time.time)
 
-    def locate(self, name: str) -> Located:
-        cfg_dir = self.config.path.parent if self.config.path else None
-        return locate(self.config.models[name], cfg_dir)
+    def __post_init__(self) -> None:
+        if self.catalog is None:
+            self.catalog = Catalog(self.config)
 
-    def info(self, name: str) -> Optional[ModelInfo]:
-        return self.infos.describe(self.locate(name))
+    @property
+    def models(self) -> Catalog:
+        assert self.catalog is not None  # set in __post_init__
+        return self.catalog
 
-    def resolve(self, requested: str) -> str:
+    # Disk work (locate, GGUF headers) runs in the catalog's workers: handlers await, the loop never blocks.
+
+    async def located(self, name: str) -> Located:
+        return await self.models.located(name)
+
+    async def info(self, name: str) -> Optional[ModelInfo]:
+        return await self.models.info(name)
+
+    async def resolve(self, requested: str) -> str:
         """The configured name for a requested one; 404 when unknown or not on disk (with how to get it)."""
-        name = self.config.resolve(requested)
-        if name is None:
-            raise ModelNotFound(requested)
-        found = self.locate(name)
-        if not found.present:
-            raise ModelNotFound(requested, found.hint)
-        return name
+        return await self.models.resolve(requested)
 
 
 def ctx_of(request: Request) -> AppContext:
@@ -172,7 +179,7 @@ async def collect(events: AsyncIterator[Event], request: Request, first: Event) 
         await close_events(events)
 
 
-async def begin(request: Request, req: GenerateRequest) -> tuple[AsyncIterator[Event], Event]:
+async def begin(request: Request, req: EngineRequest) -> tuple[AsyncIterator[Event], Event]:
     """Submit and wait for the first event; a request refused before it started raises its error (→ 4xx/5xx)."""
     events = ctx_of(request).engine.stream(req)
     first = await first_event(events, request)

@@ -23,7 +23,8 @@ import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from mlx_server.api.errors_shape import error_payload
+from mlx_server.api.dialects import paths
+from mlx_server.api.errors_shape import error_payload, stream_error
 from mlx_server.config import Config
 from mlx_server.errors import MlxServerError, PayloadTooLarge, UpstreamUnavailable
 
@@ -36,9 +37,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = logging.getLogger("mlx_server.fallback")
 
 US, UPSTREAM = "mlx-server", "ollama"
-MODEL_PATHS = frozenset({"/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show",
-                         "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/messages"})
-LISTING_PATHS = frozenset({"/api/tags", "/v1/models"})
+MODEL_PATHS = paths(lambda e: e.names_model)  # POSTs naming a model: proxied when the model is not ours
+LISTING_PATHS = paths(lambda e: e.listing)  # merged with the upstream's listing
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
                         b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization"})
 # Credentials authenticate the client to us, not to the upstream; our origin policy already ran, and Ollama
@@ -301,19 +301,20 @@ class FallbackMiddleware:
                 ex.note = f"refused here with 503; fallback answered {response.status_code}"
                 await _send_all(refusal, _tagging(send, ex))
                 return
-            await self._stream_back(response, send, ex)
+            await self._stream_back(scope["path"], response, send, ex)
         finally:
             with anyio.CancelScope(shield=True):  # close even when the client left and we are being cancelled
                 await response.aclose()
 
-    async def _stream_back(self, response: httpx.Response, send: Send, ex: _Exchange) -> None:
+    async def _stream_back(self, path: str, response: httpx.Response, send: Send, ex: _Exchange) -> None:
         ex.served_by = UPSTREAM
         raw = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in NOT_RETURNED]
         await _tagging(send, ex)({"type": "http.response.start", "status": response.status_code,
                                   "headers": raw})
         sized = any(k == b"content-length" for k, _ in raw)
-        ndjson = response.headers.get("content-type", "").startswith("application/x-ndjson")
-        last = b"\n"
+        ctype = response.headers.get("content-type", "")
+        ndjson, sse = ctype.startswith("application/x-ndjson"), ctype.startswith("text/event-stream")
+        last = b"\n\n"
         try:
             async for chunk in response.aiter_raw():
                 if chunk:
@@ -324,11 +325,14 @@ class FallbackMiddleware:
             log.warning("fallback %s failed mid-stream: %r", self.url, exc)
             if sized:
                 return  # a sized body cannot be ended early; returning makes uvicorn drop the connection
-            if ndjson:
-                # Ollama clients raise on a line with "error"; a truncated stream would look like a normal end
-                line = _json({"error": f"the fallback at {self.url} failed mid-stream: {exc!r}"}) + b"\n"
-                prefix = b"" if last.endswith(b"\n") else b"\n"
-                await send({"type": "http.response.body", "body": prefix + line, "more_body": True})
+            if ndjson or sse:
+                # Clients raise on the dialect's error frame (an NDJSON line with "error", an SSE error event);
+                # a stream cut short would look like a normal end. A partial line or event is ended first.
+                frame = stream_error(path, UpstreamUnavailable(
+                    f"the fallback at {self.url} failed mid-stream: {exc!r}"))
+                ended = last.endswith((b"\n\n", b"\r\n\r\n")) if sse else last.endswith(b"\n")
+                prefix = b"" if ended else b"\n\n" if sse else b"\n"
+                await send({"type": "http.response.body", "body": prefix + frame, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_error(self, scope: Scope, send: Send, ex: _Exchange, exc: MlxServerError) -> None:

@@ -1,4 +1,4 @@
-"""Optional per-client rate limit, for generation routes only.
+"""Optional per-client rate limit, for the routes that cost engine work (the registry's `rate_limited` ones).
 
 Many containers share one source address, so listings and health (`/health`, `/api/tags`, `/api/ps`,
 `/api/version`, `/`) are never limited: a limit there would make a busy host look dead.
@@ -7,22 +7,21 @@ Many containers share one source address, so listings and health (`/health`, `/a
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Collection
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_server.api.errors_shape import error_response
 from mlx_server.errors import RateLimited
 
-GENERATION_PATHS = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/v1/chat/completions",
-                    "/v1/completions", "/v1/embeddings", "/v1/messages")
-
 
 class RateLimit:
     """A token bucket per client address: `per_minute` requests, refilled continuously."""
 
-    def __init__(self, app: ASGIApp, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, app: ASGIApp, per_minute: int, paths: Collection[str],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
+        self.paths = frozenset(paths)
         self.rate = per_minute / 60.0
         self.capacity = float(per_minute)
         self.clock = clock
@@ -42,7 +41,7 @@ class RateLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "http" and path.startswith(GENERATION_PATHS):
+        if scope["type"] == "http" and path in self.paths:
             client = (scope.get("client") or ("?", 0))[0]
             if not self.allow(client):
                 response = error_response(path, RateLimited("rate limit exceeded, retry later"))

@@ -14,13 +14,12 @@ from typing import Any, AsyncIterator, Optional
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from mlx_server.api.common import AppContext, ctx_of, field_type, read_json
 from mlx_server.api.ollama import line
 from mlx_server.errors import BadRequest, ModelBusy, ModelNotFound, PullFailed
 from mlx_server.ops.pull import FileProgress, NotManaged, PullResult, check_managed, delete_local, ensure_local
-from mlx_server.types import Done, Failed, GenerateRequest
+from mlx_server.types import Done, Failed, UnloadRequest
 
 log = logging.getLogger("mlx_server.api.models")
 
@@ -69,6 +68,8 @@ async def pull(request: Request) -> Response:
 
     task = asyncio.ensure_future(asyncio.to_thread(
         ensure_local, ctx.config.models[name], _config_dir(ctx), update=True, progress=report, cancel=cancel))
+    # Whatever the outcome (done, failed, cancelled half-way) the files may have changed: look again next time.
+    task.add_done_callback(lambda _: ctx.models.invalidate(name))
     if not stream:
         result = await task
         _log_result(result)
@@ -114,9 +115,9 @@ def _log_result(result: PullResult) -> None:
 
 async def _unload(ctx: AppContext, name: str) -> None:
     """Unload `name` through the engine (an unload-only request) so its files can go; 409 while in use."""
-    if not any(r.name == name for r in ctx.engine.pool.snapshot()):
+    if not any(r.name == name for r in ctx.engine.status().models):
         return
-    events = ctx.engine.stream(GenerateRequest(model=name, keep_alive=0))
+    events = ctx.engine.stream(UnloadRequest(name))
     try:
         async for event in events:
             if isinstance(event, Failed):
@@ -125,7 +126,7 @@ async def _unload(ctx: AppContext, name: str) -> None:
                 break
     finally:
         await events.aclose()  # type: ignore[attr-defined]
-    if any(r.name == name for r in ctx.engine.pool.snapshot()):
+    if any(r.name == name for r in ctx.engine.status().models):
         raise ModelBusy(f"model \"{name}\" is in use; retry when its requests have finished")
 
 
@@ -140,14 +141,12 @@ async def delete(request: Request) -> Response:
     except NotManaged as exc:
         raise BadRequest(str(exc)) from None
     await _unload(ctx, name)
-    removed = await asyncio.to_thread(delete_local, model, _config_dir(ctx))
+    try:
+        removed = await asyncio.to_thread(delete_local, model, _config_dir(ctx))
+    finally:
+        ctx.models.invalidate(name)
     if not removed:
         raise ModelNotFound(requested)
     log.info("deleted the cached weights of %s (%s)", name, model.source)
     return Response(status_code=200)
 
-
-routes = [
-    Route("/api/pull", pull, methods=["POST"]),
-    Route("/api/delete", delete, methods=["DELETE"]),
-]

@@ -6,7 +6,6 @@ as `{"error"}`, nanosecond durations, RFC 3339 times).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -15,15 +14,17 @@ from typing import Any, AsyncIterator, Optional
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
 
-from mlx_server.api.common import (AppContext, begin, close_events, collect, ctx_of, error_body, field_type,
-                                   follow, note_model, ns, read_json, request_log, rfc3339)
-from mlx_server.api.options import ollama_sampling
+from mlx_server.api.catalog import Entry, effective_context_length
+from mlx_server.api.common import AppContext, Collected, ctx_of, error_body, field_type, ns, read_json, rfc3339
+from mlx_server.api.dialect import Call, Encode, Final, Generation, Incoming
+from mlx_server.api.options import OLLAMA_DEFAULTS
+from mlx_server.api.sampling import resolve_sampling
 from mlx_server.api.templates import render_go_template
 from mlx_server.config import parse_duration
 from mlx_server.errors import BadRequest, MlxServerError, NotSupported
-from mlx_server.types import ChatMessage, Delta, Done, Event, Failed, GenerateRequest, Priority, Started, Usage
+from mlx_server.types import (ChatMessage, Delta, Done, EngineRequest, Event, Failed, GenerateRequest, LoadRequest,
+                              UnloadRequest, Usage)
 
 log = logging.getLogger("mlx_server.api.ollama")
 
@@ -66,12 +67,12 @@ def parse_messages(raw: Any) -> list[ChatMessage]:
     return out
 
 
-def resolve_target(ctx: AppContext, body: dict[str, Any]) -> tuple[str, str]:
+async def resolve_target(ctx: AppContext, body: dict[str, Any]) -> tuple[str, str]:
     """(name to echo, configured model). An explicit model must exist; without one, the MLX-style `category`
     resolves through the aliases, and an unknown category goes to server.default_model."""
     requested = field_type(body, "model", str, "a string")
     if requested:
-        return requested, ctx.resolve(requested)
+        return requested, await ctx.resolve(requested)
     category = field_type(body, "category", str, "a string")
     default = ctx.config.server.default_model
     if category is None and default is None:
@@ -79,7 +80,7 @@ def resolve_target(ctx: AppContext, body: dict[str, Any]) -> tuple[str, str]:
     target = (ctx.config.resolve(category) if category else None) or default
     if target is None:
         raise BadRequest(f"category \"{category}\" matches no model and server.default_model is not set")
-    name = ctx.resolve(target)
+    name = await ctx.resolve(target)
     return name, name
 
 
@@ -99,29 +100,47 @@ def apply_top_level_options(body: dict[str, Any]) -> None:
         options.setdefault(key, value)
 
 
-def base_request(ctx: AppContext, body: dict[str, Any], request: Request, name: str) -> GenerateRequest:
-    model_options = ctx.config.models[name].options
-    sampling, max_tokens, num_ctx, stop = ollama_sampling(body.get("options"), model_options)
-    fmt = body.get("format")
-    if fmt not in (None, "", "json") and not isinstance(fmt, dict):
-        raise BadRequest("invalid value for field \"format\": expected \"json\" or a JSON schema object")
+def _think(body: dict[str, Any]) -> Optional[bool]:
     think = body.get("think")
     if isinstance(think, str):
         if think not in ("low", "medium", "high"):
             raise BadRequest("invalid value for field \"think\": expected a boolean or low/medium/high")
-        think = True
-    elif think is not None and not isinstance(think, bool):
+        return True
+    if think is not None and not isinstance(think, bool):
         raise BadRequest("invalid value for field \"think\": expected a boolean or low/medium/high")
-    tools = field_type(body, "tools", list, "an array of tool definitions")
+    return think
+
+
+def _stream(body: dict[str, Any]) -> bool:
+    if "stream" not in body:
+        # The old MLX-server shape (top-level max_tokens / category) came from clients that parse one object.
+        return not any(body.get(k) is not None for k in ("max_tokens", "category"))
+    stream = body["stream"]
+    if not isinstance(stream, bool):
+        raise BadRequest("invalid value for field \"stream\": expected a boolean")
+    return stream
+
+
+def base_request(incoming: Incoming) -> GenerateRequest:
+    body = incoming.body
+    apply_top_level_options(body)
+    options = body.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("invalid value for field \"options\": expected an object")
+    resolved = resolve_sampling(incoming.model_options, options or {}, OLLAMA_DEFAULTS)
+    fmt = body.get("format")
+    if fmt not in (None, "", "json") and not isinstance(fmt, dict):
+        raise BadRequest("invalid value for field \"format\": expected \"json\" or a JSON schema object")
     return GenerateRequest(
-        model=name, sampling=sampling, max_tokens=max_tokens, num_ctx=num_ctx, stop=stop,
-        keep_alive=parse_keep_alive(body.get("keep_alive")), format=fmt or None, think=think, tools=tools,
-        priority=Priority.parse(request.headers.get("x-request-priority")),
-        timeout=ctx.config.server.request_timeout)
+        model=incoming.name, sampling=resolved.sampling, max_tokens=resolved.max_tokens, num_ctx=resolved.num_ctx,
+        stop=resolved.stop, keep_alive=parse_keep_alive(body.get("keep_alive")), format=fmt or None,
+        think=_think(body), tools=field_type(body, "tools", list, "an array of tool definitions"),
+        priority=incoming.priority, timeout=incoming.timeout, created=incoming.arrival)
 
 
-def generate_request(ctx: AppContext, body: dict[str, Any], request: Request, name: str) -> GenerateRequest:
-    req = base_request(ctx, body, request, name)
+def generate_request(incoming: Incoming) -> GenerateRequest:
+    body = incoming.body
+    req = base_request(incoming)
     prompt = field_type(body, "prompt", str, "a string")
     system = field_type(body, "system", str, "a string")
     template = field_type(body, "template", str, "a string")
@@ -136,10 +155,32 @@ def generate_request(ctx: AppContext, body: dict[str, Any], request: Request, na
     return req
 
 
-def chat_request(ctx: AppContext, body: dict[str, Any], request: Request, name: str) -> GenerateRequest:
-    req = base_request(ctx, body, request, name)
-    req.messages = parse_messages(body.get("messages")) or None
+def chat_request(incoming: Incoming) -> GenerateRequest:
+    req = base_request(incoming)
+    req.messages = parse_messages(incoming.body.get("messages")) or None
     return req
+
+
+def _call(incoming: Incoming, req: GenerateRequest) -> Call:
+    """A request with nothing to generate loads the model, or unloads it with keep_alive 0 (Ollama's idiom)."""
+    stream = _stream(incoming.body)
+    if not req.prompt and not req.messages:
+        control: EngineRequest
+        if req.keep_alive == 0:
+            control = UnloadRequest(req.model, priority=req.priority, timeout=req.timeout, created=req.created)
+        else:
+            control = LoadRequest(req.model, keep_alive=req.keep_alive, priority=req.priority, timeout=req.timeout,
+                                  created=req.created)
+        return Call(control, stream=False)
+    return Call(req, stream=stream, headers=incoming.tools_note(req.tools))
+
+
+def build_generate(incoming: Incoming) -> Call:
+    return _call(incoming, generate_request(incoming))
+
+
+def build_chat(incoming: Incoming) -> Call:
+    return _call(incoming, chat_request(incoming))
 
 
 # ---- response translation -----------------------------------------------------------------------------------
@@ -149,7 +190,9 @@ def final_fields(reason: str, usage: Usage) -> dict[str, Any]:
     # Ollama reports a reply that made tool calls as a plain "stop".
     return {"done": True, "done_reason": "stop" if reason == "tool_calls" else reason,
             "total_duration": ns(usage.total_duration),
-            "load_duration": ns(usage.load_duration), "prompt_eval_count": usage.evaluated_prompt_tokens,
+            "load_duration": ns(usage.load_duration),
+            # the whole prompt, cached tokens included, as Ollama reports it (cache + evaluated)
+            "prompt_eval_count": usage.prompt_tokens,
             "prompt_eval_duration": ns(usage.prompt_eval_duration), "eval_count": usage.completion_tokens,
             "eval_duration": ns(usage.eval_duration)}
 
@@ -178,51 +221,43 @@ def line(obj: dict[str, Any]) -> bytes:
     return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
-async def ndjson(events: AsyncIterator[Event], first: Event, chat: bool, model: str,
-                 started_at: float) -> AsyncIterator[bytes]:
-    """Stream one NDJSON line per delta; an error after the start is one more line with `error`."""
-    async with contextlib.aclosing(follow(events, first, "ollama", model, started_at)) as stream:
-        async for event in stream:
+def _encoder(chat: bool) -> Encode:
+    async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+        """One NDJSON line per delta; an error after the start is one more line with `error`."""
+        model = incoming.requested
+        async for event in events:
             if isinstance(event, Delta):
                 yield line(chunk(chat, model, event))
             elif isinstance(event, Done):
                 yield line({**chunk(chat, model, None), **final_fields(event.reason, event.usage)})
             elif isinstance(event, Failed):
-                yield line(error_body(event.error))
+                yield error_frame(event.error)
+    return encode
 
 
-async def _serve(request: Request, chat: bool) -> Response:
-    started_at = time.perf_counter()
-    ctx = ctx_of(request)
-    body = await read_json(request)
-    requested, name = resolve_target(ctx, body)
-    note_model(request, name)
-    apply_top_level_options(body)
-    req = (chat_request if chat else generate_request)(ctx, body, request, name)
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
-        raise BadRequest("invalid value for field \"stream\": expected a boolean")
-    events, first = await begin(request, req)
-    if isinstance(first, Done) and first.reason in ("load", "unload"):
-        await close_events(events)
-        return JSONResponse({**chunk(chat, requested, None), **final_fields(first.reason, first.usage)})
-    if stream:
-        return StreamingResponse(ndjson(events, first, chat, requested, started_at),
-                                 media_type="application/x-ndjson")
-    result = await collect(events, request, first)
-    request_log("ollama", requested, "ok", result.usage, started_at)
-    assert result.done is not None
-    obj = chunk(chat, requested, Delta(0, content=result.content, thinking=result.thinking,
-                                       tool_calls=tuple(result.tool_calls)))
-    return JSONResponse({**obj, **final_fields(result.done.reason, result.usage)})
+def _final(chat: bool) -> Final:
+    def final(incoming: Incoming, call: Call, result: Collected) -> dict[str, Any]:
+        assert result.done is not None
+        obj = chunk(chat, incoming.requested, Delta(0, content=result.content, thinking=result.thinking,
+                                                    tool_calls=tuple(result.tool_calls)))
+        return {**obj, **final_fields(result.done.reason, result.usage)}
+    return final
 
 
-async def generate(request: Request) -> Response:
-    return await _serve(request, chat=False)
+def http_error_body(status: int, detail: str) -> dict[str, Any]:
+    return {"error": detail}
 
 
-async def chat(request: Request) -> Response:
-    return await _serve(request, chat=True)
+def error_frame(exc: MlxServerError) -> bytes:
+    return line(error_body(exc))
+
+
+def stream_response(frames: AsyncIterator[bytes]) -> Response:
+    return StreamingResponse(frames, media_type="application/x-ndjson")
+
+
+GENERATE = Generation(resolve_target, build_generate, _encoder(chat=False), _final(chat=False))
+CHAT = Generation(resolve_target, build_chat, _encoder(chat=True), _final(chat=True))
 
 
 # ---- model listing ------------------------------------------------------------------------------------------
@@ -231,7 +266,7 @@ async def chat(request: Request) -> Response:
 async def root(request: Request) -> Response:
     if "application/json" in request.headers.get("accept", "") and request.method == "GET":
         ctx = ctx_of(request)
-        present = [name for name in ctx.config.models if ctx.locate(name).present]
+        present = [name for name, e in (await ctx.models.entries()).items() if e.located.present]
         return JSONResponse({"status": "running", "available_models": present, "version": OLLAMA_VERSION})
     return PlainTextResponse("Ollama is running")
 
@@ -240,9 +275,8 @@ async def version(request: Request) -> Response:
     return JSONResponse({"version": OLLAMA_VERSION})
 
 
-def _entry(ctx: AppContext, name: str, label: str) -> Optional[dict[str, Any]]:
-    found = ctx.locate(name)
-    info = ctx.info(name)
+def _entry(known: Entry, name: str, label: str) -> Optional[dict[str, Any]]:
+    found, info = known.located, known.info
     if not found.present or info is None:
         return None
     return {"name": label, "model": name, "modified_at": rfc3339(info.modified), "size": found.size,
@@ -251,9 +285,10 @@ def _entry(ctx: AppContext, name: str, label: str) -> Optional[dict[str, Any]]:
 
 async def tags(request: Request) -> Response:
     ctx = ctx_of(request)
-    models = [e for name in ctx.config.models if (e := _entry(ctx, name, name)) is not None]
+    known = await ctx.models.entries()
     # Each alias is listed as its own entry (name = alias, model = target) for clients that pick by alias.
-    models += [e for alias, name in ctx.config.aliases().items() if (e := _entry(ctx, name, alias)) is not None]
+    labels = [*((name, name) for name in known), *((name, alias) for alias, name in ctx.config.aliases().items())]
+    models = [e for name, label in labels if (e := _entry(known[name], name, label)) is not None]
     return JSONResponse({"models": models})
 
 
@@ -263,8 +298,8 @@ async def show(request: Request) -> Response:
     requested = field_type(body, "model", str, "a string") or field_type(body, "name", str, "a string")
     if not requested:
         raise BadRequest("model is required")
-    name = ctx.resolve(requested)
-    info = ctx.info(name)
+    name = await ctx.resolve(requested)
+    info = await ctx.info(name)
     if info is None:
         raise MlxServerError(f"cannot read model files for \"{name}\"")
     cfg = ctx.config.models[name]
@@ -283,43 +318,35 @@ async def ps(request: Request) -> Response:
     ctx = ctx_of(request)
     now_mono, now_wall = time.monotonic(), time.time()
     models = []
-    for r in ctx.engine.pool.snapshot():
+    for r in ctx.engine.status().models:
         if r.is_loading:
             continue
-        entry = _entry(ctx, r.name, r.name) or {"name": r.name, "model": r.name, "digest": "", "details": {}}
+        found = await ctx.models.entry(r.name)
+        entry = _entry(found, r.name, r.name) or {"name": r.name, "model": r.name, "digest": "", "details": {}}
         if r.expires_at is None:
             expires = FAR_FUTURE
         else:
             expires = rfc3339(dt.datetime.fromtimestamp(now_wall + (r.expires_at - now_mono), tz=dt.timezone.utc))
         models.append({"name": r.name, "model": r.name, "size": r.size, "size_vram": r.size,
                        "digest": entry["digest"], "details": entry["details"], "expires_at": expires,
-                       "context_length": ctx.config.models[r.name].context_length})
+                       "context_length": effective_context_length(ctx.config.models[r.name], found.info)})
     return JSONResponse({"models": models})
 
 
 async def embed(request: Request) -> Response:
-    """Known models, clear refusal: this server generates; embeddings go to the fallback Ollama, if any."""
+    """Known models, clear refusal: this server generates; embeddings of models not served here go to the
+    fallback Ollama, if any. A 400, not a 5xx, since the OpenAI SDK retries those."""
     ctx = ctx_of(request)
     body = await read_json(request)
     requested = field_type(body, "model", str, "a string")
     if not requested:
         raise BadRequest("model is required")
-    name = ctx.resolve(requested)
-    raise NotSupported(f"model \"{name}\" does not support embeddings on this server")
+    name = await ctx.resolve(requested)
+    info = await ctx.info(name)
+    if info is None or "embedding" not in info.capabilities:
+        raise BadRequest(f"model \"{requested}\" does not support embeddings")
+    raise NotSupported(f"model \"{requested}\" cannot compute embeddings on this server yet")
 
 
-routes = [
-    Route("/api/embed", embed, methods=["POST"]),
-    Route("/api/embeddings", embed, methods=["POST"]),
-    Route("/v1/embeddings", embed, methods=["POST"]),
-    Route("/", root, methods=["GET", "HEAD"]),
-    Route("/api/version", version, methods=["GET"]),
-    Route("/api/tags", tags, methods=["GET"]),
-    Route("/api/show", show, methods=["POST"]),
-    Route("/api/ps", ps, methods=["GET"]),
-    Route("/api/generate", generate, methods=["POST"]),
-    Route("/api/chat", chat, methods=["POST"]),
-]
-
-
-__all__ = ["routes", "Started"]
+__all__ = ["CHAT", "GENERATE", "embed", "error_frame", "http_error_body", "ps", "root", "show",
+           "stream_response", "tags", "version"]

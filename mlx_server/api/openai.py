@@ -1,29 +1,27 @@
 """The OpenAI dialect: /v1/models, /v1/chat/completions and /v1/completions, translated to and from the engine.
 
-Nothing here generates. Defaults are OpenAI's (temperature 1, top_p 1, no penalties); per-model options from
-models.yaml only fill in what OpenAI has no field for (top_k, min_p, repeat_penalty, num_ctx). Streams are SSE
-ending in `data: [DONE]`; an error after the first chunk is one more `data: {"error": …}` event.
+Nothing here generates. Sampling is request field > models.yaml option > OpenAI's default (temperature 1, top_p 1,
+no penalties; /v1/completions 16 tokens), see api/sampling.py. Streams are SSE ending in `data: [DONE]`; an error
+after the first chunk is one more `data: {"error": …}` event.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
-from sse_starlette.sse import EventSourceResponse
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from mlx_server.api.common import AppContext, begin, collect, ctx_of, follow, note_model, read_json, request_log
-from mlx_server.api.compat import (arguments_object, boolean, integer, json_dumps, new_id, number,
-                                   stop_list)
-from mlx_server.api.errors_shape import openai_error
-from mlx_server.errors import BadRequest, ModelNotFound
-from mlx_server.types import (ChatMessage, Delta, Done, Event, Failed, GenerateRequest, Priority, SamplingParams,
-                              TokenLogprob, ToolChoice, Usage)
+from mlx_server.api.bodies import ChatCompletionBody, CompletionBody, OpenAIBody, validated
+from mlx_server.api.common import AppContext, Collected, ctx_of
+from mlx_server.api.compat import arguments_object, json_dumps, new_id
+from mlx_server.api.dialect import Call, Generation, Incoming, named_model
+from mlx_server.api.sampling import OPENAI_COMPLETIONS_DEFAULTS, OPENAI_DEFAULTS, resolve_sampling
+from mlx_server.errors import BadRequest, MlxServerError, ModelNotFound
+from mlx_server.types import ChatMessage, Delta, Done, Event, Failed, GenerateRequest, TokenLogprob, ToolChoice, Usage
 
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
@@ -130,68 +128,64 @@ def _response_format(body: dict[str, Any]) -> Any:
     if kind == "json_object":
         return "json"
     if kind == "json_schema":
-        schema = (rf.get("json_schema") or {}).get("schema")
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise BadRequest("response_format.json_schema.schema must be a JSON schema object")
         return schema
     raise BadRequest("invalid value for field \"response_format\": type must be text, json_object or json_schema")
 
 
-def _sampling(body: dict[str, Any], options: dict[str, Any]) -> SamplingParams:
-    def opt(key: str, default: float) -> float:
-        value = options.get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
-
-    return SamplingParams(
-        temperature=number(body, "temperature", 0, 2, 1.0) or 0.0,
-        top_p=number(body, "top_p", 0, 1, 1.0) or 0.0,
-        top_k=integer(body, "top_k", 0, None, int(opt("top_k", 0))) or 0,
-        min_p=number(body, "min_p", 0, 1, opt("min_p", 0.0)) or 0.0,
-        repeat_penalty=number(body, "repeat_penalty", 0.01, 10, opt("repeat_penalty", 1.0)) or 1.0,
-        presence_penalty=number(body, "presence_penalty", -2, 2, 0.0) or 0.0,
-        frequency_penalty=number(body, "frequency_penalty", -2, 2, 0.0) or 0.0,
-        seed=integer(body, "seed"))
-
-
-def build_request(ctx: AppContext, body: dict[str, Any], request: Request, name: str, chat: bool) -> GenerateRequest:
-    n = integer(body, "n", 1)
-    if n is not None and n > 1:
+def _base(incoming: Incoming, body: OpenAIBody, max_tokens: Optional[int], chat: bool) -> GenerateRequest:
+    if body.n is not None and body.n > 1:
         raise BadRequest("n > 1 is not supported; send separate requests")
-    options = dict(ctx.config.models[name].options)
-    max_tokens = integer(body, "max_completion_tokens", 1) or integer(body, "max_tokens", 1)
-    if max_tokens is None and not chat:
-        max_tokens = 16  # OpenAI's documented default for /v1/completions
-    req = GenerateRequest(
-        model=name, sampling=_sampling(body, options), max_tokens=max_tokens,
-        num_ctx=options.get("num_ctx") if isinstance(options.get("num_ctx"), int) else None,
-        stop=stop_list(body, "stop"), format=_response_format(body),
-        priority=Priority.parse(request.headers.get("x-request-priority")),
-        timeout=ctx.config.server.request_timeout)
-    if chat:
-        req.messages = parse_messages(body.get("messages"))
-        req.tools, req.force_tool = _tools(body)
-        req.logprobs = boolean(body, "logprobs")
-        req.top_logprobs = integer(body, "top_logprobs", 0, 20) or 0
-        if req.top_logprobs and not req.logprobs:
-            raise BadRequest("top_logprobs requires logprobs to be true")
-        effort = body.get("reasoning_effort") or (body.get("reasoning") or {}).get("effort")
-        if isinstance(effort, str):
-            req.think = effort != "none"
-        elif isinstance(body.get("think"), bool):
-            req.think = body["think"]
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise BadRequest("invalid value for field \"prompt\": expected a string (batched and token prompts "
-                             "are not supported)")
-        req.prompt = prompt
-        if body.get("suffix"):
-            req.suffix = str(body["suffix"])
-        top = integer(body, "logprobs", 0, 5)
-        req.logprobs, req.top_logprobs = top is not None, top or 0
-    return req
+    resolved = resolve_sampling(incoming.model_options, {**body.sampling_fields(), "num_predict": max_tokens},
+                                OPENAI_DEFAULTS if chat else OPENAI_COMPLETIONS_DEFAULTS)
+    return GenerateRequest(
+        model=incoming.name, sampling=resolved.sampling, max_tokens=resolved.max_tokens, num_ctx=resolved.num_ctx,
+        stop=resolved.stop, format=_response_format(incoming.body), priority=incoming.priority,
+        timeout=incoming.timeout, created=incoming.arrival)
+
+
+def _reply(incoming: Incoming, body: OpenAIBody, chat: bool, echo: str = "") -> Reply:
+    options = body.stream_options
+    return Reply(requested=incoming.requested, chat=chat, stream=body.stream, echo=echo, legacy_logprobs=not chat,
+                 include_usage=body.stream and isinstance(options, dict) and options.get("include_usage") is True)
+
+
+def build_chat(incoming: Incoming) -> Call:
+    body = validated(ChatCompletionBody, incoming.body, "openai")
+    req = _base(incoming, body, body.max_completion_tokens or body.max_tokens, chat=True)
+    req.messages = parse_messages(body.messages)
+    req.tools, req.force_tool = _tools(incoming.body)
+    req.logprobs, req.top_logprobs = body.logprobs, body.top_logprobs
+    if req.top_logprobs and not req.logprobs:
+        raise BadRequest("top_logprobs requires logprobs to be true")
+    reasoning = body.reasoning if isinstance(body.reasoning, dict) else {}
+    effort = body.reasoning_effort or reasoning.get("effort")
+    if isinstance(effort, str):
+        req.think = effort != "none"
+    elif isinstance(body.think, bool):
+        req.think = body.think
+    headers = incoming.tools_note(req.tools) if req.force_tool is None else {}
+    return Call(req, stream=body.stream, shape=_reply(incoming, body, chat=True), headers=headers)
+
+
+def build_completion(incoming: Incoming) -> Call:
+    body = validated(CompletionBody, incoming.body, "openai")
+    req = _base(incoming, body, body.max_tokens, chat=False)
+    prompt = body.prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise BadRequest("invalid value for field \"prompt\": expected a string (batched and token prompts "
+                         "are not supported)")
+    req.prompt = prompt
+    if body.suffix:
+        req.suffix = str(body.suffix)
+    req.logprobs, req.top_logprobs = body.logprobs is not None, body.logprobs or 0
+    reply = _reply(incoming, body, chat=False, echo=prompt if body.echo else "")
+    return Call(req, stream=body.stream, shape=reply)
 
 
 # ---- response translation -----------------------------------------------------------------------------------
@@ -260,8 +254,8 @@ def chunk_json(cid: str, reply: Reply, created: int, delta: Optional[Delta], too
     return out
 
 
-async def sse(events: AsyncIterator[Event], first: Event, reply: Reply, started_at: float
-              ) -> AsyncIterator[dict[str, Any]]:
+async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -> AsyncIterator[Any]:
+    reply: Reply = call.shape
     cid, created = new_id("chatcmpl-" if reply.chat else "cmpl-"), int(time.time())
     tool_index, offset = 0, len(reply.echo)
     if reply.chat:
@@ -270,51 +264,31 @@ async def sse(events: AsyncIterator[Event], first: Event, reply: Reply, started_
         yield {"data": json_dumps(opening)}
     elif reply.echo:
         yield {"data": json_dumps(chunk_json(cid, reply, created, Delta(0, content=reply.echo), 0))}
-    async with contextlib.aclosing(follow(events, first, "openai", reply.requested, started_at)) as stream:
-        async for event in stream:
-            if isinstance(event, Delta):
-                if event.content or event.thinking or event.tool_calls or event.logprobs:
-                    yield {"data": json_dumps(chunk_json(cid, reply, created, event, tool_index, offset=offset))}
-                tool_index += len(event.tool_calls)
-                offset += len(event.content)
-            elif isinstance(event, Done):
-                finish = FINISH.get(event.reason, "stop")
-                yield {"data": json_dumps(chunk_json(cid, reply, created, None, tool_index, finish))}
-                if reply.include_usage:
-                    yield {"data": json_dumps({**_envelope(cid, reply, created, chunk=True), "choices": [],
-                                               "usage": usage_json(event.usage)})}
-                yield {"data": "[DONE]"}
-            elif isinstance(event, Failed):
-                yield {"data": json_dumps(openai_error(event.error))}
+    async for event in events:
+        if isinstance(event, Delta):
+            if event.content or event.thinking or event.tool_calls or event.logprobs:
+                yield {"data": json_dumps(chunk_json(cid, reply, created, event, tool_index, offset=offset))}
+            tool_index += len(event.tool_calls)
+            offset += len(event.content)
+        elif isinstance(event, Done):
+            finish = FINISH.get(event.reason, "stop")
+            yield {"data": json_dumps(chunk_json(cid, reply, created, None, tool_index, finish))}
+            if reply.include_usage:
+                yield {"data": json_dumps({**_envelope(cid, reply, created, chunk=True), "choices": [],
+                                           "usage": usage_json(event.usage)})}
+            yield {"data": "[DONE]"}
+        elif isinstance(event, Failed):
+            yield error_frame(event.error)
 
 
-async def _serve(request: Request, chat: bool) -> Response:
-    started_at = time.perf_counter()
-    ctx = ctx_of(request)
-    body = await read_json(request)
-    requested = body.get("model")
-    if not isinstance(requested, str) or not requested:
-        raise BadRequest("you must provide a model parameter")
-    name = ctx.resolve(requested)
-    note_model(request, name)
-    req = build_request(ctx, body, request, name, chat)
-    stream = boolean(body, "stream")
-    options = body.get("stream_options") or {}
-    reply = Reply(requested=requested, chat=chat, stream=stream,
-                  include_usage=stream and isinstance(options, dict) and options.get("include_usage") is True,
-                  echo=req.prompt if (not chat and boolean(body, "echo") and req.prompt) else "",
-                  legacy_logprobs=not chat)
-    events, first = await begin(request, req)
-    if stream:
-        return EventSourceResponse(sse(events, first, reply, started_at))
-    result = await collect(events, request, first)
-    request_log("openai", requested, "ok", result.usage, started_at)
+def final(incoming: Incoming, call: Call, result: Collected) -> dict[str, Any]:
+    reply: Reply = call.shape
     assert result.done is not None
     lps = result.logprobs
-    out = {**_envelope(new_id("chatcmpl-" if chat else "cmpl-"), reply, int(time.time()), chunk=False),
+    out = {**_envelope(new_id("chatcmpl-" if reply.chat else "cmpl-"), reply, int(time.time()), chunk=False),
            "usage": usage_json(result.usage)}
     finish = FINISH.get(result.done.reason, "stop")
-    if chat:
+    if reply.chat:
         message: dict[str, Any] = {"role": "assistant", "content": result.content or None, "refusal": None}
         if result.thinking:
             message["reasoning_content"] = result.thinking
@@ -325,26 +299,48 @@ async def _serve(request: Request, chat: bool) -> Response:
     else:
         out["choices"] = [{"index": 0, "text": reply.echo + result.content,
                            "logprobs": logprobs_json(lps, True, len(reply.echo)), "finish_reason": finish}]
-    return JSONResponse(out)
+    return out
 
 
-async def chat_completions(request: Request) -> Response:
-    return await _serve(request, chat=True)
+# ---- errors and streams ------------------------------------------------------------------------------------------
+
+# HTTP statuses Starlette itself raises (unknown route, wrong method) → OpenAI's error types.
+_HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
 
-async def completions(request: Request) -> Response:
-    return await _serve(request, chat=False)
+def error_body(exc: MlxServerError) -> dict[str, Any]:
+    code = "model_not_found" if isinstance(exc, ModelNotFound) else None
+    return {"error": {"message": exc.message, "type": exc.openai_type, "param": None, "code": code}}
+
+
+def http_error_body(status: int, detail: str) -> dict[str, Any]:
+    kind = _HTTP_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": detail, "type": kind, "param": None, "code": None}}
+
+
+def error_frame(exc: MlxServerError) -> bytes:
+    # The openai SDK raises on a `data:` event whose object has "error"
+    return ServerSentEvent(data=json_dumps(error_body(exc))).encode()
+
+
+def stream_response(frames: AsyncIterator[Any]) -> Response:
+    return EventSourceResponse(frames)
+
+
+target = named_model("you must provide a model parameter")
+CHAT = Generation(target, build_chat, encode, final)
+COMPLETION = Generation(target, build_completion, encode, final)
 
 
 # ---- models ---------------------------------------------------------------------------------------------------
 
 
-def _model_entries(ctx: AppContext) -> list[dict[str, Any]]:
+async def _model_entries(ctx: AppContext) -> list[dict[str, Any]]:
     entries = []
-    for name, model in ctx.config.models.items():
-        if not ctx.locate(name).present:
+    for name, known in (await ctx.models.entries()).items():
+        if not known.located.present:
             continue
-        info = ctx.info(name)
+        model, info = ctx.config.models[name], known.info
         created = int(info.modified.timestamp()) if info is not None else int(ctx.started)
         for label in (name, *model.aliases):
             entries.append({"id": label, "object": "model", "created": created, "owned_by": "library"})
@@ -352,23 +348,17 @@ def _model_entries(ctx: AppContext) -> list[dict[str, Any]]:
 
 
 async def list_models(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": _model_entries(ctx_of(request))})
+    return JSONResponse({"object": "list", "data": await _model_entries(ctx_of(request))})
 
 
 async def get_model(request: Request) -> Response:
     ctx = ctx_of(request)
     wanted = request.path_params["model"]
-    for entry in _model_entries(ctx):
+    for entry in await _model_entries(ctx):
         if entry["id"] == wanted:
             return JSONResponse(entry)
     raise ModelNotFound(wanted)
 
 
-routes = [
-    Route("/v1/models", list_models, methods=["GET"]),
-    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-    Route("/v1/completions", completions, methods=["POST"]),
-]
-
-__all__ = ["routes"]
+__all__ = ["CHAT", "COMPLETION", "error_body", "error_frame", "get_model", "http_error_body", "list_models",
+           "stream_response"]

@@ -1,8 +1,8 @@
 """GET /openapi.json: an OpenAPI 3.1 document of every route and the request bodies it accepts.
 
-Hand-written and static (no framework introspection): the schemas state what the handlers check, with their
-ranges, so a client generator or a schema fuzzer (tests/test_fuzz.py validates its valid cases against it) sees
-the same contract the server enforces. Unknown fields are allowed everywhere, as the dialects ignore them.
+The paths come from the dialect registry (api/dialects.py); the schemas are hand-written and state what the
+handlers check, with their ranges, so a client generator or a schema fuzzer (tests/test_fuzz.py validates its
+valid cases against it) sees the same contract the server enforces. Unknown fields are allowed everywhere, as the dialects ignore them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from mlx_server.api.dialect import Endpoint
+from mlx_server.api.dialects import ENDPOINTS, dialect_for
 
 JSON = dict[str, Any]
 
@@ -100,38 +103,18 @@ SCHEMAS: JSON = {"OllamaGenerateRequest": OLLAMA_GENERATE, "OllamaChatRequest": 
                  "CompletionRequest": OPENAI_COMPLETION, "MessagesRequest": ANTHROPIC_MESSAGES,
                  "CountTokensRequest": ANTHROPIC_COUNT, **ERRORS}
 
-# path → (method → (summary, request schema name or None, error schema name, streams))
-ROUTES: dict[str, dict[str, tuple[str, Any, str, bool]]] = {
-    "/": {"get": ("Liveness text (JSON with Accept: application/json)", None, "OllamaError", False)},
-    "/health": {"get": ("Health, queue and memory snapshot", None, "OllamaError", False)},
-    "/metrics": {"get": ("Prometheus metrics", None, "OllamaError", False)},
-    "/queue/stats": {"get": ("Queue counters", None, "OllamaError", False)},
-    "/api/version": {"get": ("Ollama version", None, "OllamaError", False)},
-    "/api/tags": {"get": ("Models on disk", None, "OllamaError", False)},
-    "/api/ps": {"get": ("Models in memory", None, "OllamaError", False)},
-    "/api/show": {"post": ("Model details", "ModelReference", "OllamaError", False)},
-    "/api/pull": {"post": ("Download a configured model", "ModelReference", "OllamaError", True)},
-    "/api/delete": {"delete": ("Delete a downloaded model", "ModelReference", "OllamaError", False)},
-    "/api/generate": {"post": ("Ollama completion (NDJSON stream by default)", "OllamaGenerateRequest",
-                               "OllamaError", True)},
-    "/api/chat": {"post": ("Ollama chat (NDJSON stream by default)", "OllamaChatRequest", "OllamaError", True)},
-    "/v1/models": {"get": ("OpenAI model list", None, "OpenAIError", False)},
-    "/v1/models/{model}": {"get": ("One OpenAI model", None, "OpenAIError", False)},
-    "/v1/chat/completions": {"post": ("OpenAI chat completion (SSE when stream)", "ChatCompletionRequest",
-                                      "OpenAIError", True)},
-    "/v1/completions": {"post": ("OpenAI text completion (SSE when stream)", "CompletionRequest", "OpenAIError",
-                                 True)},
-    "/v1/messages": {"post": ("Anthropic message (SSE when stream)", "MessagesRequest", "AnthropicError", True)},
-    "/v1/messages/count_tokens": {"post": ("Anthropic token count", "CountTokensRequest", "AnthropicError",
-                                           False)},
-    "/api/embed": {"post": ("Embeddings: not served here (501; the fallback Ollama answers for its models)",
-                            "ModelReference", "OllamaError", False)},
-    "/api/embeddings": {"post": ("Legacy embeddings: not served here (501)", "ModelReference", "OllamaError",
-                                 False)},
-    "/v1/embeddings": {"post": ("OpenAI embeddings: not served here (501)", "ModelReference", "OpenAIError",
-                                False)},
-    "/openapi.json": {"get": ("This document", None, "OllamaError", False)},
-}
+
+
+def _routes() -> dict[str, dict[str, tuple[str, Any, str, bool]]]:
+    """path → (method → (summary, request schema name or None, error schema name, streams)), from the registry."""
+    out: dict[str, dict[str, tuple[str, Any, str, bool]]] = {}
+    for e in (*ENDPOINTS, OPENAPI):
+        path = e.path.replace("{model:path}", "{model}")
+        error = dialect_for(e.path).error_schema
+        for method in e.methods:
+            if method != "HEAD":  # Starlette answers HEAD for every GET; documenting GET says it all
+                out.setdefault(path, {})[method.lower()] = (e.summary, e.schema, error, e.streams)
+    return out
 
 
 def _operation(summary: str, body: Any, error: str, streams: bool, path: str) -> JSON:
@@ -171,6 +154,8 @@ async def openapi_json(request: Request) -> Response:
     return JSONResponse(document())
 
 
-routes = [Route("/openapi.json", openapi_json, methods=["GET"])]
+OPENAPI = Endpoint("/openapi.json", ("GET",), "This document", handler=openapi_json)
+ROUTES = _routes()
+routes = [Route(OPENAPI.path, openapi_json, methods=list(OPENAPI.methods))]
 
 __all__ = ["document", "request_schema", "routes"]

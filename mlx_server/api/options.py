@@ -1,36 +1,36 @@
-"""Ollama `options` → engine sampling settings, with Ollama's documented defaults and type checks.
+"""Ollama `options`: their documented defaults and the JSON type each known key must have.
 
-Unknown keys are ignored (and logged), as Ollama does; a known key with the wrong JSON type is a 400.
+Unknown keys are ignored (and logged), as Ollama does; a known key with the wrong JSON type is a 400. The merge
+with models.yaml and the dialect defaults is api/sampling.py's, shared by all three dialects.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Mapping, Optional
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from mlx_server.errors import BadRequest
-from mlx_server.types import SamplingParams
-
-log = logging.getLogger("mlx_server.api.options")
 
 # Ollama's defaults (api/types.go DefaultOptions); num_ctx defaults to the model's context instead, see README.
-OLLAMA_DEFAULTS: dict[str, Any] = {
+OLLAMA_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1, "repeat_last_n": 64,
     "presence_penalty": 0.0, "frequency_penalty": 0.0, "seed": -1, "num_predict": -1,
-}
-_FLOATS = {"temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty", "frequency_penalty",
-           "tfs_z", "mirostat_tau", "mirostat_eta"}
-_INTS = {"top_k", "num_predict", "num_ctx", "repeat_last_n", "seed", "num_keep", "mirostat", "num_batch",
-         "num_gpu", "main_gpu", "num_thread", "num_gqa"}
-_BOOLS = {"penalize_newline", "numa", "low_vram", "f16_kv", "vocab_only", "use_mmap", "use_mlock", "logits_all",
-          "embedding_only"}
+})
+_FLOATS = frozenset({"temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+                     "frequency_penalty", "tfs_z", "mirostat_tau", "mirostat_eta"})
+_INTS = frozenset({"top_k", "num_predict", "num_ctx", "repeat_last_n", "seed", "num_keep", "mirostat", "num_batch",
+                   "num_gpu", "main_gpu", "num_thread", "num_gqa"})
+_BOOLS = frozenset({"penalize_newline", "numa", "low_vram", "f16_kv", "vocab_only", "use_mmap", "use_mlock",
+                    "logits_all", "embedding_only"})
 # Accepted for compatibility but without effect on MLX (hardware placement, llama.cpp-only samplers).
-_NO_EFFECT = {"typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "num_keep", "num_batch", "num_gpu",
-              "main_gpu", "num_thread", "num_gqa", "penalize_newline", "numa", "low_vram", "f16_kv", "vocab_only",
-              "use_mmap", "use_mlock", "logits_all", "embedding_only"}
+NO_EFFECT = frozenset({"typical_p", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "num_keep", "num_batch",
+                       "num_gpu", "main_gpu", "num_thread", "num_gqa", "penalize_newline", "numa", "low_vram",
+                       "f16_kv", "vocab_only", "use_mmap", "use_mlock", "logits_all", "embedding_only"})
+KNOWN_OPTIONS = _FLOATS | _INTS | _BOOLS | frozenset({"stop", "num_ctx"})
 
 
-def _check(key: str, value: Any) -> Any:
+def check_option(key: str, value: Any) -> Any:
+    """The value in the engine's type, or a 400 naming the option (other keys pass through unchanged)."""
     if key in _FLOATS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise BadRequest(f"invalid option \"{key}\": expected a number, got {value!r}")
@@ -54,42 +54,4 @@ def _check(key: str, value: Any) -> Any:
     return value
 
 
-def ollama_sampling(options: Any, model_defaults: Mapping[str, Any]
-                    ) -> tuple[SamplingParams, Optional[int], Optional[int], tuple[str, ...]]:
-    """(sampling, max_tokens, num_ctx, stop) from request options over per-model options over Ollama defaults."""
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        raise BadRequest("invalid value for field \"options\": expected an object")
-    merged: dict[str, Any] = dict(OLLAMA_DEFAULTS)
-    for source in (model_defaults, options):
-        for key, value in source.items():
-            if value is None:
-                continue
-            if key not in _FLOATS | _INTS | _BOOLS | {"stop"}:
-                log.info("ignoring unknown option %r", key)
-                continue
-            if key in _NO_EFFECT:
-                log.debug("option %r has no effect on MLX", key)
-            merged[key] = _check(key, value)
-    temperature = merged["temperature"]
-    if temperature < 0:
-        raise BadRequest("invalid option \"temperature\": must be >= 0")
-    if not 0.0 <= merged["top_p"] <= 1.0:
-        raise BadRequest("invalid option \"top_p\": must be between 0 and 1")
-    if merged["top_k"] < 0:
-        raise BadRequest("invalid option \"top_k\": must be >= 0")
-    if merged["repeat_penalty"] <= 0:
-        raise BadRequest("invalid option \"repeat_penalty\": must be > 0")
-    seed = merged["seed"]
-    sampling = SamplingParams(
-        temperature=temperature, top_p=merged["top_p"], top_k=merged["top_k"], min_p=merged["min_p"],
-        repeat_penalty=merged["repeat_penalty"], repeat_last_n=merged["repeat_last_n"],
-        presence_penalty=merged["presence_penalty"], frequency_penalty=merged["frequency_penalty"],
-        seed=None if seed is None or seed < 0 else seed)
-    num_predict = merged["num_predict"]
-    num_ctx = merged.get("num_ctx")
-    if num_ctx is not None and num_ctx < 1:
-        raise BadRequest("invalid option \"num_ctx\": must be positive")
-    stop = tuple(merged.get("stop") or ())
-    return sampling, (num_predict if num_predict and num_predict > 0 else None), num_ctx, stop
+__all__ = ["KNOWN_OPTIONS", "NO_EFFECT", "OLLAMA_DEFAULTS", "check_option"]

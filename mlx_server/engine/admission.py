@@ -10,18 +10,25 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
-from mlx_server.types import Event, GenerateRequest
+from mlx_server.engine.prepare import Prepared
+from mlx_server.types import Event, GenerateRequest, LoadRequest, UnloadRequest
 
 Sink = Callable[[Event], None]
+Job = Union[Prepared, LoadRequest, UnloadRequest]
 
 
 @dataclass
 class Waiting:
-    request: GenerateRequest
+    job: Job
     sink: Sink
     enqueued: float
+    load_seconds: float = 0.0  # the load this request waited for, reported as its load_duration
+
+    @property
+    def request(self) -> Union[GenerateRequest, LoadRequest, UnloadRequest]:
+        return self.job.request if isinstance(self.job, Prepared) else self.job
 
 
 class WaitList:
@@ -40,19 +47,29 @@ class WaitList:
     def push(self, w: Waiting) -> None:
         heapq.heappush(self._heap, (int(w.request.priority), next(self._order), w))
 
-    def pop(self, now: float) -> Waiting:
+    def peek(self, now: float) -> Waiting:
         """The next request to admit: best priority after ageing, then the earliest to arrive."""
         if self.aging > 0 and len(self._heap) > 1:
             def rank(item: tuple[int, int, Waiting]) -> tuple[float, int]:
                 priority, order, w = item
                 return priority - (now - w.enqueued) // self.aging, order
 
-            best = min(self._heap, key=rank)
-            if best is not self._heap[0]:
-                self._heap.remove(best)
-                heapq.heapify(self._heap)
-                return best[2]
-        return heapq.heappop(self._heap)[2]
+            return min(self._heap, key=rank)[2]
+        return self._heap[0][2]
+
+    def pop(self, now: float) -> Waiting:
+        best = self.peek(now)
+        self.discard(best)
+        return best
+
+    def discard(self, w: Waiting) -> None:
+        """Take `w` off the ready heap (it starts, or fails)."""
+        self._heap = [item for item in self._heap if item[2] is not w]
+        heapq.heapify(self._heap)
+
+    @property
+    def parked(self) -> int:
+        return sum(len(p) for p in self._parked.values())
 
     def park(self, model: str, w: Waiting) -> None:
         self._parked.setdefault(model, []).append(w)

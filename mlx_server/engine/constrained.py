@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Optional, cast
 import mlx.core as mx
 import numpy as np
 
-from mlx_server.engine.parsers import ToolFormat, tool_format_for
+from mlx_server.engine.parsers import GENERIC_JSON, ToolFormat, forced_tool_format, function_defs, tool_format_for
 from mlx_server.errors import BadRequest
 from mlx_server.types import GenerateRequest
 
@@ -205,17 +205,15 @@ def json_grammar(fmt: Any) -> str:
 
 def tool_call_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], name: Optional[str],
                       marker: Callable[[str], str]) -> Optional[str]:
-    """A grammar that forces one call (to `name`, or to any of `tools`) in the model's own format.
+    """A grammar that forces one call (to `name`, or to any of `tools`) in format `fmt`.
 
-    Only formats whose call is JSON are forced; for others the caller falls back to the model's judgment.
+    Only formats whose call is JSON can be forced (None for others); `forced_tool_format` picks one that can.
     """
     import llguidance
 
-    defs = [t.get("function", t) for t in tools if isinstance(t, dict)]
-    if name is not None:
-        defs = [d for d in defs if d.get("name") == name]
-        if not defs:
-            raise BadRequest(f"tool_choice names a tool that is not in tools: {name!r}")
+    defs = function_defs(tools, name)
+    if name is not None and not defs:
+        raise BadRequest(f"tool_choice names a tool that is not in tools: {name!r}")
     if not defs:
         raise BadRequest("a tool call was required but no tools were given")
     args_key = "parameters" if fmt.name == "llama3_json" else "arguments"
@@ -235,7 +233,7 @@ def tool_call_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], name: Option
     call = "%json " + json.dumps(_with_options(schema), ensure_ascii=False)
     if fmt.name == "json_tools":
         lark = f'start: {marker(fmt.start)} "\\n" call "\\n" {marker(fmt.end)}\ncall: {call}\n'
-    elif fmt.name == "llama3_json":
+    elif fmt.name in ("llama3_json", GENERIC_JSON.name):
         lark = f"start: call\ncall: {call}\n"
     else:
         log.info("cannot force a tool call in the %s format; leaving it to the model", fmt.name)
@@ -259,12 +257,15 @@ class Constraints:
 
     def grammar(self, req: GenerateRequest) -> Optional[str]:
         if req.force_tool is not None and req.tools:
-            if self.tool_format is not None:
-                grammar = tool_call_grammar(self.tool_format, req.tools, req.force_tool.name, self.vocab.marker)
-                if grammar is not None:
-                    return grammar
-            elif req.force_tool.name is not None:
-                log.info("model has no known tool-call format; tool_choice is a hint only")
+            # A required call is always forced: in the model's own format when it is JSON, else as generic JSON
+            # (which make_output reads back and prompt.render describes when the template cannot show tools).
+            fmt = forced_tool_format(self.tool_format)
+            if fmt is not self.tool_format:
+                log.debug("forcing a generic JSON tool call (model format: %s)",
+                          self.tool_format.name if self.tool_format else "none")
+            grammar = tool_call_grammar(fmt, req.tools, req.force_tool.name, self.vocab.marker)
+            if grammar is not None:
+                return grammar
         if req.format is not None:
             return json_grammar(req.format)
         return None

@@ -1,136 +1,101 @@
-"""The inference thread: drain commands → admit waiting requests → step every active batch → publish events.
+"""The inference thread: drain commands → admit waiting requests → step every active batch → publish status.
 
-It is the only thread that touches MLX. Handlers talk to it through typed commands on a queue and receive
-typed events through a per-request sink; `Engine.stream()` wraps that as an async iterator whose closing
-(client gone, handler cancelled) sends a Cancel, so the sequence leaves the batch before the next step.
+It is the only thread that touches MLX, and it does nothing else: requests arrive prepared (engine/prepare.py),
+loads advance in slices, and what handlers may read is published as one frozen EngineStatus per iteration.
+Memory is checked before it is used: weights, the KV reserved for every admitted sequence and the stored prompt
+caches together stay within the budget (pool.make_room), and a request that does not fit waits its turn.
+Every request the thread accepts is registered until its terminal event; whatever fails — a step, a cleanup,
+the thread itself — each registered request still gets exactly one Done or Failed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import queue
 import threading
 import time
-from typing import AsyncIterator, Callable, Optional
+from typing import Callable, Literal, Optional
 
 import mlx.core as mx
 
 from mlx_server.config import Config
 from mlx_server.engine.admission import Waiting, WaitList
+from mlx_server.engine.commands import Admit, Cancel, Command, Control, Preload, Shutdown, Sink
 from mlx_server.engine.loader import LoadedModel, ModelLoader
-from mlx_server.engine.pool import FOREVER, ModelPool, Resident
-from mlx_server.errors import (InternalError, MlxServerError, ModelNotFound, RequestTimeout, ServerBusy,
+from mlx_server.engine.pool import ModelPool, Resident
+from mlx_server.engine.prepare import Prepared
+from mlx_server.engine.runner import KV_STEP
+from mlx_server.errors import (InsufficientMemory, InternalError, MlxServerError, ModelNotFound, RequestTimeout,
                                ServiceUnavailable)
-from mlx_server.types import (Cancel, Command, Done, EngineCounters, Event, Failed, GenerateRequest, Preload, Shutdown,
-                              Started, Submit, Usage)
+from mlx_server.status import EngineCounters, EngineStatus, MemoryStatus, ModelStatus, Observer
+from mlx_server.types import Done, EngineRequest, Event, Failed, LoadRequest, UnloadRequest, Usage
 
 log = logging.getLogger("mlx_server.engine")
 
-Sink = Callable[[Event], None]
+Outcome = Literal["started", "parked", "blocked"]
 
 
-class Engine:
-    def __init__(self, config: Config, *, loader: Optional[ModelLoader] = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+class Core:
+    def __init__(self, config: Config, loader: ModelLoader, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.loader = loader or ModelLoader(config)
+        self.loader = loader
         self.clock = clock
         s = config.server
         self.pool: ModelPool[LoadedModel] = ModelPool(
-            budget=s.memory_budget, max_models=s.max_loaded_models, loader=self.loader.load,
-            estimate=self.loader.estimate, unloader=self.loader.unload, clock=clock,
-            available=self.loader.reclaimable_memory)
+            budget=s.memory_budget, max_models=s.max_loaded_models, loader=loader.load, estimate=loader.estimate,
+            unloader=loader.unload, clock=clock, available=_available_memory,
+            held=lambda m: m.runner.kv_reserved + m.runner.prompt_cache.nbytes, trim=self._trim_caches)
         self._commands: "queue.Queue[Command]" = queue.Queue()
+        self._closed = False  # set once, under _lock, when the thread stops taking commands
+        self._lock = threading.Lock()
         self._waiting = WaitList()
-        self._owner: dict[int, str] = {}  # request_id → model name, for requests admitted into a runner
+        self._sinks: dict[int, Sink] = {}  # every accepted request until its terminal event
+        self._requests: dict[int, EngineRequest] = {}
+        self._owner: dict[int, str] = {}  # request_id → model, for requests admitted into a runner
         self._preloads: collections.deque[str] = collections.deque()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
-        self.fatal: Optional[BaseException] = None
-        self.counters = EngineCounters()
-        # Observer of every event (metrics); runs on the inference thread and must not raise into it.
-        self.on_event: Optional[Callable[[GenerateRequest, Event], None]] = None
-        self._submitted = 0  # handler-side count, so a full queue is refused before the engine sees it
-        self.draining = False  # set at shutdown: new requests are refused, in-flight ones finish
-        self._lock = threading.Lock()
+        self.observer: Optional[Observer] = None
+        self.status = EngineStatus(memory=MemoryStatus(budget=s.memory_budget))
+        self._counters = EngineCounters()
+        self._fatal: Optional[str] = None
 
-    # ---- lifecycle ----------------------------------------------------------------------------------------
+    # ---- any thread ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mlx-inference", daemon=True)
         self._thread.start()
-        wanted = [m.name for m in self.config.models.values() if m.preload]
-        if wanted:
-            self.preload(wanted)  # in the background: start-up never waits for it
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is None or not self._thread.is_alive():
             return
-        self._commands.put(Shutdown())
+        try:
+            self.post(Shutdown())
+        except ServiceUnavailable:
+            return
         self._thread.join(timeout)
 
     @property
-    def in_flight(self) -> int:
-        """Requests submitted and not yet finished (queued, loading or generating)."""
-        return self._submitted
-
-    @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.fatal is None
+        return self._thread is not None and self._thread.is_alive() and not self._closed
 
-    # ---- handler side (any thread) ------------------------------------------------------------------------
-
-    def submit(self, request: GenerateRequest, sink: Sink) -> None:
-        if self.draining:
-            raise ServiceUnavailable("server is shutting down")
-        if not self.alive:
-            raise ServiceUnavailable("inference engine is not running")
+    def post(self, cmd: Command) -> None:
+        """Queue a command; raises ServiceUnavailable once the thread has stopped (nothing is left behind)."""
         with self._lock:
-            if self._submitted >= self.config.server.max_queue + self.config.server.max_concurrent:
-                raise ServerBusy()
-            self._submitted += 1
-        self._commands.put(Submit(request, sink))
+            if self._closed:
+                raise ServiceUnavailable("inference engine is not running")
+            self._commands.put(cmd)
 
-    def cancel(self, request_id: int, reason: str = "cancelled") -> None:
-        self._commands.put(Cancel(request_id, reason))  # type: ignore[arg-type]
-
-    def preload(self, names: list[str]) -> None:
-        self._commands.put(Preload(tuple(names)))
-
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[Event]:
-        """Events for one request; leaving the iteration early cancels it in the engine."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def sink(event: Event) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
-                pass
-
-        self.submit(request, sink)
-        finished = False
-        try:
-            while True:
-                event = await events.get()
-                if isinstance(event, (Done, Failed)):
-                    finished = True
-                yield event
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.cancel(request.request_id)
-
-    # ---- inference thread ---------------------------------------------------------------------------------
+    # ---- the thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        _limit_metal_memory(self.config.server.memory_budget)
+        error: MlxServerError = ServiceUnavailable("server is shutting down")
         try:
             while not self._stopping:
-                busy = (self.pool.loading is not None or bool(self._preloads)
-                        or any(r.model.runner.has_work() for r in self._residents()))
+                busy = (self.pool.loading is not None or bool(self._preloads) or self._waiting.ready()
+                        or any(r.model.runner.has_work() for r in self.pool.residents()))
                 self._drain(block=not busy)
                 if self._stopping:
                     break
@@ -139,17 +104,32 @@ class Engine:
                 self._advance_load()
                 self._next_preload()
                 self.pool.sweep()
-                self._read_memory()
+                self._publish()
         except BaseException as exc:  # noqa: BLE001 - record why the thread died so /health can say so
-            self.fatal = exc
             log.exception("inference thread died")
-            self._fail_everything(ServiceUnavailable(f"inference engine failed: {exc}"))
-        else:
-            self._fail_everything(ServiceUnavailable("server is shutting down"))
+            error = ServiceUnavailable(f"inference engine failed: {exc}")
+            self._fatal = repr(exc)
+        finally:
+            self._close(error)
+        try:
             self.pool.unload_all()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            log.exception("unloading at shutdown")
+        self._publish()
 
-    def _residents(self) -> list:
-        return [r for name in self.pool.names() if (r := self.pool.get(name)) is not None]
+    def _close(self, error: MlxServerError) -> None:
+        """Stop taking commands, then end every request still known: queued, waiting or running."""
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, (Admit, Control)):
+                _deliver(cmd.sink, Failed(_request_id(cmd), error))
+        for request_id in list(self._sinks):
+            self._end(request_id, Failed(request_id, error))
 
     def _drain(self, block: bool) -> None:
         timeout = None
@@ -168,13 +148,15 @@ class Engine:
                 return
 
     def _handle(self, cmd: Command) -> None:
-        if isinstance(cmd, Submit):
-            req = cmd.request
-            self._waiting.push(Waiting(req, self._wrap_sink(req, cmd.sink), self.clock()))
-            c = self.counters
-            prio = list(c.by_priority)
+        if isinstance(cmd, (Admit, Control)):
+            job = cmd.prepared if isinstance(cmd, Admit) else cmd.request
+            req = job.request if isinstance(job, Prepared) else job
+            self._sinks[req.request_id] = cmd.sink
+            self._requests[req.request_id] = req
+            self._waiting.push(Waiting(job, cmd.sink, self.clock()))
+            prio = list(self._counters.by_priority)
             prio[int(req.priority)] += 1
-            self._set_counters(total_queued=c.total_queued + 1, by_priority=tuple(prio))
+            self._count(total_queued=self._counters.total_queued + 1, by_priority=tuple(prio))
         elif isinstance(cmd, Cancel):
             self._cancel(cmd.request_id)
         elif isinstance(cmd, Preload):
@@ -185,33 +167,52 @@ class Engine:
             # Only typed commands cross the queue; anything else is a bug worth dying loudly for (and /health says so).
             raise TypeError(f"not an engine command: {cmd!r}")
 
-    def _wrap_sink(self, req: GenerateRequest, sink: Sink) -> Sink:
-        """Observe each request's end to release the model and keep the counters honest."""
+    # ---- ending requests ----------------------------------------------------------------------------------
 
-        def wrapped(event: Event) -> None:
-            if self.on_event is not None:
-                try:
-                    self.on_event(req, event)
-                except Exception:  # noqa: BLE001 - observability must never break generation
-                    log.exception("event observer failed")
+    def _end(self, request_id: int, event: Event) -> None:
+        """Deliver a request's terminal event first; then the bookkeeping, which must not take the thread down."""
+        sink = self._sinks.pop(request_id, None)
+        req = self._requests.pop(request_id, None)
+        if sink is None:
+            return
+        self._observe(req, event)
+        _deliver(sink, event)
+        try:
+            name = self._owner.pop(request_id, None)
+            if name is not None and req is not None:
+                self.pool.release(name, self._keep_alive(req))
+        except Exception:  # noqa: BLE001 - e.g. an unload that failed; the request already has its answer
+            log.exception("releasing request %d", request_id)
+        cancelled = isinstance(event, Done) and event.reason == "cancelled"
+        self._count(total_processed=self._counters.total_processed + 1,
+                    cancelled=self._counters.cancelled + cancelled)
+        self._publish()
+
+    def _sink_for(self, request_id: int) -> Sink:
+        """What a runner publishes into: terminal events go through _end, the rest straight to the client."""
+
+        def sink(event: Event) -> None:
             if isinstance(event, (Done, Failed)):
-                with self._lock:
-                    self._submitted -= 1
-                name = self._owner.pop(req.request_id, None)
-                if name is not None:
-                    self.pool.release(name, self._keep_alive(req))
-                c = self.counters
-                self._set_counters(total_processed=c.total_processed + 1,
-                                   cancelled=c.cancelled + (isinstance(event, Done) and event.reason == "cancelled"))
-            sink(event)
+                self._end(request_id, event)
+            else:
+                self._observe(self._requests.get(request_id), event)
+                target = self._sinks.get(request_id)
+                if target is not None:
+                    _deliver(target, event)
 
-        return wrapped
+        return sink
 
-    def _keep_alive(self, req: GenerateRequest) -> float:
+    def _observe(self, req: Optional[EngineRequest], event: Event) -> None:
+        if self.observer is not None and req is not None:
+            try:
+                self.observer(req, event)
+            except Exception:  # noqa: BLE001 - observability must never break generation
+                log.exception("event observer failed")
+
+    def _keep_alive(self, req: EngineRequest) -> float:
         """Ollama's order: the request's keep_alive, else the model's, else the server default."""
-        if req.keep_alive is not None:
-            return req.keep_alive
-        return self._model_keep_alive(req.model)
+        value = getattr(req, "keep_alive", None)
+        return value if value is not None else self._model_keep_alive(req.model)
 
     def _model_keep_alive(self, name: str) -> float:
         model = self.config.models.get(name)
@@ -222,62 +223,81 @@ class Engine:
     def _cancel(self, request_id: int) -> None:
         waiting = self._waiting.remove(request_id)
         if waiting is not None:
-            waiting.sink(Done(request_id, waiting.request.model, "cancelled", Usage()))
+            self._end(request_id, Done(request_id, waiting.request.model, "cancelled", Usage()))
             return
         name = self._owner.get(request_id)
         entry = self.pool.get(name) if name else None
         if entry is not None:
             entry.model.runner.cancel(request_id)
 
+    # ---- admission ----------------------------------------------------------------------------------------
+
     def _admit(self) -> None:
         limit = self.config.server.max_concurrent
         for w in self._waiting.expired(time.monotonic()):
-            w.sink(Failed(w.request.request_id, RequestTimeout(
+            self._end(w.request.request_id, Failed(w.request.request_id, RequestTimeout(
                 f"request timed out after {w.request.timeout:g}s waiting for its turn")))
-        while self._waiting.ready() and len(self._owner) < limit:
-            w = self._waiting.pop(self.clock())
+        # Parked requests (behind a load) count: max_concurrent bounds every started sequence.
+        while self._waiting.ready() and len(self._owner) + self._waiting.parked < limit:
+            w = self._waiting.peek(self.clock())
+            request_id = w.request.request_id
             try:
-                self._admit_one(w)
+                outcome = self._try_start(w)
             except MlxServerError as exc:
-                w.sink(Failed(w.request.request_id, exc))
-            except Exception as exc:  # noqa: BLE001 - one request's bad input must fail it, never kill the thread
-                log.exception("admitting request %d failed", w.request.request_id)
-                w.sink(Failed(w.request.request_id, InternalError(f"request failed: {exc}")))
-        self._publish_queue()
+                self._waiting.discard(w)
+                self._end(request_id, Failed(request_id, exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - one request's failure must fail it, never the thread
+                log.exception("admitting request %d failed", request_id)
+                self._waiting.discard(w)
+                self._end(request_id, Failed(request_id, InternalError(f"request failed: {exc}")))
+                continue
+            if outcome == "blocked":
+                break  # memory is held by requests in flight: wait for them, in priority order
+            self._waiting.discard(w)
+            if outcome == "parked":
+                self._waiting.park(w.request.model, w)
 
-    def _publish_queue(self) -> None:
-        self._set_counters(queue_size=len(self._waiting), active_requests=len(self._owner))
-
-    def _admit_one(self, w: Waiting) -> None:
-        req = w.request
-        if req.model not in self.config.models:
-            raise ModelNotFound(req.model)
-        if req.is_empty and req.keep_alive == 0:
-            unloaded = self.pool.unload(req.model)
-            log.info("unload-only request for %s (%s)", req.model, "unloaded" if unloaded else "not resident")
-            w.sink(Done(req.request_id, req.model, "unload", Usage()))
-            return
-        entry = self.pool.request(req.model)
+    def _try_start(self, w: Waiting) -> Outcome:
+        job, name = w.job, w.request.model
+        if name not in self.config.models:
+            raise ModelNotFound(name)
+        if isinstance(job, UnloadRequest):
+            if self.pool.get(name) is not None:
+                self.pool.set_keep_alive(name, 0)  # now if idle, else as soon as its requests finish
+            self._end(job.request_id, Done(job.request_id, name, "unload", Usage(total_duration=self._age(job))))
+            return "started"
+        entry = self.pool.get(name)
+        if isinstance(job, LoadRequest):
+            got = self.pool.request(name)
+            if isinstance(got, str):
+                return "blocked" if got == "blocked" else "parked"
+            self.pool.set_keep_alive(name, self._keep_alive(job))
+            self._end(job.request_id, Done(job.request_id, name, "load", Usage(
+                load_duration=w.load_seconds, total_duration=self._age(job))))
+            return "started"
+        assert isinstance(job, Prepared)
         if entry is None:
-            self._waiting.park(req.model, w)
-            return
-        self._start(w, entry, 0.0)
+            files = self.loader.preparer.files(name)  # made by the preparation stage already: no disk work here
+            got = self.pool.request(name, reserve=2 * _round_kv(job.kv_tokens) * files.kv_per_token)
+            if isinstance(got, str):
+                return "blocked" if got == "blocked" else "parked"
+            entry = got
+        runner = entry.model.runner
+        alone = entry.size + runner.kv_bytes([job.kv_tokens])
+        if alone > self.pool.budget:
+            raise InsufficientMemory(
+                f"model \"{name}\" needs {alone / 1e9:.2f} GB for this request (weights {entry.size / 1e9:.2f} GB + "
+                f"KV for {job.kv_tokens} tokens), more than the memory budget of {self.pool.budget / 1e9:.2f} GB")
+        if not self.pool.make_room(runner.kv_needed(job), keep=name):
+            return "blocked"
+        self.pool.acquire(name)
+        self._owner[job.request.request_id] = name
+        runner.add(job, self._sink_for(job.request.request_id), w.load_seconds)
+        return "started"
 
-    def _start(self, w: Waiting, entry: Resident[LoadedModel], load_seconds: float) -> None:
-        req = w.request
-        if req.is_empty:
-            self.pool.set_keep_alive(req.model, self._keep_alive(req))
-            w.sink(Done(req.request_id, req.model, "load", Usage(load_duration=load_seconds,
-                                                                  total_duration=load_seconds)))
-            return
-        self.pool.acquire(req.model)
-        self._owner[req.request_id] = req.model
-        try:
-            entry.model.runner.add(req, w.sink, load_seconds)
-        except BaseException:
-            self._owner.pop(req.request_id, None)
-            self.pool.release(req.model, self._keep_alive(req))
-            raise
+    def _age(self, req: EngineRequest) -> float:
+        return max(0.0, time.monotonic() - req.created)
 
     def _advance_load(self) -> None:
         name = self.pool.loading
@@ -287,26 +307,17 @@ class Engine:
             entry = self.pool.advance()
         except MlxServerError as exc:
             for w in self._waiting.unpark(name):
-                w.sink(Failed(w.request.request_id, exc))
+                self._end(w.request.request_id, Failed(w.request.request_id, exc))
             self._waiting.requeue_parked()
-            self._publish_queue()
             return
         if entry is None:
             return
-        waiting = self._waiting.unpark(name)
-        if not waiting:
-            # A preload, or a load whose requests all left: its keep_alive clock starts now.
-            self.pool.set_keep_alive(name, self._model_keep_alive(name))
-        for w in waiting:
-            try:
-                self._start(w, entry, entry.load_seconds)
-            except MlxServerError as exc:
-                w.sink(Failed(w.request.request_id, exc))
-            except Exception as exc:  # noqa: BLE001 - as in _admit: fail this request, keep the thread
-                log.exception("starting request %d failed", w.request.request_id)
-                w.sink(Failed(w.request.request_id, InternalError(f"request failed: {exc}")))
+        # Its keep_alive clock starts now (a preload, or a load whose requests all left); requests set their own.
+        self.pool.set_keep_alive(name, self._model_keep_alive(name))
+        for w in self._waiting.unpark(name):
+            w.load_seconds = entry.load_seconds
+            self._waiting.push(w)
         self._waiting.requeue_parked()
-        self._publish_queue()
 
     def _next_preload(self) -> None:
         if not self._preloads or self.pool.loading is not None:
@@ -316,10 +327,10 @@ class Engine:
             if self.pool.get(name) is not None:
                 return
             need = self.loader.estimate(name)
-            if (self.pool.resident_bytes() + need > self.pool.budget
+            if (self.pool.used_bytes() + need > self.pool.budget
                     or len(self.pool.names()) >= self.pool.max_models):
                 log.info("preload stopped at %s: it needs %.2f GB and the memory budget (%.2f of %.2f GB used, "
-                         "%d models) is reached", name, need / 1e9, self.pool.resident_bytes() / 1e9,
+                         "%d models) is reached", name, need / 1e9, self.pool.used_bytes() / 1e9,
                          self.pool.budget / 1e9, len(self.pool.names()))
                 self._preloads.clear()
                 return
@@ -328,9 +339,11 @@ class Engine:
         except MlxServerError as exc:
             log.warning("preload of %s skipped: %s", name, exc.message)
 
+    # ---- stepping -----------------------------------------------------------------------------------------
+
     def _step_all(self) -> None:
         generated = 0
-        for entry in self._residents():
+        for entry in self.pool.residents():
             runner = entry.model.runner
             if not runner.has_work():
                 continue
@@ -339,23 +352,19 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - a bad step fails that batch, never the thread
                 log.exception("decode step failed for %s", entry.name)
                 runner.fail_all(InternalError(f"generation failed: {exc}"))
-                runner.reset()
-        self._cap_prompt_caches()
+        self._trim_caches(0)
         if generated:
-            c = self.counters
-            self._set_counters(steps=c.steps + 1, generated_tokens=c.generated_tokens + generated,
-                               active_requests=len(self._owner))
+            self._count(steps=self._counters.steps + 1,
+                        generated_tokens=self._counters.generated_tokens + generated)
 
-    def _read_memory(self) -> None:
-        active, peak, cached = mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory()
-        c = self.counters
-        if (active, peak, cached) != (c.mlx_active_bytes, c.mlx_peak_bytes, c.mlx_cache_bytes):
-            self._set_counters(mlx_active_bytes=active, mlx_peak_bytes=peak, mlx_cache_bytes=cached)
+    def _trim_caches(self, free: int) -> None:
+        """Hold stored prompt caches to their cap and to what the budget leaves, and free `free` bytes more.
 
-    def _cap_prompt_caches(self) -> None:
-        """One byte cap for the stored prompt caches of all resident models; least recently used models give first."""
-        runners = [entry.model.runner for entry in self._residents()]
-        over = sum(r.prompt_cache.nbytes for r in runners) - self.config.server.prompt_cache_bytes
+        Least recently used models give first."""
+        runners = [entry.model.runner for entry in self.pool.residents()]
+        stored = sum(r.prompt_cache.nbytes for r in runners)
+        room = self.pool.budget - (self.pool.used_bytes() - stored)
+        over = max(stored - min(self.config.server.prompt_cache_bytes, room), free)
         for runner in runners:
             if over <= 0:
                 return
@@ -363,24 +372,66 @@ class Engine:
             runner.trim_prompt_cache(before - over)
             over -= before - runner.prompt_cache.nbytes
 
-    def _fail_everything(self, error: MlxServerError) -> None:
-        for w in self._waiting.take_all():
-            w.sink(Failed(w.request.request_id, error))
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(cmd, Submit):
-                cmd.sink(Failed(cmd.request.request_id, error))
-        for entry in self._residents():
-            try:
-                entry.model.runner.fail_all(error)
-            except Exception:  # noqa: BLE001 - best effort while dying
-                log.exception("failing requests of %s", entry.name)
+    # ---- status -------------------------------------------------------------------------------------------
 
-    def _set_counters(self, **changes: object) -> None:
-        self.counters = EngineCounters(**{**self.counters.__dict__, **changes})
+    def _count(self, **changes: object) -> None:
+        self._counters = EngineCounters(**{**self._counters.__dict__, **changes})
+
+    def _publish(self) -> None:
+        """Replace the status snapshot; after every loop iteration and every request's end."""
+        now_active = len(self._owner) + self._waiting.parked
+        self._counters = EngineCounters(**{**self._counters.__dict__, "active_requests": now_active,
+                                           "queue_size": len(self._waiting) - self._waiting.parked})
+        models = []
+        for r in self.pool.residents():
+            runner = r.model.runner
+            models.append(ModelStatus(
+                name=r.name, size=r.size, context_length=runner.context_length, loaded_at=r.loaded_at,
+                load_seconds=r.load_seconds, last_used=r.last_used, expires_at=r.expires_at, active=r.active,
+                use_count=r.use_count, kv_reserved=runner.kv_reserved, prompt_cache=runner.prompt_cache.nbytes))
+        if self.pool.loading is not None:
+            models.append(ModelStatus(name=self.pool.loading, size=self.pool.loading_size, context_length=0,
+                                      loaded_at=0.0, load_seconds=0.0, last_used=0.0, expires_at=None, active=0,
+                                      use_count=0, is_loading=True))
+        memory = MemoryStatus(
+            budget=self.pool.budget, weights=self.pool.resident_bytes() + self.pool.loading_size,
+            kv_reserved=sum(m.kv_reserved for m in models), prompt_cache=sum(m.prompt_cache for m in models),
+            mlx_active=mx.get_active_memory(), mlx_peak=mx.get_peak_memory(), mlx_cache=mx.get_cache_memory())
+        self.status = EngineStatus(alive=self._fatal is None and not self._closed, fatal=self._fatal,
+                                   counters=self._counters,
+                                   models=tuple(models), pool=self.pool.stats, memory=memory)
 
 
-__all__ = ["Engine", "EngineCounters", "FOREVER", "Started"]
+def _deliver(sink: Sink, event: Event) -> None:
+    try:
+        sink(event)
+    except Exception:  # noqa: BLE001 - a broken listener is that request's problem only
+        log.exception("delivering %s failed", type(event).__name__)
+
+
+def _request_id(cmd: Admit | Control) -> int:
+    return cmd.prepared.request.request_id if isinstance(cmd, Admit) else cmd.request.request_id
+
+
+def _round_kv(tokens: int) -> int:
+    return -(-tokens // KV_STEP) * KV_STEP
+
+
+def _available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _limit_metal_memory(budget: int) -> None:
+    """On Metal, make an overrun of the budget an allocation error rather than a process abort."""
+    try:
+        if not mx.metal.is_available():
+            return
+        mx.set_memory_limit(budget)
+        mx.set_wired_limit(min(budget, int(mx.metal.device_info().get("max_recommended_working_set_size", budget))))
+    except Exception as exc:  # noqa: BLE001 - older macOS has no wired limit; the budget still holds
+        log.warning("could not set MLX memory limits: %s", exc)
+
+
+__all__ = ["Core"]

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -380,3 +381,20 @@ def _save_tokenizer(meta: Mapping[str, Any], out: Path, context_length: int) -> 
         model_max_length=context_length,
     )
     wrapped.save_pretrained(str(out))
+
+
+def main(argv: list[str]) -> int:
+    """`python -m mlx_server.engine.gguf_import FILE.gguf CACHE_DIR`: import once, print the model dir."""
+    if len(argv) != 2:
+        print("usage: python -m mlx_server.engine.gguf_import FILE.gguf CACHE_DIR", file=sys.stderr)
+        return 2
+    try:
+        print(import_gguf(Path(argv[0]), Path(argv[1])))
+    except Exception as exc:  # noqa: BLE001 - the parent reports the last stderr line as the reason
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Protocol, Sequence, cast
 
-from mlx_server.engine.parsers import OutputSplitter, Parts, starts_in_thinking, think_markers, tool_format_for
+from mlx_server.engine.parsers import OutputSplitter, Parts, request_tool_format, starts_in_thinking, think_markers
 from mlx_server.types import Delta, GenerateRequest, TokenLogprob
 
 
@@ -193,7 +193,7 @@ def make_output(req: GenerateRequest, tokenizer: Any, prompt: Sequence[int]) -> 
     constrained = req.format is not None or req.force_tool is not None
     tail = tokenizer.decode(list(prompt[-16:])) if think and not constrained else ""
     splitter = OutputSplitter(think, in_thinking=starts_in_thinking(tail, think),
-                              tools=tool_format_for(tokenizer) if req.tools else None, tool_defs=req.tools,
+                              tools=request_tool_format(req, tokenizer), tool_defs=req.tools,
                               keep_thinking=req.think is not False)
     reader = LogprobReader(tokenizer, req.top_logprobs) if req.logprobs else None
     return SequenceOutput(req.request_id, OutputStream(tokenizer.detokenizer, req.stop), splitter, reader)

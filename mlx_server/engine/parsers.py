@@ -8,7 +8,9 @@ as one tool call in the engine contract's Ollama shape `{"function": {"name", "a
 Tool formats come from mlx_lm where it knows the model family (its TokenizerWrapper infers a parser from the chat
 template: json_tools for Qwen2.5-style `<tool_call>{json}</tool_call>`, mistral for `[TOOL_CALLS]`, …). Llama 3
 emits bare JSON `{"name": ..., "parameters": ...}` with no marker, which mlx_lm does not parse; that format is
-recognised here from the template and handled as "the whole reply is one JSON value".
+recognised here from the template and handled as "the whole reply is one JSON value". A required call
+(tool_choice required / a named tool) for a model with no JSON tool format is forced as generic JSON
+`{"name": ..., "arguments": ...}` and read the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
+
+from mlx_server.types import GenerateRequest
 
 log = logging.getLogger("mlx_server.engine.parsers")
 
@@ -101,7 +105,8 @@ def parse_llama3_json(text: str, tools: Any = None) -> Any:
     return calls if len(calls) > 1 else calls[0]
 
 
-def _template_text(tokenizer: Any) -> str:
+def template_text(tokenizer: Any) -> str:
+    """The chat template's Jinja source ("" when there is none or it is code, not text)."""
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default") or next(iter(template.values()), "")
@@ -115,11 +120,38 @@ def tool_format_for(tokenizer: Any) -> Optional[ToolFormat]:
         name = getattr(parser, "__module__", "") or "mlx_lm"
         return ToolFormat(name=name.rsplit(".", 1)[-1], start=tokenizer.tool_call_start,
                           end=tokenizer.tool_call_end or "", parse=parser)
-    template = _template_text(tokenizer)
+    template = template_text(tokenizer)
     if "<|start_header_id|>" in template and "ipython" in template and "parameters" in template:
         return ToolFormat(name="llama3_json", start="<|python_tag|>", end="", parse=parse_llama3_json,
                           leading_json=True)
     return None
+
+
+# A required call is forced with a grammar, which needs the call to be one JSON object. Models whose own format is
+# that are forced in it; every other model (no known format, or a format that is not JSON) gets this one, which
+# the grammar forces, the prompt describes (engine/prompt.py) and the splitter reads as "the whole reply is a call".
+GENERIC_JSON = ToolFormat(name="generic_json", start="", end="", parse=parse_llama3_json, leading_json=True)
+FORCEABLE_FORMATS = frozenset({"json_tools", "llama3_json", GENERIC_JSON.name})
+
+
+def forced_tool_format(fmt: Optional[ToolFormat]) -> ToolFormat:
+    """The format a required call is written in: the model's own when a grammar can force it, else generic JSON."""
+    return fmt if fmt is not None and fmt.name in FORCEABLE_FORMATS else GENERIC_JSON
+
+
+def function_defs(tools: Any, name: Optional[str] = None) -> list[dict[str, Any]]:
+    """The function definitions of OpenAI-shape `tools` (`{"type": "function", "function": {...}}` or bare),
+    only the one called `name` when it is given."""
+    defs = [t.get("function", t) for t in (tools or []) if isinstance(t, dict)]
+    return [d for d in defs if isinstance(d, dict) and (name is None or d.get("name") == name)]
+
+
+def request_tool_format(req: GenerateRequest, tokenizer: Any) -> Optional[ToolFormat]:
+    """The tool-call format to read this request's output in (None: no tools, everything is text)."""
+    if not req.tools:
+        return None
+    fmt = tool_format_for(tokenizer)
+    return forced_tool_format(fmt) if req.force_tool is not None else fmt
 
 
 # ---- thinking -----------------------------------------------------------------------------------------------
@@ -293,5 +325,6 @@ class OutputSplitter:
         return Parts(tool_calls=calls)
 
 
-__all__ = ["OutputSplitter", "Parts", "ToolFormat", "normalize_calls", "parse_llama3_json", "starts_in_thinking",
-           "think_markers", "tool_format_for"]
+__all__ = ["FORCEABLE_FORMATS", "GENERIC_JSON", "OutputSplitter", "Parts", "ToolFormat", "forced_tool_format",
+           "function_defs", "normalize_calls", "parse_llama3_json", "request_tool_format", "starts_in_thinking",
+           "template_text", "think_markers", "tool_format_for"]

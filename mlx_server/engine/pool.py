@@ -3,7 +3,7 @@
 The pool is owned by the inference thread; nothing here locks. A load is a job the engine advances in slices
 between decode steps, so loading one model stalls other models' streams by at most one slice. One load runs at
 a time: a request for a model being loaded (or for another cold model meanwhile) waits, which makes loads
-single-flight by construction. HTTP handlers read `snapshot()`, an immutable copy replaced after every change.
+single-flight by construction. The engine publishes what handlers see (EngineStatus) from it.
 The clock and the loader are injected so tests can drive expiry, slow loads and failures deterministically.
 A loader returns either the model itself or a generator that yields between slices and returns the model.
 """
@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Generator, Generic, NoReturn, Optional, TypeVar, Union
+from typing import Callable, Generator, Generic, Literal, NoReturn, Optional, TypeVar, Union
 
 from mlx_server.errors import InsufficientMemory, MlxServerError, ModelLoadFailed
+from mlx_server.status import PoolStats
 
 log = logging.getLogger("mlx_server.pool")
 
@@ -47,34 +48,15 @@ class Resident(Generic[M]):
     use_count: int = 0
 
 
-@dataclass(frozen=True)
-class ResidentInfo:
-    name: str
-    size: int
-    loaded_at: float
-    load_seconds: float
-    last_used: float
-    expires_at: Optional[float]
-    active: int
-    use_count: int
-    is_loading: bool = False
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    loads: int = 0
-    load_failures: int = 0
-    evictions: int = 0
-    unloads: int = 0
-    load_seconds: float = 0.0
-
-
 class ModelPool(Generic[M]):
     def __init__(self, *, budget: int, max_models: int, loader: Callable[[str], Union[M, LoadJob]],
                  estimate: Callable[[str], int], unloader: Callable[[M], None],
                  clock: Callable[[], float] = time.monotonic,
-                 available: Optional[Callable[[], int]] = None) -> None:
+                 available: Optional[Callable[[], int]] = None,
+                 held: Callable[[M], int] = lambda m: 0, trim: Callable[[int], None] = lambda n: None) -> None:
         self.budget = budget
+        self._held = held  # bytes a resident holds beyond its weights (reserved KV, stored prompt caches)
+        self._trim = trim  # give up this many bytes of stored prompt caches, least recently used first
         self.max_models = max_models
         self._loader = loader
         self._estimate = estimate
@@ -84,18 +66,58 @@ class ModelPool(Generic[M]):
         self._resident: dict[str, Resident[M]] = {}  # insertion order = LRU order (oldest first)
         self._loading: Optional[_Loading[M]] = None
         self.stats = PoolStats()
-        self._snapshot: tuple[ResidentInfo, ...] = ()
 
-    # ---- queries (any thread reads snapshot / stats; the rest is inference-thread only) ------------------
+    # ---- queries (inference thread only, like everything here) ---------------------------------------------
 
-    def snapshot(self) -> tuple[ResidentInfo, ...]:
-        return self._snapshot
+    def residents(self) -> list[Resident[M]]:
+        return list(self._resident.values())
+
+    @property
+    def loading_size(self) -> int:
+        return self._loading.size if self._loading else 0
 
     def get(self, name: str) -> Optional[Resident[M]]:
         return self._resident.get(name)
 
     def resident_bytes(self) -> int:
         return sum(r.size for r in self._resident.values())
+
+    def used_bytes(self) -> int:
+        """Everything the budget covers: weights (a running load's too), reserved KV, stored prompt caches."""
+        loading = self._loading.size if self._loading else 0
+        return self.resident_bytes() + loading + sum(self._held(r.model) for r in self._resident.values())
+
+    def make_room(self, need: int, keep: Optional[str] = None, extra_model: bool = False) -> bool:
+        """Free memory for `need` more bytes (and one more model when `extra_model`); False if not possible now.
+
+        Stored prompt caches give way first; then idle models, least recently used first — but only when
+        evicting them is enough, so a request that must wait anyway never costs anyone their model.
+        """
+        def fits(used: int, count: int) -> bool:
+            return used + need <= self.budget and (not extra_model or count < self.max_models)
+
+        count = len(self._resident) + (1 if self._loading else 0)
+        if fits(self.used_bytes(), count):
+            return True
+        self._trim(self.used_bytes() + need - self.budget)
+        used = self.used_bytes()
+        if fits(used, count):
+            return True
+        victims = []
+        for r in self._resident.values():
+            if fits(used, count):
+                break
+            if r.active == 0 and r.name != keep:
+                victims.append(r.name)
+                used -= r.size + self._held(r.model)
+                count -= 1
+        if not fits(used, count):
+            return False
+        for name in victims:
+            log.info("evicting %s (least recently used, idle) to make room", name)
+            self._drop(name)
+            self.stats = replace(self.stats, evictions=self.stats.evictions + 1)
+        return True
 
     def names(self) -> list[str]:
         return list(self._resident)
@@ -106,22 +128,28 @@ class ModelPool(Generic[M]):
     def loading(self) -> Optional[str]:
         return self._loading.name if self._loading else None
 
-    def request(self, name: str) -> Optional[Resident[M]]:
-        """The resident model (now most recently used), or None while it loads.
+    def request(self, name: str, reserve: int = 0) -> Union[Resident[M], Literal["loading", "blocked"]]:
+        """The resident model (now most recently used); else "loading" once its load has started (or another
+        load runs first), or "blocked" while the memory it needs is held by requests in flight.
 
-        A cold model starts loading when no other load is running; otherwise the caller waits and asks again
-        once the current load finishes. Raises InsufficientMemory when it can never fit right now.
+        `reserve` is KV the first request will need on top of the weights. Raises InsufficientMemory when the
+        model can never fit the budget.
         """
         hit = self._resident.get(name)
         if hit is not None:
             self._resident[name] = self._resident.pop(name)  # most recently used goes last
             return hit
         if self._loading is not None:
-            return None
+            return "loading"
         need = self._estimate(name)
-        self._make_room(name, need)
+        if need + reserve > self.budget:
+            raise InsufficientMemory(
+                f"model \"{name}\" needs {(need + reserve) / 1e9:.2f} GB (weights {need / 1e9:.2f} GB + KV "
+                f"{reserve / 1e9:.2f} GB for this request), more than the memory budget of {self.budget / 1e9:.2f} GB")
+        if not self.make_room(need + reserve, extra_model=True):
+            return "blocked"
+        self._check_available(name, need)
         self._loading = _Loading(name=name, job=None, size=need, started=self._clock())
-        self._publish()
         try:
             produced = self._loader(name)
         except BaseException as exc:
@@ -130,7 +158,7 @@ class ModelPool(Generic[M]):
             self._loading.job = produced
         else:
             self._loading.result = produced
-        return None
+        return "loading"
 
     def advance(self) -> Optional[Resident[M]]:
         """Run one slice of the current load; the new resident when it completes. Load errors propagate."""
@@ -154,14 +182,12 @@ class ModelPool(Generic[M]):
         self.stats = replace(self.stats, loads=self.stats.loads + 1, load_seconds=self.stats.load_seconds + seconds)
         log.info("loaded %s in %.2fs (%.2f GB; resident %.2f / %.2f GB)", current.name, seconds, current.size / 1e9,
                  self.resident_bytes() / 1e9, self.budget / 1e9)
-        self._publish()
         return entry
 
     def _fail_load(self, exc: BaseException) -> NoReturn:
         current = self._loading
         self._loading = None
         self.stats = replace(self.stats, load_failures=self.stats.load_failures + 1)
-        self._publish()
         name = current.name if current else "?"
         if current is not None and current.job is not None:
             current.job.close()
@@ -170,21 +196,7 @@ class ModelPool(Generic[M]):
         log.error("loading %s failed: %s", name, exc)
         raise ModelLoadFailed(f"failed to load model \"{name}\": {exc}") from exc
 
-    def _make_room(self, name: str, need: int) -> None:
-        if need > self.budget:
-            raise InsufficientMemory(
-                f"model \"{name}\" needs {need / 1e9:.2f} GB, more than the memory budget of "
-                f"{self.budget / 1e9:.2f} GB")
-        while self._resident and (len(self._resident) >= self.max_models
-                                  or self.resident_bytes() + need > self.budget):
-            victim = next((r for r in self._resident.values() if r.active == 0), None)
-            if victim is None:
-                raise InsufficientMemory(
-                    f"model \"{name}\" needs {need / 1e9:.2f} GB but the memory budget of {self.budget / 1e9:.2f} GB "
-                    f"is held by models with requests in flight ({self.resident_bytes() / 1e9:.2f} GB resident)")
-            log.info("evicting %s (least recently used, idle) to make room for %s", victim.name, name)
-            self._drop(victim.name)
-            self.stats = replace(self.stats, evictions=self.stats.evictions + 1)
+    def _check_available(self, name: str, need: int) -> None:
         if self._available is not None:
             free = self._available()
             if need > free:
@@ -195,17 +207,15 @@ class ModelPool(Generic[M]):
     def _drop(self, name: str) -> None:
         entry = self._resident.pop(name)
         self._unloader(entry.model)
-        self._publish()
 
     # ---- use and expiry -----------------------------------------------------------------------------------
 
     def acquire(self, name: str) -> None:
-        entry = self._resident[name]
+        entry = self._resident[name] = self._resident.pop(name)  # most recently used goes last
         entry.active += 1
         entry.use_count += 1
         entry.last_used = self._clock()
         entry.expires_at = None  # never expires while in use
-        self._publish()
 
     def release(self, name: str, keep_alive: float) -> None:
         """A request finished. keep_alive: seconds to stay resident once idle; 0 = unload now; <0 = forever."""
@@ -224,8 +234,6 @@ class ModelPool(Generic[M]):
         entry.expires_at = None if keep_alive < 0 else self._clock() + keep_alive
         if entry.active == 0 and keep_alive == 0:
             self.unload(name)
-        else:
-            self._publish()
 
     def sweep(self) -> list[str]:
         """Unload idle models whose keep_alive has passed; returns their names."""
@@ -252,12 +260,3 @@ class ModelPool(Generic[M]):
     def unload_all(self) -> None:
         for name in list(self._resident):
             self._drop(name)
-
-    def _publish(self) -> None:
-        infos = [ResidentInfo(name=r.name, size=r.size, loaded_at=r.loaded_at, load_seconds=r.load_seconds,
-                              last_used=r.last_used, expires_at=r.expires_at, active=r.active,
-                              use_count=r.use_count) for r in self._resident.values()]
-        if self._loading is not None:
-            infos.append(ResidentInfo(name=self._loading.name, size=self._loading.size, loaded_at=0.0, load_seconds=0.0,
-                                      last_used=0.0, expires_at=None, active=0, use_count=0, is_loading=True))
-        self._snapshot = tuple(infos)

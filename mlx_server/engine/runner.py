@@ -16,16 +16,17 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
-from mlx_server.engine.constrained import Constraints
 from mlx_server.engine.sampling import make_processors, make_sampler
 from mlx_server.engine.output import SequenceOutput, make_output
-from mlx_server.errors import BadRequest, InternalError, MlxServerError, RequestTimeout
+from mlx_server.engine.prepare import Prepared
+from mlx_server.errors import InternalError, MlxServerError, RequestTimeout
 from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest, Started, Usage
 
 log = logging.getLogger("mlx_server.engine")
 
 Sink = Callable[[Event], None]
 Clock = Callable[[], float]
+KV_STEP = 256  # mlx_lm's KVCache grows its buffers in steps of this many tokens
 
 
 @dataclass
@@ -42,12 +43,14 @@ class Sequence:
     generated: int = 0
     deadline: Optional[float] = None
     processors: list[Any] = field(default_factory=list)  # this sequence's logits processors, run under a guard
+    kv_tokens: int = 0  # the most KV it can hold (prompt + budget, within num_ctx): its memory reservation
 
 
 class ModelRunner:
-    def __init__(self, name: str, model: Any, tokenizer: Any, context_length: int, *,
-                 max_batch: int = 16, prompt_cache_bytes: int = 2**30, clock: Clock = time.perf_counter) -> None:
+    def __init__(self, name: str, model: Any, tokenizer: Any, context_length: int, *, kv_per_token: int = 0,
+                 max_batch: int = 16, prompt_cache_bytes: int = 2**30, clock: Clock = time.monotonic) -> None:
         self.name = name
+        self.kv_per_token = kv_per_token
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -57,7 +60,6 @@ class ModelRunner:
         # KV caches of recent prompts (and their answers) by token prefix; a follow-up turn reuses the shared part.
         self.prompt_cache = LRUPromptCache(max_size=1 << 30, max_bytes=prompt_cache_bytes)
         self.prompt_cache_bytes = prompt_cache_bytes
-        self.constraints = Constraints(tokenizer)  # grammar processors; the vocabulary scan happens on first use
         self.sequences: dict[int, Sequence] = {}  # by BatchGenerator uid
         self.by_request: dict[int, int] = {}  # request_id → uid
         self.faults: dict[int, Exception] = {}  # request_id → what its own sampler / processors raised this step
@@ -69,77 +71,58 @@ class ModelRunner:
 
     def reset(self) -> None:
         """After a failed step the batch state is unknown: start a fresh generator (sequences already failed)."""
-        self.generator.close()
-        self.generator = self._new_generator()
+        old, self.generator = self.generator, self._new_generator()
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001 - the broken batch is dropped either way
+            log.exception("closing a failed batch of %s", self.name)
 
     # ---- prompt -------------------------------------------------------------------------------------------
 
-    def render(self, req: GenerateRequest) -> list[int]:
-        tok = self.tokenizer
-        if req.prompt is not None and req.raw:
-            return list(tok.encode(req.prompt))
-        if req.suffix:
-            raise BadRequest(f"model \"{self.name}\" does not support insert (suffix)")
-        messages = [m.to_template() for m in (req.messages or [])]
-        if req.prompt is not None:
-            messages = [{"role": "user", "content": req.prompt}]
-        if req.system is not None:
-            messages = [m for m in messages if m["role"] != "system"]
-            messages.insert(0, {"role": "system", "content": req.system})
-        if not getattr(tok, "has_chat_template", False):
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-            return list(tok.encode(text))
-        kwargs: dict[str, Any] = {}
-        if req.tools:
-            kwargs["tools"] = req.tools
-        if req.think is not None:
-            kwargs["enable_thinking"] = req.think
-        try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
-        except Exception as exc:  # jinja errors name the template problem; the client sent the messages
-            raise BadRequest(f"chat template failed for these messages: {exc}") from None
-        return list(tok.encode(text, add_special_tokens=False))
+    # ---- memory -------------------------------------------------------------------------------------------
+
+    def kv_bytes(self, lengths: list[int]) -> int:
+        """The most memory the KV of a batch of sequences that may grow to `lengths` tokens can take.
+
+        BatchGenerator keeps one cache per batch, every row padded to the longest and grown in steps of
+        KV_STEP tokens: rows × the longest rounded up, not the sum of the lengths. Growing, joining and
+        leaving the batch copy that cache (old and new buffers live at once), so the peak is twice that
+        (measured: MLX's peak exceeded weights + KV by one whole batch cache).
+        """
+        if not lengths:
+            return 0
+        longest = -(-max(lengths) // KV_STEP) * KV_STEP
+        return 2 * len(lengths) * longest * self.kv_per_token
+
+    @property
+    def kv_reserved(self) -> int:
+        return self.kv_bytes([s.kv_tokens for s in self.sequences.values()])
+
+    def kv_needed(self, prepared: Prepared) -> int:
+        """How much the reservation grows if `prepared` joins."""
+        return self.kv_bytes([*(s.kv_tokens for s in self.sequences.values()), prepared.kv_tokens]) - self.kv_reserved
 
     # ---- admission ----------------------------------------------------------------------------------------
 
-    def add(self, req: GenerateRequest, sink: Sink, load_duration: float = 0.0) -> None:
-        """Tokenize, fit the context, and join the batch. Raises MlxServerError for the caller to publish."""
-        tokens = self.render(req)
-        if req.count_only:  # /v1/messages/count_tokens: the tokenizer lives here, so counting does too
-            sink(Started(req.request_id, self.name, len(tokens), 0, load_duration))
-            sink(Done(req.request_id, self.name, "stop",
-                      Usage(prompt_tokens=len(tokens), load_duration=load_duration)))
-            return
-        num_ctx = min(req.num_ctx or self.context_length, self.context_length)
-        truncated = 0
-        if len(tokens) >= num_ctx:
-            # Like Ollama: keep the most recent tokens, leaving room to answer.
-            room = min(req.max_tokens or num_ctx // 2, num_ctx // 2)
-            keep = max(1, num_ctx - max(room, 1))
-            truncated = len(tokens) - keep
-            tokens = tokens[-keep:]
-            log.warning("prompt for %s truncated: %d tokens dropped to fit num_ctx=%d",
-                        self.name, truncated, num_ctx)
-        if not tokens:
-            raise BadRequest("prompt is empty after tokenization")
-        max_tokens = num_ctx - len(tokens)
-        if req.max_tokens is not None and req.max_tokens > 0:
-            max_tokens = min(max_tokens, req.max_tokens)
+    def add(self, prepared: Prepared, sink: Sink, load_duration: float = 0.0) -> None:
+        """Join the batch (the prompt is already tokenized and fitted). Raises MlxServerError for the caller."""
+        req, tokens = prepared.request, prepared.tokens
         now = self.clock()
         cache, rest = self._cached_prefix(tokens)
         cached = len(tokens) - len(rest)
-        chain = make_processors(req.sampling, num_ctx) + self.constraints.processors(req, max_tokens)
+        chain = make_processors(req.sampling, prepared.num_ctx) + list(prepared.grammar)
         [uid] = self.generator.insert(
-            [rest], max_tokens=[max_tokens], caches=[cache], all_tokens=[tokens[:cached]],
+            [rest], max_tokens=[prepared.max_tokens], caches=[cache], all_tokens=[tokens[:cached]],
             samplers=[self._guard_sampler(make_sampler(req.sampling), req.request_id)],
             logits_processors=[self._guard_processors(chain, req.request_id)])
         seq = Sequence(
             request=req, sink=sink, uid=uid, out=make_output(req, self.tokenizer, tokens),
             prompt_tokens=len(tokens), cached_tokens=cached, load_duration=load_duration, admitted_at=now,
-            deadline=(req.created + req.timeout) if req.timeout else None, processors=chain)
+            deadline=(req.created + req.timeout) if req.timeout else None, processors=chain,
+            kv_tokens=prepared.kv_tokens)
         self.sequences[uid] = seq
         self.by_request[req.request_id] = uid
-        sink(Started(req.request_id, self.name, len(tokens), cached, load_duration, truncated))
+        sink(Started(req.request_id, self.name, len(tokens), cached, load_duration, prepared.truncated))
 
     def _guard_processors(self, chain: list[Any], request_id: int) -> list[Any]:
         """One request's processors, isolated: if they raise, that request fails and the batch goes on."""
@@ -256,11 +239,13 @@ class ModelRunner:
             seq.sink(delta)
 
     def _usage(self, seq: Sequence, now: float) -> Usage:
+        # Ollama's clock: total from the request's arrival (queueing and loading included), prompt eval from
+        # admission to the first token, eval from there on.
         first = seq.first_token_at or now
         return Usage(prompt_tokens=seq.prompt_tokens, cached_tokens=seq.cached_tokens,
                      completion_tokens=seq.generated, load_duration=seq.load_duration,
                      prompt_eval_duration=first - seq.admitted_at, eval_duration=now - first,
-                     total_duration=seq.load_duration + (now - seq.admitted_at))
+                     total_duration=max(now - seq.request.created, seq.load_duration + (now - seq.admitted_at)))
 
     def _finish(self, seq: Sequence, reason: str, now: float) -> None:
         self.sequences.pop(seq.uid, None)
@@ -285,25 +270,33 @@ class ModelRunner:
         if uid is None:
             return False
         seq = self.sequences.pop(uid)
-        self._remove([uid])
         seq.sink(Done(request_id, self.name, "cancelled", self._usage(seq, self.clock())))
+        self._remove([uid])
         return True
 
     def fail(self, request_id: int, error: MlxServerError) -> bool:
+        """End one sequence with an error. Its Failed goes out before the batch cleanup, which may raise."""
         uid = self.by_request.pop(request_id, None)
         if uid is None:
             return False
         seq = self.sequences.pop(uid)
-        self.generator.remove([uid])
         seq.sink(Failed(request_id, error))
+        self.generator.remove([uid])
         return True
 
     def fail_all(self, error: MlxServerError) -> None:
-        for request_id in list(self.by_request):
-            self.fail(request_id, error)
+        """End every sequence: all are told first; then the batch is replaced, since its state is unknown."""
+        failed = list(self.sequences.values())
+        self.sequences.clear()
+        self.by_request.clear()
+        self.faults.clear()
+        for seq in failed:
+            seq.sink(Failed(seq.request.request_id, error))
+        self.reset()
 
     def close(self) -> None:
-        self.fail_all(MlxServerError(f"model \"{self.name}\" was unloaded"))
+        if self.sequences:
+            self.fail_all(MlxServerError(f"model \"{self.name}\" was unloaded"))
         self.generator.close()
         # The pool drops its entry after this returns; clearing here lets gc free the weights right away.
         self.generator = None  # type: ignore[assignment]

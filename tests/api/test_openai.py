@@ -32,6 +32,7 @@ def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     thinker = build_thinking_model(tiny_llama, tmp / "thinker")
     cfg = make_config(tmp, {"tiny": {"source": str(tiny_llama), "aliases": ["tiny-alias"]},
                             "thinker": {"source": str(thinker)},
+                            "fresh": {"source": str(tiny_llama)},  # its prompt cache is test_prompt_cache's alone
                             "absent": {"source": str(tmp / "not-downloaded")}})
     with serve(cfg) as s:
         yield s
@@ -52,7 +53,7 @@ def greedy(client: openai.OpenAI, **kw: Any) -> Any:
 
 def test_models_lists_present_models_and_aliases(client: openai.OpenAI) -> None:
     models = client.models.list().data
-    assert {m.id for m in models} == {"tiny", "tiny-alias", "thinker"}  # "absent" is not on disk
+    assert {m.id for m in models} == {"tiny", "tiny-alias", "thinker", "fresh"}  # "absent" is not on disk
     assert all(m.object == "model" and m.owned_by and m.created > 0 for m in models)
     assert client.models.retrieve("tiny-alias").id == "tiny-alias"
     with pytest.raises(openai.NotFoundError):
@@ -70,7 +71,17 @@ def test_chat_completion_shape_and_usage(client: openai.OpenAI) -> None:
     assert isinstance(choice.message.content, str) and choice.message.content
     assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens > 10
     assert r.usage.total_tokens == r.usage.prompt_tokens + 5
-    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_cached_tokens_report_the_reused_prefix(client: openai.OpenAI) -> None:
+    first = greedy(client, model="fresh", max_tokens=6)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # nothing was ever cached for this model
+    history = [*HI, {"role": "assistant", "content": first.choices[0].message.content},
+               {"role": "user", "content": "And then?"}]
+    second = greedy(client, model="fresh", messages=history, max_tokens=6)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # the whole first prompt is a prefix of the second, and came from the cache; the new turn did not
+    assert first.usage.prompt_tokens - 1 <= cached < second.usage.prompt_tokens
 
 
 def test_alias_and_seeded_sampling(client: openai.OpenAI) -> None:
@@ -120,9 +131,24 @@ def test_logprobs(client: openai.OpenAI) -> None:
     assert greedy(client, max_tokens=2).choices[0].logprobs is None
 
 
-def test_penalties_are_accepted_and_change_nothing_structural(client: openai.OpenAI) -> None:
-    r = greedy(client, frequency_penalty=1.5, presence_penalty=1.0, top_p=0.9)
-    assert r.usage.completion_tokens == 8
+def test_penalties_change_the_output_and_repeat_less(client: openai.OpenAI) -> None:
+    def tokens(**kw: Any) -> list[str]:
+        r = client.completions.create(model="tiny", prompt="1 2 3 4 5", max_tokens=40, temperature=0, logprobs=0,
+                                      **kw)
+        assert r.usage.completion_tokens == 40
+        return r.choices[0].logprobs.tokens
+
+    def repeats(toks: list[str]) -> int:
+        # byte-fallback pieces all print as U+FFFD though they are different tokens: leave them out
+        text = [t for t in toks if t != "\ufffd"]
+        return len(text) - len(set(text))
+
+    plain = tokens()
+    assert repeats(plain) >= 4  # greedy, unpenalized, it comes back to tokens it already said
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalized = tokens(**penalty)
+        assert penalized != plain, penalty
+        assert repeats(penalized) < repeats(plain) // 2, penalty
 
 
 @pytest.mark.parametrize("kw, needle", [

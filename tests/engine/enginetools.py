@@ -6,6 +6,8 @@ import queue
 import time
 from typing import Any
 
+from mlx_server.engine.prepare import prepare_request
+from mlx_server.engine.runner import ModelRunner
 from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest
 
 
@@ -47,6 +49,13 @@ def submit(engine: Any, model: str, prompt: str = "hello", **kw: Any) -> Waiter:
     return waiter
 
 
+def control(engine: Any, request: Any) -> Waiter:
+    """Submit a LoadRequest / UnloadRequest / CountTokensRequest."""
+    waiter = Waiter(request)
+    engine.submit(request, waiter)
+    return waiter
+
+
 def until(predicate: Any, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -54,3 +63,8 @@ def until(predicate: Any, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.005)
     return predicate()
+
+
+def add(runner: ModelRunner, req: GenerateRequest, sink: Any, load_duration: float = 0.0) -> None:
+    """Prepare a request as the preparation stage would, and put it straight into the runner's batch."""
+    runner.add(prepare_request(req, runner.tokenizer, runner.context_length), sink, load_duration)

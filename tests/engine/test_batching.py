@@ -9,8 +9,8 @@ import httpx
 import pytest
 from mlx_lm import load
 
-from enginetools import submit, until
-from mlx_server.engine.core import Engine
+from enginetools import add, submit, until
+from mlx_server.engine.engine import Engine
 from mlx_server.engine.runner import ModelRunner
 from mlx_server.errors import RequestTimeout, ServerBusy
 from mlx_server.types import Delta, Done, Failed, GenerateRequest, Priority, SamplingParams
@@ -29,7 +29,7 @@ def drive(runner: ModelRunner, reqs: list[GenerateRequest]) -> dict[int, str]:
             texts[e.request_id] += e.content
 
     for r in reqs:
-        runner.add(r, sink)
+        add(runner, r, sink)
     while runner.has_work():
         runner.step()
     return texts
@@ -77,7 +77,7 @@ def test_prompt_cache_reuse_and_byte_cap(model: tuple[Any, Any]) -> None:
     drive(runner, [first])
     started: list[Any] = []
     second = GenerateRequest(model="m", prompt=base + "two", raw=True, sampling=GREEDY, max_tokens=4)
-    runner.add(second, started.append)
+    add(runner, second, started.append)
     while runner.has_work():
         runner.step()
     assert started[0].cached_tokens > 30
@@ -125,14 +125,14 @@ def test_priority_orders_the_wait_list(engine: Engine) -> None:
     low = submit(engine, "m", max_tokens=2, priority=Priority.LOW)
     medium = submit(engine, "m", max_tokens=2, priority=Priority.MEDIUM)
     high = submit(engine, "m", max_tokens=2, priority=Priority.HIGH)
-    assert until(lambda: engine.counters.queue_size == 3)
+    assert until(lambda: engine.status().counters.queue_size == 3)
     engine.cancel(blocker.request.request_id)
     for w in (low, medium, high):
         assert isinstance(w.wait(), Done)
     finished = [n for n, w in sorted([("low", low), ("medium", medium), ("high", high)], key=lambda nw: nw[1].ended_at)]
     # with one sequence at a time, each waited for the ones before it: high ran first, low last
     assert finished == ["high", "medium", "low"]
-    assert engine.counters.by_priority[Priority.HIGH] == 1
+    assert engine.status().counters.by_priority[Priority.HIGH] == 1
 
 
 def test_full_queue_is_refused(engine: Engine) -> None:
@@ -150,7 +150,7 @@ def test_timeout_stops_generation(engine: Engine) -> None:
     w = submit(engine, "m", max_tokens=10**6, timeout=0.3)
     end = w.wait(timeout=10)
     assert isinstance(end, Failed) and isinstance(end.error, RequestTimeout)
-    assert until(lambda: engine.counters.active_requests == 0)
+    assert until(lambda: engine.status().counters.active_requests == 0)
 
 
 def test_timeout_while_waiting(engine: Engine) -> None:
@@ -159,7 +159,7 @@ def test_timeout_while_waiting(engine: Engine) -> None:
     queued = submit(engine, "m", max_tokens=5, timeout=0.3)
     end = queued.wait(timeout=10)
     assert isinstance(end, Failed) and isinstance(end.error, RequestTimeout) and "waiting" in end.error.message
-    assert engine.counters.queue_size == 0
+    assert engine.status().counters.queue_size == 0
     engine.cancel(blocker.request.request_id)
 
 

@@ -11,15 +11,20 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import anthropic
 import jsonschema
 import ollama
+import openai
 import pytest
+from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from mlx_server.engine.core import Engine
+from mlx_server.engine.engine import Engine
 from mlx_server.errors import BadRequest
-from mlx_server.types import (ChatMessage, Delta, Done, Event, Failed, GenerateRequest, SamplingParams, Started,
+from mlx_server.types import (ChatMessage, CountTokensRequest, Delta, Done, Event, Failed, GenerateRequest, SamplingParams, Started,
                               ToolChoice)
-from serving import make_config, serve
+from mlx_server.engine.prompt import render
+from serving import Server, make_config, serve
+from tinymodels import build_tiny_model
 
 PERSON: dict[str, Any] = {
     "type": "object",
@@ -125,10 +130,10 @@ def test_greedy_constrained_is_deterministic(engine: Engine) -> None:
 
 
 def test_constrained_and_free_requests_share_decode_steps(engine: Engine) -> None:
-    before = engine.counters
+    before = engine.status().counters
     (free, _, free_done), (constrained, _, _) = run_all(engine, [request(None, 1, max_tokens=60),
                                                                  request(PERSON, 2, max_tokens=160)])
-    after = engine.counters
+    after = engine.status().counters
     jsonschema.validate(json.loads(constrained), PERSON)
     assert free_done.usage.completion_tokens == 60 and free_done.reason == "length"
     steps = after.steps - before.steps
@@ -168,7 +173,7 @@ def test_forced_tool_call_in_llama3_format(engine: Engine) -> None:
 
 def test_count_only_tokenizes_without_generating(engine: Engine) -> None:
     async def main() -> list[Event]:
-        return [e async for e in engine.stream(request(count_only=True))]
+        return [e async for e in engine.stream(CountTokensRequest(request()))]
 
     events = asyncio.run(main())
     assert [type(e) for e in events] == [Started, Done]
@@ -188,3 +193,116 @@ def test_ollama_format_through_the_server(tiny_llama: Path, tmp_path: Path) -> N
         g = client.generate(model="tiny", prompt="hi", format="json", stream=True,
                             options={"seed": 9, "num_predict": 40})
         assert isinstance(json.loads("".join(chunk.response for chunk in g)), dict)
+
+
+# ---- required tool calls for every model, through the real server and the official SDKs -------------------------
+
+# A template that cannot show tools (the word never appears), like Gemma 2's or Phi-3's: mlx_lm infers no format.
+PLAIN_TEMPLATE = ("{%- for m in messages -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}"
+                  "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+PERSON_TOOL: dict[str, Any] = {"type": "function", "function": {
+    "name": "record_person", "description": "Save a person", "parameters": PERSON}}
+OFFERED = [WEATHER_TOOL, PERSON_TOOL, TIME_TOOL]
+SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in OFFERED}
+ASK = [{"role": "user", "content": "Who is in Paris?"}]
+# tiny: its own json_tools format; tiny3: Llama 3 JSON; plain: no format and a template without tools;
+# mistral: a format a grammar cannot force ([TOOL_CALLS] name[ARGS]…) with a template that shows tools.
+FORCED_MODELS = ["tiny", "tiny3", "plain", "mistral"]
+
+
+def variant(out: Path, seed: int, template: Optional[str] = None, parser: Optional[str] = None) -> Path:
+    """A tiny model whose tokenizer config names another chat template or tool parser (as real checkpoints do)."""
+    model = build_tiny_model(out, seed=seed)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    if template is not None:
+        cfg["chat_template"] = template
+    if parser is not None:
+        cfg["tool_parser_type"] = parser
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return model
+
+
+@pytest.fixture(scope="module")
+def formatless(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return variant(tmp_path_factory.mktemp("formatless"), seed=3, template=PLAIN_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def tool_server(tiny_llama: Path, tiny_llama3: Path, formatless: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("forced-tools")
+    unforceable = variant(tmp / "mistral", seed=4, parser="mistral")
+    cfg = make_config(tmp, {"tiny": {"source": str(tiny_llama)}, "tiny3": {"source": str(tiny_llama3)},
+                            "plain": {"source": str(formatless)}, "mistral": {"source": str(unforceable)}})
+    with serve(cfg) as server:
+        yield server
+
+
+def check_call(name: str, arguments: Any, model: str) -> None:
+    assert name in SCHEMAS, f"{model}: called {name!r}, which was not offered"
+    jsonschema.validate(arguments, SCHEMAS[name])
+
+
+@pytest.mark.parametrize("model", FORCED_MODELS)
+def test_openai_required_and_named_tool_choice_always_call(tool_server: Server, model: str) -> None:
+    client = openai.OpenAI(base_url=f"{tool_server.url}/v1", api_key="unused", max_retries=0)
+    named = {"type": "function", "function": {"name": "record_person"}}
+    cases: list[tuple[Any, int]] = [("required", s) for s in range(5)] + [(named, s) for s in range(3)]
+    for choice, seed in cases:
+        r = client.chat.completions.create(model=model, messages=ASK, tools=OFFERED, tool_choice=choice,
+                                           max_tokens=160, temperature=1.0, seed=seed)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls", f"{model} {choice} seed {seed}: {c.message.content!r}"
+        assert not c.message.content
+        [call] = c.message.tool_calls or []
+        check_call(call.function.name, json.loads(call.function.arguments), model)
+        if choice is named:
+            assert call.function.name == "record_person"
+    chunks = list(client.chat.completions.create(model=model, messages=ASK, tools=OFFERED, tool_choice="required",
+                                                 max_tokens=160, seed=7, stream=True))
+    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function and calls[0].function.name
+    check_call(calls[0].function.name, json.loads(calls[0].function.arguments or ""), model)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("model", FORCED_MODELS)
+def test_anthropic_any_and_tool_choice_always_use_a_tool(tool_server: Server, model: str) -> None:
+    client = anthropic.Anthropic(base_url=tool_server.url, api_key="unused", max_retries=0)
+    tools = [{"name": n, "description": "", "input_schema": s} for n, s in SCHEMAS.items()]
+    choices: list[Any] = [{"type": "any"}] * 5 + [{"type": "tool", "name": "get_weather"}]
+    for choice in choices:
+        m = client.messages.create(model=model, messages=ASK, tools=tools, tool_choice=choice, max_tokens=160)
+        assert m.stop_reason == "tool_use", f"{model} {choice}: {m.content!r}"
+        [block] = m.content
+        assert block.type == "tool_use"
+        check_call(block.name, block.input, model)
+        if choice["type"] == "tool":
+            assert block.name == "get_weather"
+
+
+def test_auto_tool_choice_stays_lenient_without_a_tool_format(tool_server: Server) -> None:
+    """Open WebUI attaches tools to every chat: a model with no tool format answers in text, not an error."""
+    client = openai.OpenAI(base_url=f"{tool_server.url}/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(model="plain", messages=ASK, tools=OFFERED, max_tokens=12, seed=1)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content
+    assert not r.choices[0].message.tool_calls
+
+
+def test_tools_reach_the_prompt_only_when_a_call_is_forced_and_the_template_cannot(formatless: Path,
+                                                                                   tiny_llama: Path) -> None:
+    plain = load_tokenizer(formatless)
+    base = GenerateRequest(model="plain", messages=[ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")])
+
+    def prompt(tok: Any, **kw: Any) -> str:
+        req = GenerateRequest(model=base.model, messages=base.messages, **kw)
+        return str(tok.decode(render(req, tok, req.model)))
+
+    forced = prompt(plain, tools=OFFERED, force_tool=ToolChoice())
+    assert all(name in forced for name in SCHEMAS) and '"arguments"' in forced
+    assert forced.count("system") == 1 and "Be brief." in forced  # one system turn, the client's text kept
+    named = prompt(plain, tools=OFFERED, force_tool=ToolChoice("get_time"))
+    assert "get_time" in named and "record_person" not in named and "get_weather" not in named
+    assert prompt(plain, tools=OFFERED) == prompt(plain)  # tool_choice auto: today's prompt, unchanged
+    qwen = load_tokenizer(tiny_llama)  # its template lists the tools itself: no second copy
+    assert prompt(qwen, tools=OFFERED, force_tool=ToolChoice()).count("record_person") == 1

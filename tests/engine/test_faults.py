@@ -13,7 +13,7 @@ import httpx
 import mlx.core as mx
 from mlx_lm import load
 
-from enginetools import until
+from enginetools import add, until
 from mlx_server.engine.runner import ModelRunner
 from mlx_server.errors import InternalError
 from mlx_server.types import Done, Failed, GenerateRequest, SamplingParams
@@ -25,7 +25,7 @@ def test_exception_in_one_sequence_fails_only_that_request(tiny_llama: Path) -> 
     events: dict[int, list[Any]] = {1: [], 2: []}
     sp = SamplingParams(temperature=0.0, repeat_penalty=1.2)
     for rid in (1, 2):
-        runner.add(GenerateRequest(model="m", prompt=f"prompt {rid}", raw=True, sampling=sp, max_tokens=30,
+        add(runner, GenerateRequest(model="m", prompt=f"prompt {rid}", raw=True, sampling=sp, max_tokens=30,
                                    request_id=rid), events[rid].append)
     for _ in range(3):
         runner.step()
@@ -81,6 +81,6 @@ def test_slow_reader_does_not_stall_others(tiny_llama: Path, tmp_path: Path) -> 
                 r = httpx.post(f"{server.url}/api/generate", timeout=30, json={
                     "model": "m", "prompt": "fast", "stream": False, "options": {"num_predict": 50}})
                 assert r.status_code == 200 and r.json()["eval_count"] == 50
-            assert until(lambda: server.engine.counters.active_requests == 0, timeout=20)  # slow one finished too
+            assert until(lambda: server.engine.status().counters.active_requests == 0, timeout=20)  # slow one finished too
         finally:
             slow.close()

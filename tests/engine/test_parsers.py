@@ -13,9 +13,11 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.tool_parsers import json_tools, mistral
 
 from mlx_server.engine.output import LogprobReader, OutputStream, SequenceOutput, make_output
-from mlx_server.engine.parsers import (OutputSplitter, Parts, ToolFormat, parse_llama3_json, starts_in_thinking,
-                                       think_markers, tool_format_for)
-from mlx_server.engine.core import Engine
+from mlx_server.engine.parsers import (GENERIC_JSON, OutputSplitter, Parts, ToolFormat, forced_tool_format,
+                                       parse_llama3_json, request_tool_format, starts_in_thinking, think_markers,
+                                       tool_format_for)
+from mlx_server.engine.engine import Engine
+from mlx_server.engine.prompt import render
 from mlx_server.types import ChatMessage, Event, GenerateRequest, ToolChoice
 from serving import Server, make_config, serve
 from thinking_model import build_thinking_model
@@ -117,6 +119,30 @@ def test_without_tools_markers_are_plain_text() -> None:
     text = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
     for out in split(text):
         assert out.content == text
+
+
+def test_required_calls_are_forced_in_json_formats_only() -> None:
+    """A grammar can force a JSON call; a model with no format, or a non-JSON one, is forced as generic JSON."""
+    assert forced_tool_format(QWEN) is QWEN and forced_tool_format(LLAMA3) is LLAMA3
+    assert forced_tool_format(None) is GENERIC_JSON and forced_tool_format(MISTRAL) is GENERIC_JSON
+
+
+def test_generic_json_call_is_one_tool_call_and_no_text() -> None:
+    for out in split('{"name": "get_weather", "arguments": {"city": "Paris"}}', tools=GENERIC_JSON):
+        assert out == Parts(tool_calls=[PARIS])
+    for out in split('{"name": "get_weather", "arguments": {"city": "Tokyo"}}', tools=GENERIC_JSON,
+                     think=THINK):
+        assert out == Parts(tool_calls=[TOKYO])
+
+
+def test_request_tool_format_follows_tool_choice(qwen_tok: Any, tiny_llama3: Path) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    auto = GenerateRequest(model="m", prompt="x", tools=tools)
+    forced = GenerateRequest(model="m", prompt="x", tools=tools, force_tool=ToolChoice())
+    assert request_tool_format(GenerateRequest(model="m", prompt="x"), qwen_tok) is None
+    assert request_tool_format(auto, qwen_tok) == request_tool_format(forced, qwen_tok) == tool_format_for(qwen_tok)
+    llama3 = load_tokenizer(tiny_llama3)
+    assert request_tool_format(forced, llama3) == tool_format_for(llama3)
 
 
 # ---- thinking ---------------------------------------------------------------------------------------------------
@@ -274,8 +300,8 @@ def test_ollama_tool_results_go_back_into_the_template(server: Server) -> None:
         {"role": "assistant", "content": "",
          "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
         {"role": "tool", "tool_name": "get_weather", "content": "sunny, 21 degrees"}])
-    runner = server.engine.pool.get("tiny").model.runner
-    prompt = runner.tokenizer.decode(runner.render(server.engine.seen[-1]))
+    runner = server.engine.core.pool.get("tiny").model.runner
+    prompt = runner.tokenizer.decode(render(server.engine.seen[-1], runner.tokenizer, "tiny"))
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
     assert "<tool_response>\nsunny, 21 degrees\n</tool_response>" in prompt
 

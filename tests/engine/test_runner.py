@@ -9,6 +9,7 @@ import pytest
 from mlx_lm import generate as mlx_generate
 from mlx_lm import load
 
+from enginetools import add
 from mlx_server.engine.runner import ModelRunner
 from mlx_server.types import ChatMessage, Delta, Done, Event, GenerateRequest, SamplingParams, Started
 from tinymodels import reference_greedy
@@ -36,7 +37,7 @@ class Recorder:
 def run(runner: ModelRunner, *reqs: GenerateRequest, max_steps: int = 500) -> list[Recorder]:
     recs = [Recorder() for _ in reqs]
     for req, rec in zip(reqs, recs):
-        runner.add(req, rec)
+        add(runner, req, rec)
     for _ in range(max_steps):
         if not runner.has_work():
             break
@@ -149,9 +150,9 @@ def test_seeded_sample_unchanged_by_batch_company(loaded: tuple[Path, Any, Any])
 def test_cancel_drops_the_sequence_before_the_next_step(loaded: tuple[Path, Any, Any]) -> None:
     runner = make_runner(loaded)
     keep, drop = Recorder(), Recorder()
-    runner.add(GenerateRequest(model="tiny", prompt="a b c", raw=True, sampling=GREEDY, max_tokens=50,
+    add(runner, GenerateRequest(model="tiny", prompt="a b c", raw=True, sampling=GREEDY, max_tokens=50,
                                request_id=1001), keep)
-    runner.add(GenerateRequest(model="tiny", prompt="d e f", raw=True, sampling=GREEDY, max_tokens=50,
+    add(runner, GenerateRequest(model="tiny", prompt="d e f", raw=True, sampling=GREEDY, max_tokens=50,
                                request_id=1002), drop)
     for _ in range(4):
         runner.step()

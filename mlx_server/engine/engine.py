@@ -1,0 +1,198 @@
+"""The engine as the API sees it: an `EngineClient` over the preparation stage and the inference thread.
+
+A request is accepted or refused here, at once (draining, dead engine, full queue); then a generation is
+prepared in a worker and handed to the inference thread, loads and unloads go straight there, and token counts
+never leave the workers. Each accepted request ends in exactly one Done or Failed, delivered through its sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import replace
+from pathlib import Path
+from typing import AsyncIterator, Callable, Optional, Sequence
+
+from mlx_server.config import Config
+from mlx_server.engine.commands import Admit, Cancel, Control, Preload, Sink
+from mlx_server.engine.core import Core
+from mlx_server.engine.loader import ModelLoader
+from mlx_server.engine.prepare import Prepared, Preparer
+from mlx_server.errors import InternalError, MlxServerError, ServerBusy, ServiceUnavailable
+from mlx_server.status import EngineStatus, Observer
+from mlx_server.types import (CountTokensRequest, Done, EngineRequest, Event, Failed, GenerateRequest, LoadRequest,
+                              Started, UnloadRequest, Usage)
+
+log = logging.getLogger("mlx_server.engine")
+
+
+class Engine:
+    """Implements mlx_server.status.EngineClient."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
+                 importer: Optional[Callable[[Path, Path], Path]] = None, load_slice: float = 0.05) -> None:
+        self.config = config
+        self.preparer = Preparer(config, importer=importer)
+        self.loader = ModelLoader(config, self.preparer, slice_seconds=load_slice)
+        self.core = Core(config, self.loader, clock)
+        self._lock = threading.RLock()  # a sink called under it may end the request, which takes it again
+        self._in_flight = 0
+        self._draining = False
+        self._cancelled: set[int] = set()  # cancelled while still being prepared
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.core.start()
+        wanted = [m.name for m in self.config.models.values() if m.preload]
+        if wanted:
+            self.preload(wanted)  # in the background: start-up never waits for it
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.core.stop(timeout)
+        self.preparer.close()
+
+    def drain(self) -> None:
+        self._draining = True
+
+    @property
+    def alive(self) -> bool:
+        return self.core.alive
+
+    def status(self) -> EngineStatus:
+        return replace(self.core.status, alive=self.core.alive, draining=self._draining, in_flight=self._in_flight)
+
+    def observe(self, observer: Observer) -> None:
+        self.core.observer = observer
+
+    def preload(self, names: Sequence[str]) -> None:
+        def prepare_then_load() -> None:
+            ready = []
+            for name in names:
+                try:
+                    self.preparer.files(name)
+                    ready.append(name)
+                except MlxServerError as exc:
+                    log.warning("preload of %s skipped: %s", name, exc.message)
+            self.core.post(Preload(tuple(ready)))
+
+        self.preparer.executor.submit(prepare_then_load)
+
+    # ---- requests -----------------------------------------------------------------------------------------
+
+    def submit(self, request: EngineRequest, sink: Sink) -> None:
+        """Accept a request (or raise its refusal); its events go to `sink`, from other threads."""
+        if self._draining:
+            raise ServiceUnavailable("server is shutting down")
+        if not self.core.alive:
+            raise ServiceUnavailable("inference engine is not running")
+        s = self.config.server
+        with self._lock:
+            if self._in_flight >= s.max_queue + s.max_concurrent:
+                raise ServerBusy()
+            self._in_flight += 1
+        sink = self._counted(request.request_id, sink)
+        if isinstance(request, GenerateRequest):
+            self._in_worker(request, sink, self.preparer.prepare, self._admit)
+        elif isinstance(request, CountTokensRequest):
+            self._in_worker(request, sink, lambda r: self.preparer.count(r.request), self._counted_tokens)
+        elif isinstance(request, LoadRequest):
+            self._in_worker(request, sink, lambda r: self.preparer.files(r.model), self._control)
+        elif isinstance(request, UnloadRequest):
+            self._control(request, sink, None)
+        else:
+            sink(Failed(request.request_id, InternalError(f"not an engine request: {type(request).__name__}")))
+
+    def cancel(self, request_id: int) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+            try:
+                self.core.post(Cancel(request_id))
+            except ServiceUnavailable:
+                pass  # the thread is gone and has ended everything it held
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[Event]:
+        """Events for one request; leaving the iteration early cancels it in the engine."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
+                pass
+
+        self.submit(request, sink)
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                finished = isinstance(event, (Done, Failed))
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(request.request_id)
+
+    # ---- plumbing -----------------------------------------------------------------------------------------
+
+    def _counted(self, request_id: int, sink: Sink) -> Sink:
+        ended = threading.Event()
+
+        def counted(event: Event) -> None:
+            if isinstance(event, (Done, Failed)):
+                if ended.is_set():
+                    return  # exactly one terminal event reaches the client
+                ended.set()
+                with self._lock:
+                    self._in_flight -= 1
+                    self._cancelled.discard(request_id)
+            sink(event)
+
+        return counted
+
+    def _in_worker(self, request: EngineRequest, sink: Sink, work: Callable, then: Callable) -> None:
+        def done(future: Future) -> None:
+            try:
+                result = future.result()
+            except MlxServerError as exc:
+                sink(Failed(request.request_id, exc))
+                return
+            except BaseException as exc:  # noqa: BLE001 - one request's failure is its own
+                log.exception("preparing request %d failed", request.request_id)
+                sink(Failed(request.request_id, InternalError(f"request failed: {exc}")))
+                return
+            then(request, sink, result)
+
+        try:
+            self.preparer.executor.submit(work, request).add_done_callback(done)
+        except RuntimeError:  # the executor is shut down: the server is stopping
+            sink(Failed(request.request_id, ServiceUnavailable("server is shutting down")))
+
+    def _post(self, request: EngineRequest, sink: Sink, make: Callable[[], object]) -> None:
+        with self._lock:
+            if request.request_id in self._cancelled:
+                sink(Done(request.request_id, request.model, "cancelled", Usage()))
+                return
+            try:
+                self.core.post(make())  # type: ignore[arg-type]
+            except ServiceUnavailable as exc:
+                sink(Failed(request.request_id, exc))
+
+    def _admit(self, request: GenerateRequest, sink: Sink, prepared: Prepared) -> None:
+        self._post(request, sink, lambda: Admit(prepared, sink))
+
+    def _control(self, request: LoadRequest | UnloadRequest, sink: Sink, _: object) -> None:
+        self._post(request, sink, lambda: Control(request, sink))
+
+    def _counted_tokens(self, request: CountTokensRequest, sink: Sink, count: int) -> None:
+        total = max(0.0, time.monotonic() - request.created)
+        sink(Started(request.request_id, request.model, count, 0, 0.0))
+        sink(Done(request.request_id, request.model, "stop", Usage(prompt_tokens=count, total_duration=total)))
+
+
+__all__ = ["Engine"]

@@ -1,0 +1,178 @@
+"""The preparation stage: everything a request needs before it can join a batch, done off the inference thread.
+
+Templating, tokenization (a 30,000-token prompt takes seconds), the grammar's vocabulary scan and compilation,
+and GGUF import (hashing and converting gigabytes) would each freeze every running stream if they ran on the
+inference thread. Here they run in worker threads — and a GGUF import in a child process, because converting
+uses MLX and only the inference thread may touch MLX in this process — and hand the inference thread a
+`Prepared` request that it only has to admit and step.
+
+Per model, the stage keeps what is cheap to keep and slow to make: the model dir (after import), the tokenizer
+(shared with the loaded runner, which only detokenizes) and the grammar vocabulary. Each is made once
+(single-flight per model) and survives model unloads, so counting tokens never loads a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from mlx_server.config import Config
+from mlx_server.engine.constrained import Constraints
+from mlx_server.engine.prompt import fit, render
+from mlx_server.errors import MlxServerError, ModelLoadFailed, ModelNotFound
+from mlx_server.modelinfo import kv_bytes_per_token, native_context_length
+from mlx_server.sources import locate, weights_size
+from mlx_server.types import GenerateRequest
+
+log = logging.getLogger("mlx_server.engine.prepare")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A generation ready to admit: its prompt fitted to the context, its grammar compiled."""
+
+    request: GenerateRequest
+    tokens: list[int]
+    num_ctx: int
+    max_tokens: int
+    truncated: int
+    grammar: list[Any] = field(default_factory=list)  # logits processors from Constraints (compiled here)
+
+    @property
+    def kv_tokens(self) -> int:
+        """The most KV this sequence can ever hold: what admission reserves for it."""
+        return min(self.num_ctx, len(self.tokens) + self.max_tokens)
+
+
+@dataclass
+class ModelFiles:
+    """What the preparation stage knows about one model; made once, kept across unloads."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    context_length: int
+    weights: int  # bytes on disk: what loading it adds to the budget
+    kv_per_token: int  # estimated from config.json until the loaded runner knows the real float type
+    tokenizer: Any
+    constraints: Constraints
+
+
+class Preparer:
+    def __init__(self, config: Config, *, workers: int = 2,
+                 importer: Optional[Callable[[Path, Path], Path]] = None) -> None:
+        self.config = config
+        self._config_dir = config.path.parent if config.path else None
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare")
+        self._importer = importer or import_in_child
+        self._files: dict[str, ModelFiles] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        return self._pool
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- per-model files (any worker thread) --------------------------------------------------------------
+
+    def files(self, name: str) -> ModelFiles:
+        """The model's dir, config, tokenizer and grammar vocabulary; imported / loaded once, single-flight."""
+        known = self._files.get(name)
+        if known is not None:
+            return known
+        with self._guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            known = self._files.get(name)
+            if known is None:
+                known = self._files[name] = self._make_files(name)
+            return known
+
+    def forget(self, name: str) -> None:
+        """After a pull or delete: look at the disk again next time."""
+        self._files.pop(name, None)
+
+    def _make_files(self, name: str) -> ModelFiles:
+        from mlx_lm.utils import load_tokenizer  # deferred: importing mlx_lm pulls in transformers
+
+        path = self.model_dir(name)
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadFailed(f"model \"{name}\" has an unreadable config.json: {exc}") from None
+        try:
+            tokenizer = load_tokenizer(path, None, eos_token_ids=cfg.get("eos_token_id"))
+        except Exception as exc:  # noqa: BLE001 - a broken tokenizer fails this model only
+            raise ModelLoadFailed(f"failed to load the tokenizer of model \"{name}\": {exc}") from exc
+        configured = self.config.models[name].context_length
+        native = native_context_length(cfg)
+        return ModelFiles(name=name, path=path, config=cfg, tokenizer=tokenizer, constraints=Constraints(tokenizer),
+                          context_length=min(configured, native) if configured else native,
+                          weights=weights_size(path), kv_per_token=_kv_estimate(cfg))
+
+    def model_dir(self, name: str) -> Path:
+        model = self.config.models.get(name)
+        if model is None:
+            raise ModelNotFound(name)
+        found = locate(model, self._config_dir)
+        if not found.present:
+            raise ModelNotFound(name, found.hint)
+        assert found.path is not None
+        if found.kind not in ("gguf", "package"):
+            return found.path
+        try:
+            return self._importer(found.path, self.config.server.cache_dir)
+        except MlxServerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bad GGUF fails this model only
+            raise ModelLoadFailed(f"failed to import GGUF for model \"{name}\": {exc}") from exc
+
+    # ---- requests (worker threads) ------------------------------------------------------------------------
+
+    def prepare(self, req: GenerateRequest) -> Prepared:
+        files = self.files(req.model)
+        return prepare_request(req, files.tokenizer, files.context_length, files.constraints)
+
+    def count(self, req: GenerateRequest) -> int:
+        files = self.files(req.model)
+        return len(render(req, files.tokenizer, req.model))
+
+
+def prepare_request(req: GenerateRequest, tokenizer: Any, context_length: int,
+                    constraints: Optional[Constraints] = None) -> Prepared:
+    """Render, tokenize, fit and compile: raises BadRequest for the client's mistakes."""
+    fitted = fit(render(req, tokenizer, req.model), req, context_length, req.model)
+    grammar = (constraints or Constraints(tokenizer)).processors(req, fitted.max_tokens)
+    return Prepared(request=req, tokens=fitted.tokens, num_ctx=fitted.num_ctx, max_tokens=fitted.max_tokens,
+                    truncated=fitted.truncated, grammar=grammar)
+
+
+def _kv_estimate(cfg: dict[str, Any]) -> int:
+    dtype = str(cfg.get("torch_dtype") or cfg.get("text_config", {}).get("torch_dtype") or "float16")
+    return kv_bytes_per_token(cfg) * (2 if "32" in dtype else 1)  # modelinfo counts 2 bytes per element
+
+
+def import_in_child(gguf: Path, cache_dir: Path) -> Path:
+    """Import a GGUF in a child process: conversion runs MLX, which only the inference thread may use here.
+
+    The child returns at once when the import is already cached (its hash is remembered per path and mtime).
+    """
+    done = subprocess.run([sys.executable, "-m", "mlx_server.engine.gguf_import", str(gguf), str(cache_dir)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise ModelLoadFailed(f"importing {gguf.name} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+__all__ = ["ModelFiles", "Prepared", "Preparer", "import_in_child", "prepare_request"]

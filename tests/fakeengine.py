@@ -1,0 +1,99 @@
+"""A FakeEngine implementing mlx_server.status.EngineClient: it records every request and answers from a script.
+
+For route and dialect-translation tests only (milliseconds, no MLX); what the real engine does is tested end to
+end against tiny models. The default script echoes: a generation's reply is the words of its last user
+message (or prompt), one Delta per word, capped by max_tokens; loads, unloads and counts end as the engine
+contract says. Tests change `script`, `usage`, `prompt_tokens` / `cached_tokens`, or `refuse` as they need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Callable, Optional, Sequence
+
+from mlx_server.errors import MlxServerError
+from mlx_server.status import EngineStatus, Observer
+from mlx_server.types import (CountTokensRequest, Delta, Done, EngineRequest, Event, GenerateRequest, LoadRequest,
+                              Started, UnloadRequest, Usage)
+
+Script = Callable[[EngineRequest], list[Event]]
+
+
+def reply_words(req: GenerateRequest) -> list[str]:
+    if req.messages:
+        users = [m.content for m in req.messages if m.role == "user"]
+        text = users[-1] if users else ""
+    else:
+        text = req.prompt or ""
+    return text.split()
+
+
+class FakeEngine:
+    def __init__(self, script: Optional[Script] = None, *, prompt_tokens: int = 12, cached_tokens: int = 0,
+                 refuse: Optional[MlxServerError] = None) -> None:
+        self.requests: list[EngineRequest] = []
+        self.script: Script = script or self.echo
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
+        self.refuse = refuse
+        self.observers: list[Observer] = []
+        self.running = False
+        self.draining = False
+
+    # ---- EngineClient ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.running = False
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(alive=self.running, draining=self.draining)
+
+    def preload(self, names: Sequence[str]) -> None:
+        pass
+
+    def observe(self, observer: Observer) -> None:
+        self.observers.append(observer)
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[Event]:
+        if self.refuse is not None:  # like the real engine: a refusal raises before the first event
+            raise self.refuse
+        self.requests.append(request)
+        for event in self.script(request):
+            for observer in self.observers:
+                observer(request, event)
+            await asyncio.sleep(0)  # a real stream yields to the loop between events
+            yield event
+
+    # ---- the default script -------------------------------------------------------------------------------
+
+    @property
+    def last(self) -> EngineRequest:
+        return self.requests[-1]
+
+    def echo(self, req: EngineRequest) -> list[Event]:
+        rid = req.request_id
+        if isinstance(req, LoadRequest):
+            return [Done(rid, req.model, "load", Usage())]
+        if isinstance(req, UnloadRequest):
+            return [Done(rid, req.model, "unload", Usage())]
+        if isinstance(req, CountTokensRequest):
+            return [Done(rid, req.model, "stop", Usage(prompt_tokens=self.prompt_tokens))]
+        words = reply_words(req)
+        limit = req.max_tokens if req.max_tokens is not None else len(words)
+        said = words[:limit]
+        usage = Usage(prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
+                      completion_tokens=len(said), prompt_eval_duration=0.01, eval_duration=0.02,
+                      total_duration=0.05)
+        events: list[Event] = [Started(rid, req.model, self.prompt_tokens, self.cached_tokens, 0.0)]
+        events += [Delta(rid, content=(" " if i else "") + w, tokens=1) for i, w in enumerate(said)]
+        events.append(Done(rid, req.model, "length" if len(words) > limit else "stop", usage))
+        return events
+
+
+__all__ = ["FakeEngine", "reply_words"]
