@@ -1,7 +1,8 @@
 """models.yaml + environment + CLI flags → one validated, typed, immutable config tree.
 
 Validation errors name the file and the key path (`models.phi3:mini-4k.keep_alive`) so an operator can fix the
-file without reading code; the CLI turns them into exit status 2.
+file without reading code; the CLI turns them into exit status 2. The file's shape, as pydantic models (and the
+JSON Schema in docs/models.schema.json), is in mlx_server/config_schema.py; this module holds the typed tree.
 """
 
 from __future__ import annotations

@@ -31,14 +31,19 @@ def reply_words(req: GenerateRequest) -> list[str]:
 class FakeEngine:
     def __init__(self, script: Optional[Script] = None, *, prompt_tokens: int = 12, cached_tokens: int = 0,
                  refuse: Optional[MlxServerError] = None) -> None:
+        self.observers: list[Observer] = []
+        self.running = False
+        self.draining = False
+        self.reset(script, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens, refuse=refuse)
+
+    def reset(self, script: Optional[Script] = None, *, prompt_tokens: int = 12, cached_tokens: int = 0,
+              refuse: Optional[MlxServerError] = None) -> None:
+        """A fresh script and record, for a server shared by several tests."""
         self.requests: list[EngineRequest] = []
         self.script: Script = script or self.echo
         self.prompt_tokens = prompt_tokens
         self.cached_tokens = cached_tokens
         self.refuse = refuse
-        self.observers: list[Observer] = []
-        self.running = False
-        self.draining = False
 
     # ---- EngineClient ----------------------------------------------------------------------------------------
 

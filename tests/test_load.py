@@ -34,12 +34,13 @@ loadtest = load_script("loadtest")
 
 
 def test_bounded_load(tiny_llama: Path, tiny_qwen2: Path, tiny_llama3: Path, tmp_path: Path) -> None:
-    from mlx_server.engine.loader import ModelLoader
+    from mlx_server.engine.prepare import Preparer
 
     models = {"llama": {"source": str(tiny_llama)}, "qwen": {"source": str(tiny_qwen2)},
               "llama3": {"source": str(tiny_llama3)}}
     # Size the budget from the server's own estimates: the two largest fit, all three never do.
-    sizes = sorted(ModelLoader(make_config(tmp_path, models)).estimate(name) for name in models)
+    preparer = Preparer(make_config(tmp_path, models))
+    sizes = sorted(preparer.files(name).weights for name in models)
     budget = sizes[1] + sizes[2] + 1024
     assert sum(sizes) > budget
     config = make_config(tmp_path, models, memory_budget=budget, max_concurrent=4, max_queue=2)

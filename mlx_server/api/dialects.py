@@ -99,7 +99,7 @@ def routes() -> list[Route]:
     out = [Route(e.path, e.handler, methods=list(e.methods)) for e in SERVER if e.handler]
     for dialect in DIALECTS:
         for e in dialect.endpoints:
-            handler = serve(dialect, e.generation) if e.generation else e.handler
+            handler = generation_route(dialect, e.generation) if e.generation else e.handler
             assert handler is not None, e.path
             out.append(Route(e.path, handler, methods=list(e.methods)))
     return out
@@ -108,7 +108,7 @@ def routes() -> list[Route]:
 # ---- the route skeleton -------------------------------------------------------------------------------------
 
 
-def serve(dialect: Dialect, generation: Generation) -> Handler:
+def generation_route(dialect: Dialect, generation: Generation) -> Handler:
     """read body → resolve model → build request → submit → stream or collect → log, for every dialect."""
 
     async def handle(request: Request) -> Response:
@@ -152,5 +152,5 @@ async def _frames(generation: Generation, incoming: Incoming, call: Call,
             yield frame
 
 
-__all__ = ["ANTHROPIC", "DIALECTS", "ENDPOINTS", "OLLAMA", "OPENAI", "SERVER", "dialect_for", "paths", "routes",
-           "serve"]
+__all__ = ["ANTHROPIC", "DIALECTS", "ENDPOINTS", "OLLAMA", "OPENAI", "SERVER", "dialect_for", "generation_route",
+           "paths", "routes"]

@@ -93,7 +93,7 @@ def apply_top_level_options(body: dict[str, Any]) -> None:
     if options is None:
         options = body["options"] = {}
     if not isinstance(options, dict):
-        return  # ollama_sampling reports the bad type
+        return  # base_request reports the bad type
     if "max_tokens" in top:
         options.setdefault("num_predict", top.pop("max_tokens"))
     for key, value in top.items():

@@ -176,6 +176,7 @@ class Core:
         if sink is None:
             return
         self._observe(req, event)
+        self._publish()  # what the client may look at next (an unload, the counters) is already visible
         _deliver(sink, event)
         try:
             name = self._owner.pop(request_id, None)

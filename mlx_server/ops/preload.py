@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
 from mlx_server.config import Config, ModelConfig
-from mlx_server.modelinfo import InfoCache
 from mlx_server.ops.client import ClientError, error_text, format_table, get_json, http_client, human_size
 from mlx_server.ops.pull import ensure_local
 from mlx_server.sources import Located, locate
@@ -54,17 +53,10 @@ def select(config: Config, names: Sequence[str], preload_only: bool) -> tuple[li
 
 
 def footprint(model: ModelConfig, located: Located) -> int:
-    """Bytes the server will reserve to load `model`: weights plus a float16 KV cache for its context length.
-
-    The same rule as the engine's loader estimate, computed from modelinfo (no MLX), so preload stops before
-    the pool would have to evict a model it warmed earlier.
-    """
-    info = InfoCache().describe(located)
-    if info is None:
-        return located.size
-    native = info.context_length or 4096
-    context = min(model.context_length, native) if model.context_length else native
-    return located.size + info.kv_bytes_per_token * context
+    """Bytes the server will take to load `model`: its weights, the same rule as the engine's load estimate
+    (KV is reserved per request when requests arrive, not per model), so preload stops before the pool would
+    have to evict a model it warmed earlier."""
+    return located.size
 
 
 def ensure_on_disk(model: ModelConfig, config_dir: Optional[Path], row: Row, err: TextIO) -> None:

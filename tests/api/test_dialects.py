@@ -21,8 +21,8 @@ import pytest
 
 from fakeengine import FakeEngine
 from mlx_server.errors import ServerBusy
-from mlx_server.types import (CountTokensRequest, Delta, Done, EngineRequest, Event, Failed, GenerateRequest,
-                              LoadRequest, Started, UnloadRequest, Usage)
+from mlx_server.types import (CountTokensRequest, Delta, EngineRequest, Event, Failed, GenerateRequest, LoadRequest,
+                              Started, UnloadRequest)
 from serving import Server, make_config, serve
 
 HI = [{"role": "user", "content": "one two three four five six seven"}]
@@ -54,7 +54,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture
 def engine(server: Server) -> FakeEngine:
     fake: FakeEngine = server.engine
-    fake.__init__()  # type: ignore[misc]  # a fresh script, counts and record for every test
+    fake.reset()
     return fake
 
 
@@ -241,7 +241,8 @@ def test_errors_after_the_start_end_each_stream_in_its_own_frame(server: Server,
 
 @pytest.mark.parametrize("path,body,shape", [
     ("/api/chat", {"messages": HI}, lambda j: j["error"]),
-    ("/v1/chat/completions", {"messages": HI}, lambda j: j["error"]["type"] == "server_error" and j["error"]["message"]),
+    ("/v1/chat/completions", {"messages": HI},
+     lambda j: j["error"]["type"] == "server_error" and j["error"]["message"]),
     ("/v1/messages", {"messages": HI, "max_tokens": 5},
      lambda j: j["type"] == "error" and j["error"]["type"] == "overloaded_error" and j["error"]["message"]),
 ])
@@ -287,3 +288,24 @@ def test_bad_fields_are_400_naming_the_field(server: Server, engine: FakeEngine,
     err = r.json()["error"]
     assert needle in (err if isinstance(err, str) else err["message"])
     assert engine.requests == []
+
+
+@pytest.mark.parametrize("path,shape", [
+    ("/api/nope", lambda j: isinstance(j["error"], str)),
+    ("/v1/nope", lambda j: j["error"]["type"] == "invalid_request_error"),
+    ("/v1/messages/nope", lambda j: j["type"] == "error" and j["error"]["type"] == "not_found_error"),
+    ("/v1/messagesnope", lambda j: j["error"]["type"] == "invalid_request_error"),  # OpenAI's: not a segment
+])
+def test_route_errors_take_the_shape_of_the_paths_dialect(server: Server, path: str, shape: Any) -> None:
+    r = httpx.get(f"{server.url}{path}")
+    assert r.status_code == 404 and shape(r.json()), r.json()
+
+
+def test_rate_limit_covers_the_registrys_engine_routes(tmp_path: Path) -> None:
+    plain = fake_model(tmp_path / "plain", "{{ messages }}")
+    config = make_config(tmp_path, {"plain": {"source": str(plain)}}, rate_limit_per_minute=2)
+    with serve(config, engine=FakeEngine()) as s:
+        body = {"model": "plain", "messages": HI}
+        codes = [post(s, "/v1/messages/count_tokens", body).status_code for _ in range(3)]
+        listings = [httpx.get(f"{s.url}/api/tags").status_code for _ in range(3)]
+    assert codes == [200, 200, 429] and listings == [200] * 3

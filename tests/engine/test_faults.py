@@ -56,7 +56,7 @@ def test_dead_inference_thread_means_503_not_hangs(tiny_llama: Path, tmp_path: P
         t = threading.Thread(target=stream)
         t.start()
         assert streaming.wait(30)
-        server.engine._commands.put(object())  # kill the inference thread on purpose
+        server.engine.core.post(object())  # type: ignore[arg-type]  # kill the inference thread on purpose
         t.join(10)
         assert not t.is_alive() and "error" in lines[-1]  # the in-flight stream ended with an error line
         health = httpx.get(f"{server.url}/health")

@@ -53,10 +53,10 @@ def test_preload_downloads_nothing_offline_warms_in_priority_order_and_fails_on_
 def test_preload_stops_at_the_memory_budget_and_names_select(tmp_path: Path, tiny_llama: Path,
                                                              tiny_qwen2: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    # Each tiny model takes ~1.1 MB resident (weights + KV reserve): the budget holds one.
+    # Each tiny model's weights take ~0.56 MB: the budget holds one.
     config = make_config(tmp_path, {"a": {"source": str(tiny_llama), "priority": 2, "aliases": ["first"]},
                                     "b": {"source": str(tiny_qwen2), "priority": 1}},
-                         memory_budget="1.6MB")
+                         memory_budget="0.8MB")
     with serve(config) as server:
         rc = main(["--config", str(config.path), "preload", "--server", server.url])
         table = rows(capsys.readouterr().out)
