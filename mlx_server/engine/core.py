@@ -17,18 +17,17 @@ import threading
 import time
 from typing import Callable, Literal, Optional
 
-import mlx.core as mx
-
 from mlx_server.config import Config
 from mlx_server.engine.admission import Waiting, WaitList
 from mlx_server.engine.commands import Admit, Cancel, Command, Control, Preload, Shutdown, Sink
 from mlx_server.engine.loader import LoadedModel, ModelLoader
-from mlx_server.engine.pool import ModelPool, Resident
+from mlx_server.engine.pool import ModelPool
 from mlx_server.engine.prepare import Prepared
 from mlx_server.engine.runner import KV_STEP
+from mlx_server.engine.snapshot import available_memory, limit_metal_memory, resident_status
 from mlx_server.errors import (InsufficientMemory, InternalError, MlxServerError, ModelNotFound, RequestTimeout,
                                ServiceUnavailable)
-from mlx_server.status import EngineCounters, EngineStatus, MemoryStatus, ModelStatus, Observer
+from mlx_server.status import EngineCounters, EngineStatus, MemoryStatus, Observer
 from mlx_server.types import Done, EngineRequest, Event, Failed, LoadRequest, UnloadRequest, Usage
 
 log = logging.getLogger("mlx_server.engine")
@@ -44,7 +43,7 @@ class Core:
         s = config.server
         self.pool: ModelPool[LoadedModel] = ModelPool(
             budget=s.memory_budget, max_models=s.max_loaded_models, loader=loader.load, estimate=loader.estimate,
-            unloader=loader.unload, clock=clock, available=_available_memory,
+            unloader=loader.unload, clock=clock, available=available_memory,
             held=lambda m: m.runner.kv_reserved + m.runner.prompt_cache.nbytes, trim=self._trim_caches)
         self._commands: "queue.Queue[Command]" = queue.Queue()
         self._closed = False  # set once, under _lock, when the thread stops taking commands
@@ -90,7 +89,7 @@ class Core:
     # ---- the thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        _limit_metal_memory(self.config.server.memory_budget)
+        limit_metal_memory(self.config.server.memory_budget)
         error: MlxServerError = ServiceUnavailable("server is shutting down")
         try:
             while not self._stopping:
@@ -383,21 +382,7 @@ class Core:
         now_active = len(self._owner) + self._waiting.parked
         self._counters = EngineCounters(**{**self._counters.__dict__, "active_requests": now_active,
                                            "queue_size": len(self._waiting) - self._waiting.parked})
-        models = []
-        for r in self.pool.residents():
-            runner = r.model.runner
-            models.append(ModelStatus(
-                name=r.name, size=r.size, context_length=runner.context_length, loaded_at=r.loaded_at,
-                load_seconds=r.load_seconds, last_used=r.last_used, expires_at=r.expires_at, active=r.active,
-                use_count=r.use_count, kv_reserved=runner.kv_reserved, prompt_cache=runner.prompt_cache.nbytes))
-        if self.pool.loading is not None:
-            models.append(ModelStatus(name=self.pool.loading, size=self.pool.loading_size, context_length=0,
-                                      loaded_at=0.0, load_seconds=0.0, last_used=0.0, expires_at=None, active=0,
-                                      use_count=0, is_loading=True))
-        memory = MemoryStatus(
-            budget=self.pool.budget, weights=self.pool.resident_bytes() + self.pool.loading_size,
-            kv_reserved=sum(m.kv_reserved for m in models), prompt_cache=sum(m.prompt_cache for m in models),
-            mlx_active=mx.get_active_memory(), mlx_peak=mx.get_peak_memory(), mlx_cache=mx.get_cache_memory())
+        models, memory = resident_status(self.pool)
         self.status = EngineStatus(alive=self._fatal is None and not self._closed, fatal=self._fatal,
                                    counters=self._counters,
                                    models=tuple(models), pool=self.pool.stats, memory=memory)
@@ -416,23 +401,6 @@ def _request_id(cmd: Admit | Control) -> int:
 
 def _round_kv(tokens: int) -> int:
     return -(-tokens // KV_STEP) * KV_STEP
-
-
-def _available_memory() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def _limit_metal_memory(budget: int) -> None:
-    """On Metal, make an overrun of the budget an allocation error rather than a process abort."""
-    try:
-        if not mx.metal.is_available():
-            return
-        mx.set_memory_limit(budget)
-        mx.set_wired_limit(min(budget, int(mx.metal.device_info().get("max_recommended_working_set_size", budget))))
-    except Exception as exc:  # noqa: BLE001 - older macOS has no wired limit; the budget still holds
-        log.warning("could not set MLX memory limits: %s", exc)
 
 
 __all__ = ["Core"]
