@@ -23,7 +23,7 @@ from mlx_server.engine.commands import Admit, Cancel, Command, Control, Preload,
 from mlx_server.engine.loader import LoadedModel, ModelLoader
 from mlx_server.engine.pool import ModelPool
 from mlx_server.engine.prepare import Prepared
-from mlx_server.engine.runner import KV_STEP
+from mlx_server.engine.runner import kv_bound
 from mlx_server.engine.snapshot import available_memory, limit_metal_memory, resident_status
 from mlx_server.errors import (InsufficientMemory, InternalError, MlxServerError, ModelNotFound, RequestTimeout,
                                ServiceUnavailable)
@@ -279,7 +279,7 @@ class Core:
         assert isinstance(job, Prepared)
         if entry is None:
             files = self.loader.preparer.files(name)  # made by the preparation stage already: no disk work here
-            got = self.pool.request(name, reserve=2 * _round_kv(job.kv_tokens) * files.kv_per_token)
+            got = self.pool.request(name, reserve=kv_bound([job.kv_tokens], files.kv_per_token))
             if isinstance(got, str):
                 return "blocked" if got == "blocked" else "parked"
             entry = got
@@ -397,10 +397,6 @@ def _deliver(sink: Sink, event: Event) -> None:
 
 def _request_id(cmd: Admit | Control) -> int:
     return cmd.prepared.request.request_id if isinstance(cmd, Admit) else cmd.request.request_id
-
-
-def _round_kv(tokens: int) -> int:
-    return -(-tokens // KV_STEP) * KV_STEP
 
 
 __all__ = ["Core"]

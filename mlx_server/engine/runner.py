@@ -29,6 +29,14 @@ Clock = Callable[[], float]
 KV_STEP = 256  # mlx_lm's KVCache grows its buffers in steps of this many tokens
 
 
+def kv_bound(lengths: list[int], kv_per_token: int) -> int:
+    """ModelRunner.kv_bytes for a runner that does not exist yet (a model still to load)."""
+    if not lengths:
+        return 0
+    longest = -(-max(lengths) // KV_STEP) * KV_STEP
+    return 2 * len(lengths) * longest * kv_per_token
+
+
 @dataclass
 class Sequence:
     request: GenerateRequest
@@ -89,10 +97,7 @@ class ModelRunner:
         leaving the batch copy that cache (old and new buffers live at once), so the peak is twice that
         (measured: MLX's peak exceeded weights + KV by one whole batch cache).
         """
-        if not lengths:
-            return 0
-        longest = -(-max(lengths) // KV_STEP) * KV_STEP
-        return 2 * len(lengths) * longest * self.kv_per_token
+        return kv_bound(lengths, self.kv_per_token)
 
     @property
     def kv_reserved(self) -> int:
