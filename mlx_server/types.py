@@ -10,7 +10,7 @@ import enum
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from mlx_server.errors import MlxServerError
 

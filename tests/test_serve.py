@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from serving import free_port, start_process as start
+from serving import start_process as start
 
 
 def test_sigterm_drains_then_exits_0(tiny_llama: Path, tmp_path: Path) -> None:

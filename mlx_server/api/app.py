@@ -86,11 +86,11 @@ def create_app(config: Config, engine: Optional[EngineClient] = None, catalog: O
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not engine.status().alive:
             engine.start()
-        ctx.models.warm()  # in the background: the first /api/tags finds the GGUF headers already read
+        ctx.catalog.warm()  # in the background: the first /api/tags finds the GGUF headers already read
         try:
             yield
         finally:
-            ctx.models.close()
+            ctx.catalog.close()
             engine.stop(timeout=config.server.shutdown_grace)
 
     async def on_error(request: Request, exc: Exception) -> Response:

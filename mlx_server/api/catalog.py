@@ -16,25 +16,18 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from mlx_server.config import Config, ModelConfig
+from mlx_server.config import Config
 from mlx_server.errors import ModelNotFound
 from mlx_server.modelinfo import InfoCache, ModelInfo
 from mlx_server.sources import Located, locate
 
 Describe = Callable[[Located], Optional[ModelInfo]]
-DEFAULT_CONTEXT = 4096  # what the engine assumes when a model's files do not say
 
 
 @dataclass(frozen=True)
 class Entry:
     located: Located
     info: Optional[ModelInfo]  # None when absent or unreadable
-
-
-def effective_context_length(model: ModelConfig, info: Optional[ModelInfo]) -> int:
-    """The context a loaded model really gets: the configured one, capped by the model's own (as the engine does)."""
-    native = (info.context_length if info is not None else 0) or DEFAULT_CONTEXT
-    return min(model.context_length, native) if model.context_length else native
 
 
 class Catalog:

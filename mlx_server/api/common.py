@@ -28,30 +28,21 @@ log = logging.getLogger("mlx_server.api")
 class AppContext:
     config: Config
     engine: EngineClient  # a protocol: the API never imports MLX, and tests hand in a FakeEngine
+    catalog: Catalog  # model files and info, read off the event loop
     metrics: Any = None  # mlx_server.metrics.Metrics
-    catalog: Optional[Catalog] = None  # built from config unless handed in (create_app's test seam)
     started: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        if self.catalog is None:
-            self.catalog = Catalog(self.config)
-
-    @property
-    def models(self) -> Catalog:
-        assert self.catalog is not None  # set in __post_init__
-        return self.catalog
 
     # Disk work (locate, GGUF headers) runs in the catalog's workers: handlers await, the loop never blocks.
 
     async def located(self, name: str) -> Located:
-        return await self.models.located(name)
+        return await self.catalog.located(name)
 
     async def info(self, name: str) -> Optional[ModelInfo]:
-        return await self.models.info(name)
+        return await self.catalog.info(name)
 
     async def resolve(self, requested: str) -> str:
         """The configured name for a requested one; 404 when unknown or not on disk (with how to get it)."""
-        return await self.models.resolve(requested)
+        return await self.catalog.resolve(requested)
 
 
 def ctx_of(request: Request) -> AppContext:

@@ -69,7 +69,7 @@ async def pull(request: Request) -> Response:
     task = asyncio.ensure_future(asyncio.to_thread(
         ensure_local, ctx.config.models[name], _config_dir(ctx), update=True, progress=report, cancel=cancel))
     # Whatever the outcome (done, failed, cancelled half-way) the files may have changed: look again next time.
-    task.add_done_callback(lambda _: ctx.models.invalidate(name))
+    task.add_done_callback(lambda _: ctx.catalog.invalidate(name))
     if not stream:
         result = await task
         _log_result(result)
@@ -144,7 +144,7 @@ async def delete(request: Request) -> Response:
     try:
         removed = await asyncio.to_thread(delete_local, model, _config_dir(ctx))
     finally:
-        ctx.models.invalidate(name)
+        ctx.catalog.invalidate(name)
     if not removed:
         raise ModelNotFound(requested)
     log.info("deleted the cached weights of %s (%s)", name, model.source)

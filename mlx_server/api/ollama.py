@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Optional
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from mlx_server.api.catalog import Entry, effective_context_length
+from mlx_server.api.catalog import Entry
 from mlx_server.api.common import AppContext, Collected, ctx_of, error_body, field_type, ns, read_json, rfc3339
 from mlx_server.api.dialect import Call, Encode, Final, Generation, Incoming
 from mlx_server.api.options import OLLAMA_DEFAULTS
@@ -266,7 +266,7 @@ CHAT = Generation(resolve_target, build_chat, _encoder(chat=True), _final(chat=T
 async def root(request: Request) -> Response:
     if "application/json" in request.headers.get("accept", "") and request.method == "GET":
         ctx = ctx_of(request)
-        present = [name for name, e in (await ctx.models.entries()).items() if e.located.present]
+        present = [name for name, e in (await ctx.catalog.entries()).items() if e.located.present]
         return JSONResponse({"status": "running", "available_models": present, "version": OLLAMA_VERSION})
     return PlainTextResponse("Ollama is running")
 
@@ -285,7 +285,7 @@ def _entry(known: Entry, name: str, label: str) -> Optional[dict[str, Any]]:
 
 async def tags(request: Request) -> Response:
     ctx = ctx_of(request)
-    known = await ctx.models.entries()
+    known = await ctx.catalog.entries()
     # Each alias is listed as its own entry (name = alias, model = target) for clients that pick by alias.
     labels = [*((name, name) for name in known), *((name, alias) for alias, name in ctx.config.aliases().items())]
     models = [e for name, label in labels if (e := _entry(known[name], name, label)) is not None]
@@ -321,7 +321,7 @@ async def ps(request: Request) -> Response:
     for r in ctx.engine.status().models:
         if r.is_loading:
             continue
-        found = await ctx.models.entry(r.name)
+        found = await ctx.catalog.entry(r.name)
         entry = _entry(found, r.name, r.name) or {"name": r.name, "model": r.name, "digest": "", "details": {}}
         if r.expires_at is None:
             expires = FAR_FUTURE
@@ -329,7 +329,7 @@ async def ps(request: Request) -> Response:
             expires = rfc3339(dt.datetime.fromtimestamp(now_wall + (r.expires_at - now_mono), tz=dt.timezone.utc))
         models.append({"name": r.name, "model": r.name, "size": r.size, "size_vram": r.size,
                        "digest": entry["digest"], "details": entry["details"], "expires_at": expires,
-                       "context_length": effective_context_length(ctx.config.models[r.name], found.info)})
+                       "context_length": r.context_length})  # what the loaded model really has
     return JSONResponse({"models": models})
 
 

@@ -337,7 +337,7 @@ COMPLETION = Generation(target, build_completion, encode, final)
 
 async def _model_entries(ctx: AppContext) -> list[dict[str, Any]]:
     entries = []
-    for name, known in (await ctx.models.entries()).items():
+    for name, known in (await ctx.catalog.entries()).items():
         if not known.located.present:
             continue
         model, info = ctx.config.models[name], known.info

@@ -2,7 +2,7 @@
 
 The preparation stage has already found (and, for a GGUF, imported) the model's files and loaded its tokenizer,
 so a load here only evaluates weights, a few at a time between decode steps. Footprints are weights on disk;
-KV is reserved per sequence at admission (see engine/memory.py), never guessed per model.
+KV is reserved per sequence at admission (core.py, runner.kv_bytes), never guessed per model.
 """
 
 from __future__ import annotations

@@ -84,8 +84,7 @@ class ModelPool(Generic[M]):
 
     def used_bytes(self) -> int:
         """Everything the budget covers: weights (a running load's too), reserved KV, stored prompt caches."""
-        loading = self._loading.size if self._loading else 0
-        return self.resident_bytes() + loading + sum(self._held(r.model) for r in self._resident.values())
+        return self.resident_bytes() + self.loading_size + sum(self._held(r.model) for r in self._resident.values())
 
     def make_room(self, need: int, keep: Optional[str] = None, extra_model: bool = False) -> bool:
         """Free memory for `need` more bytes (and one more model when `extra_model`); False if not possible now.

@@ -98,10 +98,6 @@ class Preparer:
                 known = self._files[name] = self._make_files(name)
             return known
 
-    def forget(self, name: str) -> None:
-        """After a pull or delete: look at the disk again next time."""
-        self._files.pop(name, None)
-
     def _make_files(self, name: str) -> ModelFiles:
         from mlx_lm.utils import load_tokenizer  # deferred: importing mlx_lm pulls in transformers
 

@@ -30,7 +30,13 @@ KV_STEP = 256  # mlx_lm's KVCache grows its buffers in steps of this many tokens
 
 
 def kv_bound(lengths: list[int], kv_per_token: int) -> int:
-    """ModelRunner.kv_bytes for a runner that does not exist yet (a model still to load)."""
+    """The most memory the KV of a batch of sequences that may grow to `lengths` tokens can take.
+
+    BatchGenerator keeps one cache per batch, every row padded to the longest and grown in steps of KV_STEP
+    tokens: rows × the longest rounded up, not the sum of the lengths. Growing, joining and leaving the batch
+    copy that cache (old and new buffers live at once), so the peak is twice that (measured: MLX's peak
+    exceeded weights + KV by one whole batch cache). Also used before a model is loaded, from config.json.
+    """
     if not lengths:
         return 0
     longest = -(-max(lengths) // KV_STEP) * KV_STEP
@@ -90,13 +96,6 @@ class ModelRunner:
     # ---- memory -------------------------------------------------------------------------------------------
 
     def kv_bytes(self, lengths: list[int]) -> int:
-        """The most memory the KV of a batch of sequences that may grow to `lengths` tokens can take.
-
-        BatchGenerator keeps one cache per batch, every row padded to the longest and grown in steps of
-        KV_STEP tokens: rows × the longest rounded up, not the sum of the lengths. Growing, joining and
-        leaving the batch copy that cache (old and new buffers live at once), so the peak is twice that
-        (measured: MLX's peak exceeded weights + KV by one whole batch cache).
-        """
         return kv_bound(lengths, self.kv_per_token)
 
     @property
