@@ -127,6 +127,8 @@ class ServerConfig:
     max_queue: int = 256
     max_concurrent: int = 16
     prompt_cache_bytes: int = 2 * 2**30
+    prefill_slice: float = 0.05  # seconds of prompt prefill between decode steps; 0 = whole prompts (as mlx_lm)
+    prefill_chunk: int = 2048  # most prompt tokens per forward pass: bounds activation memory
     request_timeout: Optional[float] = None
     shutdown_grace: float = 10.0
     fallback_url: Optional[str] = None

@@ -70,6 +70,11 @@ class ServerSection(_Section):
     max_queue: int = Field(_default("max_queue"), ge=0, description="requests allowed to wait before 503")
     max_concurrent: int = Field(_default("max_concurrent"), ge=1, description="sequences decoding at once")
     prompt_cache_bytes: Size = Field(_default("prompt_cache_bytes"), description="cap on stored prompt caches")
+    prefill_slice: NonNegativeDuration = Field(
+        _default("prefill_slice"), description="prompt prefill done between two decode steps, in seconds (0: each "
+                                               "prompt whole, as mlx_lm does, freezing running streams meanwhile)")
+    prefill_chunk: int = Field(_default("prefill_chunk"), ge=1, description="most prompt tokens per forward pass "
+                                                                            "(bounds activation memory)")
     request_timeout: Optional[NonNegativeDuration] = Field(None, description="fail a request running longer")
     shutdown_grace: NonNegativeDuration = Field(_default("shutdown_grace"),
                                                 description="time in-flight requests get after SIGTERM")

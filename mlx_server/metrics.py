@@ -56,6 +56,16 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("mlx_model_load_seconds", "Seconds spent loading models",
                                   value=stats.load_seconds)
         yield CounterMetricFamily("mlx_engine_steps", "Decode steps run", value=counters.steps)
+        yield GaugeMetricFamily("mlx_prefill_queue_tokens", "Prompt tokens admitted and not yet prefilled",
+                                value=status.prefill_queue_tokens)
+        progress = GaugeMetricFamily("mlx_prefill_progress_ratio", "Share of each long prompt already prefilled",
+                                     labels=["model", "request_id"])
+        for p in status.prefill:
+            progress.add_metric([p.model, str(p.request_id)], p.prefilled / max(1, p.total))
+        yield progress
+        yield CounterMetricFamily("mlx_prefill_tokens", "Prompt tokens prefilled (cached prefixes excluded)",
+                                  value=counters.prefill_tokens)
+        yield CounterMetricFamily("mlx_prefill_chunks", "Prompt prefill chunks run", value=counters.prefill_chunks)
 
 
 class Metrics:

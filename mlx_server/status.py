@@ -23,6 +23,9 @@ class EngineCounters:
     steps: int = 0
     generated_tokens: int = 0
     cancelled: int = 0
+    prefill_tokens: int = 0  # prompt tokens run through a model (cached prefixes excluded)
+    prefill_chunks: int = 0
+    prefill_slices: int = 0  # engine iterations that ran prefill (each at most one slice long)
     by_priority: tuple[int, int, int] = (0, 0, 0)
 
 
@@ -42,6 +45,17 @@ class ModelStatus:
     kv_reserved: int = 0  # bytes of KV reserved for its running sequences
     prompt_cache: int = 0  # bytes of stored prompt caches
     is_loading: bool = False
+
+
+@dataclass(frozen=True)
+class PrefillProgress:
+    """A prompt still being prefilled: `prefilled` of its `total` tokens are in its KV (a cached prefix counts)."""
+
+    request_id: int
+    model: str
+    prefilled: int
+    total: int
+    priority: int = 1
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,12 @@ class EngineStatus:
     models: tuple[ModelStatus, ...] = ()
     pool: PoolStats = field(default_factory=PoolStats)
     memory: MemoryStatus = field(default_factory=MemoryStatus)
+    prefill: tuple[PrefillProgress, ...] = ()  # prompts admitted and not yet decoding
+
+    @property
+    def prefill_queue_tokens(self) -> int:
+        """Prompt tokens admitted and not yet prefilled."""
+        return sum(p.total - p.prefilled for p in self.prefill)
 
     def model(self, name: str) -> Optional[ModelStatus]:
         return next((m for m in self.models if m.name == name and not m.is_loading), None)

@@ -51,6 +51,9 @@ def health_body(request: Request) -> tuple[dict[str, Any], int]:
                    "prompt_cache_gb": round(memory.prompt_cache / GB, 3),
                    "mlx_active_gb": round(memory.mlx_active / GB, 3),
                    "mlx_peak_gb": round(memory.mlx_peak / GB, 3)},
+        "prefill_queue_tokens": status.prefill_queue_tokens,
+        "prefill": [{"model": p.model, "request_id": p.request_id, "prefilled": p.prefilled, "total": p.total}
+                    for p in status.prefill],
         "uptime_seconds": round(time.time() - ctx.started, 1),
         "warnings": warnings,
     }

@@ -22,9 +22,10 @@ from mlx_server.engine.admission import Waiting, WaitList
 from mlx_server.engine.commands import Admit, Cancel, Command, Control, Preload, Shutdown, Sink
 from mlx_server.engine.loader import LoadedModel, ModelLoader
 from mlx_server.engine.pool import ModelPool
+from mlx_server.engine.prefill import Prefiller
 from mlx_server.engine.prepare import Prepared
 from mlx_server.engine.runner import kv_bound
-from mlx_server.engine.snapshot import available_memory, limit_metal_memory, resident_status
+from mlx_server.engine.snapshot import available_memory, limit_metal_memory, prefill_status, resident_status
 from mlx_server.errors import (InsufficientMemory, InternalError, MlxServerError, ModelNotFound, RequestTimeout,
                                ServiceUnavailable)
 from mlx_server.status import EngineCounters, EngineStatus, MemoryStatus, Observer
@@ -49,6 +50,7 @@ class Core:
         self._closed = False  # set once, under _lock, when the thread stops taking commands
         self._lock = threading.Lock()
         self._waiting = WaitList()
+        self.prefiller = Prefiller(s.prefill_slice, s.prefill_chunk, aging=self._waiting.aging, clock=clock)
         self._sinks: dict[int, Sink] = {}  # every accepted request until its terminal event
         self._requests: dict[int, EngineRequest] = {}
         self._owner: dict[int, str] = {}  # request_id → model, for requests admitted into a runner
@@ -100,6 +102,7 @@ class Core:
                     break
                 self._admit()
                 self._step_all()
+                self._prefill()
                 self._advance_load()
                 self._next_preload()
                 self.pool.sweep()
@@ -357,6 +360,14 @@ class Core:
             self._count(steps=self._counters.steps + 1,
                         generated_tokens=self._counters.generated_tokens + generated)
 
+    def _prefill(self) -> None:
+        """At most one slice of prompt prefill between decode steps, so running streams keep going."""
+        done = self.prefiller.run([entry.model.runner for entry in self.pool.residents()])
+        if done.chunks:
+            self._count(prefill_tokens=self._counters.prefill_tokens + done.tokens,
+                        prefill_chunks=self._counters.prefill_chunks + done.chunks,
+                        prefill_slices=self._counters.prefill_slices + 1)
+
     def _trim_caches(self, free: int) -> None:
         """Hold stored prompt caches to their cap and to what the budget leaves, and free `free` bytes more.
 
@@ -385,7 +396,8 @@ class Core:
         models, memory = resident_status(self.pool)
         self.status = EngineStatus(alive=self._fatal is None and not self._closed, fatal=self._fatal,
                                    counters=self._counters,
-                                   models=tuple(models), pool=self.pool.stats, memory=memory)
+                                   models=tuple(models), pool=self.pool.stats, memory=memory,
+                                   prefill=prefill_status(self.pool))
 
 
 def _deliver(sink: Sink, event: Event) -> None:

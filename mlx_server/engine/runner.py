@@ -1,7 +1,9 @@
 """One loaded model: its BatchGenerator, per-sequence sampling and stop handling, and the events it publishes.
 
-Only the inference thread calls into a runner. Every active sequence of the model shares one BatchGenerator, so
+Only the inference thread calls into a runner. Every decoding sequence of the model shares one BatchGenerator, so
 concurrent requests share decode steps; a sequence joins between steps and leaves without draining the batch.
+A new prompt is first prefilled in chunks into a cache of its own (engine/prefill.py schedules the chunks between
+decode steps) and joins the batch when only its last token is left.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_server.engine.sampling import make_processors, make_sampler
 from mlx_server.engine.output import SequenceOutput, make_output
+from mlx_server.engine.prefill import PrefillJob
 from mlx_server.engine.prepare import Prepared
 from mlx_server.errors import InternalError, MlxServerError, RequestTimeout
 from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest, Started, Usage
@@ -47,7 +50,7 @@ def kv_bound(lengths: list[int], kv_per_token: int) -> int:
 class Sequence:
     request: GenerateRequest
     sink: Sink
-    uid: int
+    uid: Optional[int]  # its BatchGenerator uid once it joined the batch; None while its prompt is prefilled
     out: SequenceOutput
     prompt_tokens: int
     cached_tokens: int
@@ -58,6 +61,8 @@ class Sequence:
     deadline: Optional[float] = None
     processors: list[Any] = field(default_factory=list)  # this sequence's logits processors, run under a guard
     kv_tokens: int = 0  # the most KV it can hold (prompt + budget, within num_ctx): its memory reservation
+    max_tokens: int = 0
+    job: Optional[PrefillJob] = None  # its prompt's prefill, until it joins the batch
 
 
 class ModelRunner:
@@ -74,7 +79,8 @@ class ModelRunner:
         # KV caches of recent prompts (and their answers) by token prefix; a follow-up turn reuses the shared part.
         self.prompt_cache = LRUPromptCache(max_size=1 << 30, max_bytes=prompt_cache_bytes)
         self.prompt_cache_bytes = prompt_cache_bytes
-        self.sequences: dict[int, Sequence] = {}  # by BatchGenerator uid
+        self.sequences: dict[int, Sequence] = {}  # decoding, by BatchGenerator uid
+        self.prefilling: dict[int, Sequence] = {}  # by request_id: prompts not yet in the batch
         self.by_request: dict[int, int] = {}  # request_id → uid
         self.faults: dict[int, Exception] = {}  # request_id → what its own sampler / processors raised this step
 
@@ -91,42 +97,73 @@ class ModelRunner:
         except Exception:  # noqa: BLE001 - the broken batch is dropped either way
             log.exception("closing a failed batch of %s", self.name)
 
-    # ---- prompt -------------------------------------------------------------------------------------------
-
     # ---- memory -------------------------------------------------------------------------------------------
 
     def kv_bytes(self, lengths: list[int]) -> int:
         return kv_bound(lengths, self.kv_per_token)
 
+    def _reservations(self) -> list[int]:
+        return [s.kv_tokens for s in (*self.sequences.values(), *self.prefilling.values())]
+
     @property
     def kv_reserved(self) -> int:
-        return self.kv_bytes([s.kv_tokens for s in self.sequences.values()])
+        return self.kv_bytes(self._reservations())
 
     def kv_needed(self, prepared: Prepared) -> int:
         """How much the reservation grows if `prepared` joins."""
-        return self.kv_bytes([*(s.kv_tokens for s in self.sequences.values()), prepared.kv_tokens]) - self.kv_reserved
+        return self.kv_bytes([*self._reservations(), prepared.kv_tokens]) - self.kv_reserved
 
     # ---- admission ----------------------------------------------------------------------------------------
 
     def add(self, prepared: Prepared, sink: Sink, load_duration: float = 0.0) -> None:
-        """Join the batch (the prompt is already tokenized and fitted). Raises MlxServerError for the caller."""
+        """Admit a request (its prompt already tokenized and fitted): its prefill starts from the longest cached
+        prefix, and it joins the batch once prefilled. Raises MlxServerError for the caller."""
         req, tokens = prepared.request, prepared.tokens
         now = self.clock()
-        cache, rest = self._cached_prefix(tokens)
-        cached = len(tokens) - len(rest)
+        cache, cached = self._cached_prefix(tokens)
         chain = make_processors(req.sampling, prepared.num_ctx) + list(prepared.grammar)
-        [uid] = self.generator.insert(
-            [rest], max_tokens=[prepared.max_tokens], caches=[cache], all_tokens=[tokens[:cached]],
-            samplers=[self._guard_sampler(make_sampler(req.sampling), req.request_id)],
-            logits_processors=[self._guard_processors(chain, req.request_id)])
         seq = Sequence(
-            request=req, sink=sink, uid=uid, out=make_output(req, self.tokenizer, tokens),
+            request=req, sink=sink, uid=None, out=make_output(req, self.tokenizer, tokens),
             prompt_tokens=len(tokens), cached_tokens=cached, load_duration=load_duration, admitted_at=now,
             deadline=(req.created + req.timeout) if req.timeout else None, processors=chain,
-            kv_tokens=prepared.kv_tokens)
+            kv_tokens=prepared.kv_tokens, max_tokens=prepared.max_tokens,
+            job=PrefillJob(req.request_id, self.name, int(req.priority), list(tokens), cache, cached, now,
+                           cached=cached))
+        self.prefilling[req.request_id] = seq
+        if cached == len(tokens) - 1:
+            try:
+                self._join(seq)  # nothing left to prefill
+            except BaseException:
+                self.prefilling.pop(req.request_id, None)
+                raise
+        sink(Started(req.request_id, self.name, len(tokens), cached, load_duration, prepared.truncated))
+
+    # ---- prefill (scheduled by engine/prefill.py) -----------------------------------------------------------
+
+    def prefill_jobs(self) -> list[PrefillJob]:
+        return [s.job for s in self.prefilling.values() if s.job is not None and s.job.remaining > 0]
+
+    def prefill(self, job: PrefillJob, n: int) -> None:
+        """Prefill the next `n` tokens of `job`'s prompt; when only its last token is left, it joins the batch."""
+        job.advance(self.model, n)
+        if job.remaining == 0:
+            self._join(self.prefilling[job.request_id])
+
+    def fail_prefill(self, job: PrefillJob, exc: Exception) -> None:
+        self.fail(job.request_id, InternalError(f"prompt processing failed for this request: {exc}"))
+
+    def _join(self, seq: Sequence) -> None:
+        job, req = seq.job, seq.request
+        assert job is not None
+        tokens = job.tokens
+        [uid] = self.generator.insert(
+            [tokens[-1:]], max_tokens=[seq.max_tokens], caches=[job.cache], all_tokens=[tokens[:-1]],
+            samplers=[self._guard_sampler(make_sampler(req.sampling), req.request_id)],
+            logits_processors=[self._guard_processors(seq.processors, req.request_id)])
+        del self.prefilling[req.request_id]
+        seq.uid, seq.job = uid, None
         self.sequences[uid] = seq
         self.by_request[req.request_id] = uid
-        sink(Started(req.request_id, self.name, len(tokens), cached, load_duration, prepared.truncated))
 
     def _guard_processors(self, chain: list[Any], request_id: int) -> list[Any]:
         """One request's processors, isolated: if they raise, that request fails and the batch goes on."""
@@ -167,18 +204,19 @@ class ModelRunner:
             self.fail(request_id, InternalError(f"generation failed for this request: {exc}"))
         self.faults.clear()
 
-    def _cached_prefix(self, tokens: list[int]) -> tuple[Optional[list[Any]], list[int]]:
-        """A private copy of the longest cached KV prefix, and the tokens still to evaluate (never none)."""
+    def _cached_prefix(self, tokens: list[int]) -> tuple[list[Any], int]:
+        """A private copy of the longest cached KV prefix (or a fresh cache), and how many tokens it holds: never
+        the whole prompt, since the last token must go through the model to give the next logits."""
         cache, rest = self.prompt_cache.fetch_nearest_cache(self.name, tokens)
+        if cache is not None and not rest:
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = tokens[-1:]
+            else:
+                cache = None
         if cache is None:
-            return None, tokens
-        if not rest:
-            # An exact hit still needs its last token run through the model to get the next logits.
-            if not can_trim_prompt_cache(cache):
-                return None, tokens
-            trim_prompt_cache(cache, 1)
-            rest = tokens[-1:]
-        return cache, rest
+            return make_prompt_cache(self.model), 0
+        return cache, len(tokens) - len(rest)
 
     def _keep_cache(self, tokens: Optional[list[int]], cache: Optional[list[Any]]) -> None:
         if tokens and cache:
@@ -199,14 +237,12 @@ class ModelRunner:
             self._keep_cache(tokens, cache)
 
     def has_work(self) -> bool:
-        return bool(self.sequences)
+        return bool(self.sequences or self.prefilling)
 
     # ---- stepping -----------------------------------------------------------------------------------------
 
     def step(self) -> int:
-        """One BatchGenerator step for every sequence of this model; returns tokens generated."""
-        if not self.sequences:
-            return 0
+        """One BatchGenerator step for every decoding sequence of this model; returns tokens generated."""
         self._expire_deadlines()
         if not self.sequences:
             return 0
@@ -261,7 +297,8 @@ class ModelRunner:
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
-        late = [s for s in self.sequences.values() if s.deadline is not None and now >= s.deadline]
+        late = [s for s in (*self.sequences.values(), *self.prefilling.values())
+                if s.deadline is not None and now >= s.deadline]
         for seq in late:
             self.fail(seq.request.request_id,
                       RequestTimeout(f"request timed out after {seq.request.timeout:g}s"))
@@ -269,7 +306,13 @@ class ModelRunner:
     # ---- leaving early ------------------------------------------------------------------------------------
 
     def cancel(self, request_id: int) -> bool:
-        """Drop a sequence (client gone); takes effect before the next step."""
+        """Drop a sequence (client gone); takes effect before the next step or prefill chunk."""
+        seq = self.prefilling.pop(request_id, None)
+        if seq is not None:
+            if seq.job is not None and seq.job.done > 0:
+                self._keep_cache(seq.job.tokens[:seq.job.done], seq.job.cache)  # a retry resumes from here
+            seq.sink(Done(request_id, self.name, "cancelled", self._usage(seq, self.clock())))
+            return True
         uid = self.by_request.pop(request_id, None)
         if uid is None:
             return False
@@ -280,6 +323,10 @@ class ModelRunner:
 
     def fail(self, request_id: int, error: MlxServerError) -> bool:
         """End one sequence with an error. Its Failed goes out before the batch cleanup, which may raise."""
+        seq = self.prefilling.pop(request_id, None)
+        if seq is not None:
+            seq.sink(Failed(request_id, error))
+            return True
         uid = self.by_request.pop(request_id, None)
         if uid is None:
             return False
@@ -290,8 +337,9 @@ class ModelRunner:
 
     def fail_all(self, error: MlxServerError) -> None:
         """End every sequence: all are told first; then the batch is replaced, since its state is unknown."""
-        failed = list(self.sequences.values())
+        failed = [*self.sequences.values(), *self.prefilling.values()]
         self.sequences.clear()
+        self.prefilling.clear()
         self.by_request.clear()
         self.faults.clear()
         for seq in failed:
@@ -299,7 +347,7 @@ class ModelRunner:
         self.reset()
 
     def close(self) -> None:
-        if self.sequences:
+        if self.sequences or self.prefilling:
             self.fail_all(MlxServerError(f"model \"{self.name}\" was unloaded"))
         self.generator.close()
         # The pool drops its entry after this returns; clearing here lets gc free the weights right away.

@@ -11,7 +11,7 @@ import mlx.core as mx
 
 from mlx_server.engine.loader import LoadedModel
 from mlx_server.engine.pool import ModelPool
-from mlx_server.status import MemoryStatus, ModelStatus
+from mlx_server.status import MemoryStatus, ModelStatus, PrefillProgress
 
 log = logging.getLogger("mlx_server.engine")
 
@@ -34,6 +34,11 @@ def resident_status(pool: ModelPool[LoadedModel]) -> tuple[list[ModelStatus], Me
         kv_reserved=sum(m.kv_reserved for m in models), prompt_cache=sum(m.prompt_cache for m in models),
         mlx_active=mx.get_active_memory(), mlx_peak=mx.get_peak_memory(), mlx_cache=mx.get_cache_memory())
     return models, memory
+
+
+def prefill_status(pool: ModelPool[LoadedModel]) -> tuple[PrefillProgress, ...]:
+    return tuple(PrefillProgress(job.request_id, job.model, job.done, len(job.tokens), job.priority)
+                 for r in pool.residents() for job in r.model.runner.prefill_jobs())
 
 
 def available_memory() -> int:

@@ -59,3 +59,35 @@ def test_health_fast_while_loading_and_generating(heavy: Path, tiny_llama: Path,
         metrics = client.get("/metrics").text
         assert "mlx_active_memory_bytes" in metrics
     assert "mlx_model_loads_total 2.0" in metrics and 'mlx_requests_total{model="heavy"' in metrics
+
+
+def test_health_and_metrics_show_prefill_progress(tmp_path: Path) -> None:
+    model = build_tiny_model(tmp_path / "long", seed=6, max_position_embeddings=8192)
+    config = make_config(tmp_path, {"m": {"source": str(model)}}, prefill_chunk=16, prefill_slice=0.01)
+    prompt = " ".join(["river stone apple cloud"] * 200)  # thousands of tokens, 16 per chunk
+    with serve(config) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        done = threading.Event()
+
+        def generate_long() -> None:
+            httpx.post(f"{server.url}/api/generate", timeout=120, json={
+                "model": "m", "prompt": prompt, "raw": True, "stream": False, "options": {"num_predict": 1}})
+            done.set()
+
+        threading.Thread(target=generate_long, daemon=True).start()
+        seen: list[dict] = []
+        while not done.is_set() and len(seen) < 2:
+            body = client.get("/health").json()
+            if body["prefill"] and 0 < body["prefill"][0]["prefilled"] < body["prefill"][0]["total"]:
+                seen.append(body)
+                metrics = client.get("/metrics").text
+            time.sleep(0.05)
+        assert len(seen) == 2, "a long prompt's prefill was never visible in /health"
+        first, second = (b["prefill"][0] for b in seen)
+        assert first["model"] == "m" and first["total"] == second["total"] > 1000
+        assert second["prefilled"] > first["prefilled"]  # progress moves
+        assert seen[1]["prefill_queue_tokens"] == second["total"] - second["prefilled"]
+        queued = next(line for line in metrics.splitlines() if line.startswith("mlx_prefill_queue_tokens "))
+        assert 0 < float(queued.split()[1]) < second["total"]
+        assert 'mlx_prefill_progress_ratio{model="m"' in metrics
+        assert done.wait(120)
+        assert client.get("/health").json()["prefill"] == []

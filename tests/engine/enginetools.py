@@ -6,6 +6,7 @@ import queue
 import time
 from typing import Any
 
+from mlx_server.engine.prefill import Prefiller
 from mlx_server.engine.prepare import prepare_request
 from mlx_server.engine.runner import ModelRunner
 from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest
@@ -66,5 +67,13 @@ def until(predicate: Any, timeout: float = 5.0) -> bool:
 
 
 def add(runner: ModelRunner, req: GenerateRequest, sink: Any, load_duration: float = 0.0) -> None:
-    """Prepare a request as the preparation stage would, and put it straight into the runner's batch."""
+    """Prepare a request as the preparation stage would, admit it and prefill its prompt whole, so it is in the
+    runner's batch (the engine prefills in slices between steps instead)."""
     runner.add(prepare_request(req, runner.tokenizer, runner.context_length), sink, load_duration)
+    prefill_all(runner)
+
+
+def prefill_all(runner: ModelRunner) -> None:
+    prefiller = Prefiller(0.0)
+    while runner.prefill_jobs():
+        prefiller.run([runner])
