@@ -108,7 +108,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if name is None:
         print(f"Error: model \"{args.name}\" not found in {config.path}", file=sys.stderr)
         return 1
-    result = ensure_local(config.models[name], config.path.parent if config.path else None, update=True)
+    result = ensure_local(config.models[name], config.path.parent if config.path else None, update=True,
+                          cache_dir=config.server.cache_dir)
     if not result.ok:
         print(f"Error: pulling {name} failed: {result.error}", file=sys.stderr)
         return 1

@@ -112,6 +112,7 @@ class ModelConfig:
     context_length: Optional[int] = None  # None = what the model's config.json says
     options: Mapping[str, Any] = field(default_factory=dict)
     priority: int = 100  # preload / warm order; lower first
+    kind: Optional[str] = None  # "embedding" or "generation"; None = inferred from the model's files
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ def build_config(raw: Any, path: Optional[Path] = None, env: Optional[Mapping[st
         **({"cache_dir": Path(s.cache_dir).expanduser()} if s.cache_dir is not None else {}))
     models = {name: ModelConfig(name=name, source=m.source, aliases=tuple(m.aliases), preload=m.preload,
                                 keep_alive=m.keep_alive, context_length=m.context_length, options=dict(m.options),
-                                priority=m.priority)
+                                priority=m.priority, kind=m.kind)
               for name, m in checked.models.items()}
     _check_names(models, path)
     config = Config(server=server, models=models, path=path)

@@ -99,6 +99,9 @@ class ModelSection(_Section):
     options: Annotated[dict[str, Any], _empty_if_none(dict)] = Field(
         {}, description="default Ollama options for this model (temperature, num_ctx, ...)")
     priority: int = Field(100, description="preload and warm order; lower first")
+    kind: Optional[Literal["generation", "embedding"]] = Field(
+        None, description="what the model does (default: inferred from its files, e.g. sentence-transformers "
+                          "configs mean embedding)")
 
 
 ModelName = Annotated[str, AfterValidator(_nonblank)]

@@ -158,7 +158,28 @@ class CountTokensRequest:
         return self.request.model
 
 
-EngineRequest = Union[GenerateRequest, LoadRequest, UnloadRequest, CountTokensRequest]
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Embed each input (a text, or token ids as OpenAI allows); ends with Embeddings, then Done(reason="stop").
+
+    Vectors are pooled as the model's files say and L2-normalized (Ollama's behaviour); with `dimensions`, cut to
+    that width and normalized again (Matryoshka). `truncate=False` makes an input longer than the context an
+    error naming its index, instead of cutting it.
+    """
+
+    model: str
+    inputs: tuple[Union[str, tuple[int, ...]], ...] = ()
+    truncate: bool = True
+    dimensions: Optional[int] = None
+    num_ctx: Optional[int] = None  # None = the model's context length
+    keep_alive: Optional[float] = None
+    priority: Priority = Priority.MEDIUM
+    timeout: Optional[float] = None
+    request_id: int = field(default_factory=next_request_id)
+    created: float = field(default_factory=time.monotonic)
+
+
+EngineRequest = Union[GenerateRequest, LoadRequest, UnloadRequest, CountTokensRequest, EmbedRequest]
 
 
 # ---- events: engine → handler -------------------------------------------------------------------------------
@@ -222,6 +243,16 @@ class Done:
     stop_sequence: Optional[str] = None  # the stop string that ended the output, when one did
 
 
+@dataclass(frozen=True, eq=False)
+class Embeddings:
+    """An EmbedRequest's result, one row per input in input order: float32, shape (inputs, dimensions)."""
+
+    request_id: int
+    model: str
+    vectors: Any  # numpy.ndarray: kept as one array so 1,000 vectors cross threads without 384,000 floats
+    prompt_tokens: int  # tokens embedded, after truncation
+
+
 @dataclass(frozen=True)
 class Failed:
     """The request ended with an error; after Started this becomes an in-stream error line."""
@@ -230,4 +261,4 @@ class Failed:
     error: MlxServerError
 
 
-Event = Union[Started, Delta, Done, Failed]
+Event = Union[Started, Delta, Embeddings, Done, Failed]

@@ -12,11 +12,11 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
-from mlx_server.engine.prepare import Prepared
-from mlx_server.types import Event, GenerateRequest, LoadRequest, UnloadRequest
+from mlx_server.engine.prepare import Prepared, PreparedEmbed
+from mlx_server.types import EmbedRequest, Event, GenerateRequest, LoadRequest, UnloadRequest
 
 Sink = Callable[[Event], None]
-Job = Union[Prepared, LoadRequest, UnloadRequest]
+Job = Union[Prepared, PreparedEmbed, LoadRequest, UnloadRequest]
 
 
 @dataclass
@@ -27,8 +27,8 @@ class Waiting:
     load_seconds: float = 0.0  # the load this request waited for, reported as its load_duration
 
     @property
-    def request(self) -> Union[GenerateRequest, LoadRequest, UnloadRequest]:
-        return self.job.request if isinstance(self.job, Prepared) else self.job
+    def request(self) -> Union[GenerateRequest, EmbedRequest, LoadRequest, UnloadRequest]:
+        return self.job.request if isinstance(self.job, (Prepared, PreparedEmbed)) else self.job
 
 
 class WaitList:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal, Union
 
-from mlx_server.engine.prepare import Prepared
+from mlx_server.engine.prepare import Prepared, PreparedEmbed
 from mlx_server.types import Event, LoadRequest, UnloadRequest
 
 Sink = Callable[[Event], None]
@@ -17,7 +17,7 @@ Sink = Callable[[Event], None]
 
 @dataclass(frozen=True)
 class Admit:
-    prepared: Prepared
+    prepared: Union[Prepared, PreparedEmbed]
     sink: Sink  # thread-safe: the engine calls it from the inference thread
 
 

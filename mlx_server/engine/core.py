@@ -23,7 +23,7 @@ from mlx_server.engine.commands import Admit, Cancel, Command, Control, Preload,
 from mlx_server.engine.loader import LoadedModel, ModelLoader
 from mlx_server.engine.pool import ModelPool
 from mlx_server.engine.prefill import Prefiller
-from mlx_server.engine.prepare import Prepared
+from mlx_server.engine.prepare import Prepared, PreparedEmbed
 from mlx_server.engine.runner import kv_bound
 from mlx_server.engine.snapshot import available_memory, limit_metal_memory, prefill_status, resident_status
 from mlx_server.errors import (InsufficientMemory, InternalError, MlxServerError, ModelNotFound, RequestTimeout,
@@ -45,7 +45,7 @@ class Core:
         self.pool: ModelPool[LoadedModel] = ModelPool(
             budget=s.memory_budget, max_models=s.max_loaded_models, loader=loader.load, estimate=loader.estimate,
             unloader=loader.unload, clock=clock, available=available_memory,
-            held=lambda m: m.runner.kv_reserved + m.runner.prompt_cache.nbytes, trim=self._trim_caches)
+            held=lambda m: m.runner.kv_reserved + m.runner.stored_cache_bytes, trim=self._trim_caches)
         self._commands: "queue.Queue[Command]" = queue.Queue()
         self._closed = False  # set once, under _lock, when the thread stops taking commands
         self._lock = threading.Lock()
@@ -143,7 +143,12 @@ class Core:
         except queue.Empty:
             return
         while True:
-            self._handle(cmd)
+            try:
+                self._handle(cmd)
+            except BaseException:
+                if isinstance(cmd, (Admit, Control)):  # not registered yet: _close cannot reach it
+                    _deliver(cmd.sink, Failed(_request_id(cmd), InternalError("the inference engine failed")))
+                raise
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
@@ -152,7 +157,7 @@ class Core:
     def _handle(self, cmd: Command) -> None:
         if isinstance(cmd, (Admit, Control)):
             job = cmd.prepared if isinstance(cmd, Admit) else cmd.request
-            req = job.request if isinstance(job, Prepared) else job
+            req = job.request if isinstance(job, (Prepared, PreparedEmbed)) else job
             self._sinks[req.request_id] = cmd.sink
             self._requests[req.request_id] = req
             self._waiting.push(Waiting(job, cmd.sink, self.clock()))
@@ -279,7 +284,7 @@ class Core:
             self._end(job.request_id, Done(job.request_id, name, "load", Usage(
                 load_duration=w.load_seconds, total_duration=self._age(job))))
             return "started"
-        assert isinstance(job, Prepared)
+        assert isinstance(job, (Prepared, PreparedEmbed))
         if entry is None:
             files = self.loader.preparer.files(name)  # made by the preparation stage already: no disk work here
             got = self.pool.request(name, reserve=kv_bound([job.kv_tokens], files.kv_per_token))
@@ -287,7 +292,7 @@ class Core:
                 return "blocked" if got == "blocked" else "parked"
             entry = got
         runner = entry.model.runner
-        alone = entry.size + runner.kv_bytes([job.kv_tokens])
+        alone = entry.size + runner.footprint(job)
         if alone > self.pool.budget:
             raise InsufficientMemory(
                 f"model \"{name}\" needs {alone / 1e9:.2f} GB for this request (weights {entry.size / 1e9:.2f} GB + "
@@ -362,7 +367,10 @@ class Core:
 
     def _prefill(self) -> None:
         """At most one slice of prompt prefill between decode steps, so running streams keep going."""
-        done = self.prefiller.run([entry.model.runner for entry in self.pool.residents()])
+        runners = [entry.model.runner for entry in self.pool.residents()]
+        if any(r.fresh for r in runners):
+            return  # a sequence that just joined gets its first token before more prefill
+        done = self.prefiller.run(runners, interrupted=lambda: not self._commands.empty())
         if done.chunks:
             self._count(prefill_tokens=self._counters.prefill_tokens + done.tokens,
                         prefill_chunks=self._counters.prefill_chunks + done.chunks,
@@ -373,15 +381,15 @@ class Core:
 
         Least recently used models give first."""
         runners = [entry.model.runner for entry in self.pool.residents()]
-        stored = sum(r.prompt_cache.nbytes for r in runners)
+        stored = sum(r.stored_cache_bytes for r in runners)
         room = self.pool.budget - (self.pool.used_bytes() - stored)
         over = max(stored - min(self.config.server.prompt_cache_bytes, room), free)
         for runner in runners:
             if over <= 0:
                 return
-            before = runner.prompt_cache.nbytes
+            before = runner.stored_cache_bytes
             runner.trim_prompt_cache(before - over)
-            over -= before - runner.prompt_cache.nbytes
+            over -= before - runner.stored_cache_bytes
 
     # ---- status -------------------------------------------------------------------------------------------
 

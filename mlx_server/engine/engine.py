@@ -20,11 +20,11 @@ from mlx_server.config import Config
 from mlx_server.engine.commands import Admit, Cancel, Control, Preload, Sink
 from mlx_server.engine.core import Core
 from mlx_server.engine.loader import ModelLoader
-from mlx_server.engine.prepare import Prepared, Preparer
+from mlx_server.engine.prepare import Prepared, PreparedEmbed, Preparer
 from mlx_server.errors import InternalError, MlxServerError, ServerBusy, ServiceUnavailable
 from mlx_server.status import EngineStatus, Observer
-from mlx_server.types import (CountTokensRequest, Done, EngineRequest, Event, Failed, GenerateRequest, LoadRequest,
-                              Started, UnloadRequest, Usage)
+from mlx_server.types import (CountTokensRequest, Done, EmbedRequest, EngineRequest, Event, Failed, GenerateRequest,
+                              LoadRequest, Started, UnloadRequest, Usage)
 
 log = logging.getLogger("mlx_server.engine")
 
@@ -97,6 +97,8 @@ class Engine:
         sink = self._counted(request.request_id, sink)
         if isinstance(request, GenerateRequest):
             self._in_worker(request, sink, self.preparer.prepare, self._admit)
+        elif isinstance(request, EmbedRequest):
+            self._in_worker(request, sink, self.preparer.prepare_embed, self._admit)
         elif isinstance(request, CountTokensRequest):
             self._in_worker(request, sink, lambda r: self.preparer.count(r.request), self._counted_tokens)
         elif isinstance(request, LoadRequest):
@@ -183,7 +185,7 @@ class Engine:
             except ServiceUnavailable as exc:
                 sink(Failed(request.request_id, exc))
 
-    def _admit(self, request: GenerateRequest, sink: Sink, prepared: Prepared) -> None:
+    def _admit(self, request: GenerateRequest | EmbedRequest, sink: Sink, prepared: Prepared | PreparedEmbed) -> None:
         self._post(request, sink, lambda: Admit(prepared, sink))
 
     def _control(self, request: LoadRequest | UnloadRequest, sink: Sink, _: object) -> None:

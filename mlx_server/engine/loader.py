@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 
 from mlx_server.config import Config
 from mlx_server.engine.prepare import ModelFiles, Preparer
+from mlx_server.engine.embedding import EmbedRunner
 from mlx_server.engine.runner import ModelRunner
 from mlx_server.errors import ModelLoadFailed
 from mlx_server.modelinfo import kv_bytes_per_token
@@ -30,7 +31,7 @@ log = logging.getLogger("mlx_server.loader")
 
 @dataclass
 class LoadedModel:
-    runner: ModelRunner
+    runner: ModelRunner | EmbedRunner
     path: Path
     config: dict[str, Any]
 
@@ -60,6 +61,8 @@ class ModelLoader:
         from mlx_lm.utils import load_model  # deferred: importing mlx_lm pulls in transformers
 
         files = yield from self._files(name)
+        if files.embedding is not None:
+            return self._load_embedder(name, files)
         try:
             model, cfg = load_model(files.path, lazy=True)
             yield
@@ -81,6 +84,16 @@ class ModelLoader:
         runner = ModelRunner(name, model, files.tokenizer, files.context_length, kv_per_token=kv_per_token,
                              max_batch=self.max_batch, prompt_cache_bytes=self.config.server.prompt_cache_bytes)
         return LoadedModel(runner=runner, path=files.path, config=cfg)
+
+    def _load_embedder(self, name: str, files: ModelFiles) -> LoadedModel:
+        """Embedding models are small (tens to hundreds of MB): loaded in one go."""
+        from mlx_server.engine.embedders import load_embedder
+
+        try:
+            embedder = load_embedder(files.path, kind=self.config.models[name].kind)
+        except Exception as exc:
+            raise ModelLoadFailed(f"failed to load embedding model \"{name}\" from {files.path}: {exc}") from exc
+        return LoadedModel(runner=EmbedRunner(name, embedder), path=files.path, config=files.config)
 
     def unload(self, loaded: LoadedModel) -> None:
         loaded.runner.close()

@@ -44,6 +44,10 @@ class PrefillJob:
     chunks: int = 0
 
     @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    @property
     def target(self) -> int:
         """Tokens to prefill before joining the batch: all but the last, which the first decode step feeds."""
         return len(self.tokens) - 1
@@ -116,11 +120,15 @@ class Prefiller:
     def chunk_size(self, job: PrefillJob, seconds_left: float) -> int:
         if self.slice_seconds <= 0:
             return min(self.max_chunk, job.remaining)
-        n = int(self.rate(job.model).tokens_per_second * seconds_left)
+        # Half a slice at most: a request arriving mid-slice waits for one chunk, not a whole slice.
+        n = int(self.rate(job.model).tokens_per_second * min(seconds_left, self.slice_seconds / 2))
         return min(job.remaining, self.max_chunk, max(MIN_CHUNK, n))
 
-    def run(self, runners: list[Prefilling]) -> PrefillResult:
-        """Prefill the best-ranked prompts until the slice is spent (at least one chunk, so work always moves)."""
+    def run(self, runners: list[Prefilling], interrupted: Callable[[], bool] = lambda: False) -> PrefillResult:
+        """Prefill the best-ranked prompts until the slice is spent (at least one chunk, so work always moves).
+
+        The slice ends early when a prompt is done (its first token is one decode step away) or `interrupted()`
+        says new requests wait to be admitted (a short one should not sit behind the rest of the slice)."""
         result = PrefillResult()
         start = time.perf_counter()
         deadline = start + self.slice_seconds
@@ -153,6 +161,8 @@ class Prefiller:
             result.tokens += n
             result.chunks += 1
             _log_progress(job)
+            if self.slice_seconds > 0 and (job.remaining == 0 or interrupted()):
+                return result
 
 
 def _log_progress(job: PrefillJob) -> None:
@@ -165,7 +175,7 @@ def _log_progress(job: PrefillJob) -> None:
     elif now - max(job.logged, job.started or now) >= PROGRESS_LOG_SECONDS:
         job.logged = now
         log.info("request %d model=%s prefill %d/%d tokens (%.0f%%)", job.request_id, job.model, job.done,
-                 len(job.tokens), 100.0 * job.done / len(job.tokens))
+                 job.size, 100.0 * job.done / max(1, job.size))
 
 
 __all__ = ["MIN_CHUNK", "PrefillJob", "PrefillResult", "Prefiller", "Prefilling", "Rate"]

@@ -24,14 +24,17 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from mlx_server.config import Config
+from mlx_server.embedinfo import EmbeddingInfo, embedding_info
 from mlx_server.engine.constrained import Constraints
+from mlx_server.engine.embedders.tokenizer import EmbedTokenizer
 from mlx_server.engine.prompt import fit, render
-from mlx_server.errors import MlxServerError, ModelLoadFailed, ModelNotFound
+from mlx_server.errors import BadRequest, MlxServerError, ModelLoadFailed, ModelNotFound
 from mlx_server.modelinfo import kv_bytes_per_token, native_context_length
 from mlx_server.sources import locate, weights_size
-from mlx_server.types import GenerateRequest
+from mlx_server.types import EmbedRequest, GenerateRequest
 
 log = logging.getLogger("mlx_server.engine.prepare")
+EMBED_BATCH_TOKENS = 8192  # most (padded) tokens in one embedding forward pass, unless one input is longer
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,21 @@ class Prepared:
         return min(self.num_ctx, len(self.tokens) + self.max_tokens)
 
 
+@dataclass(frozen=True)
+class PreparedEmbed:
+    """An embed request ready to admit: every input tokenized and fitted to the context."""
+
+    request: EmbedRequest
+    inputs: list[list[int]]
+    dimensions: Optional[int]
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens in the largest forward pass it can make (what its activations take, for the budget)."""
+        longest = max((len(ids) for ids in self.inputs), default=0)
+        return min(sum(len(ids) for ids in self.inputs), max(EMBED_BATCH_TOKENS, longest))
+
+
 @dataclass
 class ModelFiles:
     """What the preparation stage knows about one model; made once, kept across unloads."""
@@ -61,8 +79,16 @@ class ModelFiles:
     context_length: int
     weights: int  # bytes on disk: what loading it adds to the budget
     kv_per_token: int  # estimated from config.json until the loaded runner knows the real float type
-    tokenizer: Any
-    constraints: Constraints
+    tokenizer: Any  # mlx_lm's TokenizerWrapper; an EmbedTokenizer for an embedding model
+    constraints: Optional[Constraints]  # None for an embedding model
+    embedding: Optional[EmbeddingInfo] = None  # set for an embedding-only model
+
+    def width(self) -> int:
+        """The width of the vectors it embeds."""
+        if self.embedding is not None:
+            return self.embedding.dimensions
+        text = self.config.get("text_config", {})
+        return int(self.config.get("hidden_size") or text.get("hidden_size") or 0)
 
 
 class Preparer:
@@ -106,6 +132,9 @@ class Preparer:
             cfg = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise ModelLoadFailed(f"model \"{name}\" has an unreadable config.json: {exc}") from None
+        info = embedding_info(path, self.config.models[name].kind)
+        if info.is_embedding:
+            return self._embedding_files(name, path, cfg, info)
         try:
             tokenizer = load_tokenizer(path, None, eos_token_ids=cfg.get("eos_token_id"))
         except Exception as exc:  # noqa: BLE001 - a broken tokenizer fails this model only
@@ -116,15 +145,28 @@ class Preparer:
                           context_length=min(configured, native) if configured else native,
                           weights=weights_size(path), kv_per_token=_kv_estimate(cfg))
 
+    def _embedding_files(self, name: str, path: Path, cfg: dict[str, Any], info: EmbeddingInfo) -> ModelFiles:
+        configured = self.config.models[name].context_length
+        try:
+            tokenizer = EmbedTokenizer.from_dir(path, min(configured, info.max_length) if configured
+                                                else info.max_length)
+        except Exception as exc:  # noqa: BLE001 - a broken tokenizer fails this model only
+            raise ModelLoadFailed(f"failed to load the tokenizer of model \"{name}\": {exc}") from exc
+        # What a forward pass holds per token (hidden, MLP and attention buffers, float32), in kv_bound's units.
+        per_token = 4 * (8 * info.dimensions + int(cfg.get("num_attention_heads", 12)) * info.max_length) // 2
+        return ModelFiles(name=name, path=path, config=cfg, tokenizer=tokenizer, constraints=None,
+                          context_length=tokenizer.max_length, weights=weights_size(path), kv_per_token=per_token,
+                          embedding=info)
+
     def model_dir(self, name: str) -> Path:
         model = self.config.models.get(name)
         if model is None:
             raise ModelNotFound(name)
-        found = locate(model, self._config_dir)
+        found = locate(model, self._config_dir, self.config.server.cache_dir)
         if not found.present:
             raise ModelNotFound(name, found.hint)
         assert found.path is not None
-        if found.kind not in ("gguf", "package"):
+        if found.kind not in ("gguf", "package"):  # "zip": locate already extracted it into a model dir
             return found.path
         try:
             return self._importer(found.path, self.config.server.cache_dir)
@@ -136,12 +178,47 @@ class Preparer:
     # ---- requests (worker threads) ------------------------------------------------------------------------
 
     def prepare(self, req: GenerateRequest) -> Prepared:
-        files = self.files(req.model)
+        files = self.generation_files(req.model)
         return prepare_request(req, files.tokenizer, files.context_length, files.constraints)
 
     def count(self, req: GenerateRequest) -> int:
-        files = self.files(req.model)
+        files = self.generation_files(req.model)
         return len(render(req, files.tokenizer, req.model))
+
+    def generation_files(self, name: str) -> ModelFiles:
+        files = self.files(name)
+        if files.embedding is not None:
+            raise BadRequest(f"\"{name}\" does not support generate")
+        return files
+
+    def prepare_embed(self, req: EmbedRequest) -> PreparedEmbed:
+        """Tokenize and fit every input: raises BadRequest for the client's mistakes, naming the input."""
+        files = self.files(req.model)
+        width = files.width()
+        if req.dimensions is not None and not 0 < req.dimensions <= width:
+            raise BadRequest(f"dimensions must be between 1 and {width} for model \"{req.model}\", "
+                             f"got {req.dimensions}")
+        limit = min(req.num_ctx, files.context_length) if req.num_ctx else files.context_length
+        texts = [x for x in req.inputs if isinstance(x, str)]
+        if isinstance(files.tokenizer, EmbedTokenizer):
+            encoded = iter(files.tokenizer.encode(texts, truncate=False))
+        else:
+            encoded = iter([list(files.tokenizer.encode(t)) for t in texts])
+        vocab = int(files.config.get("vocab_size") or files.config.get("text_config", {}).get("vocab_size") or 0)
+        inputs: list[list[int]] = []
+        for index, item in enumerate(req.inputs):
+            ids = next(encoded) if isinstance(item, str) else list(item)
+            if not ids:
+                raise BadRequest(f"input {index} is empty")
+            if vocab and not all(0 <= t < vocab for t in ids):
+                raise BadRequest(f"input {index} has token ids outside the model's vocabulary (0..{vocab - 1})")
+            if len(ids) > limit:
+                if not req.truncate:
+                    raise BadRequest(f"input {index} has {len(ids)} tokens, more than the context length "
+                                     f"({limit}); send truncate: true to cut it")
+                ids = _cut(ids, limit, files.tokenizer)
+            inputs.append(ids)
+        return PreparedEmbed(request=req, inputs=inputs, dimensions=req.dimensions)
 
 
 def prepare_request(req: GenerateRequest, tokenizer: Any, context_length: int,
@@ -151,6 +228,13 @@ def prepare_request(req: GenerateRequest, tokenizer: Any, context_length: int,
     grammar = (constraints or Constraints(tokenizer)).processors(req, fitted.max_tokens)
     return Prepared(request=req, tokens=fitted.tokens, num_ctx=fitted.num_ctx, max_tokens=fitted.max_tokens,
                     truncated=fitted.truncated, grammar=grammar)
+
+
+def _cut(ids: list[int], limit: int, tokenizer: Any) -> list[int]:
+    """Keep an input's start; an embedding model's closing special token ([SEP], </s>) stays last."""
+    if isinstance(tokenizer, EmbedTokenizer) and tokenizer.special_tokens >= 2:
+        return ids[:limit - 1] + ids[-1:]
+    return ids[:limit]
 
 
 def _kv_estimate(cfg: dict[str, Any]) -> int:
@@ -171,4 +255,4 @@ def import_in_child(gguf: Path, cache_dir: Path) -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-__all__ = ["ModelFiles", "Prepared", "Preparer", "import_in_child", "prepare_request"]
+__all__ = ["ModelFiles", "Prepared", "PreparedEmbed", "Preparer", "import_in_child", "prepare_request"]

@@ -20,9 +20,10 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_server.engine.sampling import make_processors, make_sampler
 from mlx_server.engine.output import SequenceOutput, make_output
+from mlx_server.engine.embedding import ACTIVATION_FACTOR, EmbedBatcher, EmbedJob, decoder_forward
 from mlx_server.engine.prefill import PrefillJob
-from mlx_server.engine.prepare import Prepared
-from mlx_server.errors import InternalError, MlxServerError, RequestTimeout
+from mlx_server.engine.prepare import Prepared, PreparedEmbed
+from mlx_server.errors import BadRequest, InternalError, MlxServerError, RequestTimeout
 from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest, Started, Usage
 
 log = logging.getLogger("mlx_server.engine")
@@ -81,8 +82,13 @@ class ModelRunner:
         self.prompt_cache_bytes = prompt_cache_bytes
         self.sequences: dict[int, Sequence] = {}  # decoding, by BatchGenerator uid
         self.prefilling: dict[int, Sequence] = {}  # by request_id: prompts not yet in the batch
+        self.fresh = 0  # decode steps still owed to sequences that just joined: their first token comes before prefill
         self.by_request: dict[int, int] = {}  # request_id → uid
         self.faults: dict[int, Exception] = {}  # request_id → what its own sampler / processors raised this step
+        # Generation models embed too (Ollama's behaviour): mean-pooled final hidden states.
+        forward, width = decoder_forward(model), int(getattr(getattr(model, "args", None), "hidden_size", 0) or 0)
+        self.embeds = EmbedBatcher(name, forward, width, ACTIVATION_FACTOR * 4 * width, clock) \
+            if forward is not None and width else None
 
     def _new_generator(self) -> BatchGenerator:
         eos = sorted(self.tokenizer.eos_token_ids)
@@ -107,17 +113,34 @@ class ModelRunner:
 
     @property
     def kv_reserved(self) -> int:
-        return self.kv_bytes(self._reservations())
+        return self.kv_bytes(self._reservations()) + (self.embeds.reserved() if self.embeds else 0)
 
-    def kv_needed(self, prepared: Prepared) -> int:
+    def kv_needed(self, prepared: Prepared | PreparedEmbed) -> int:
         """How much the reservation grows if `prepared` joins."""
-        return self.kv_bytes([*self._reservations(), prepared.kv_tokens]) - self.kv_reserved
+        if isinstance(prepared, PreparedEmbed):
+            return self.embeds.reserved(prepared.kv_tokens) - self.embeds.reserved() if self.embeds else 0
+        return self.kv_bytes([*self._reservations(), prepared.kv_tokens]) - self.kv_bytes(self._reservations())
+
+    def footprint(self, prepared: Prepared | PreparedEmbed) -> int:
+        """What `prepared` alone would hold beside the weights."""
+        if isinstance(prepared, PreparedEmbed):
+            return self.embeds.per_token * prepared.kv_tokens if self.embeds else 0
+        return self.kv_bytes([prepared.kv_tokens])
+
+    @property
+    def stored_cache_bytes(self) -> int:
+        return self.prompt_cache.nbytes
 
     # ---- admission ----------------------------------------------------------------------------------------
 
-    def add(self, prepared: Prepared, sink: Sink, load_duration: float = 0.0) -> None:
+    def add(self, prepared: Prepared | PreparedEmbed, sink: Sink, load_duration: float = 0.0) -> None:
         """Admit a request (its prompt already tokenized and fitted): its prefill starts from the longest cached
         prefix, and it joins the batch once prefilled. Raises MlxServerError for the caller."""
+        if isinstance(prepared, PreparedEmbed):
+            if self.embeds is None:
+                raise BadRequest(f"\"{self.name}\" does not support embeddings")
+            self.embeds.add(prepared, sink, load_duration)
+            return
         req, tokens = prepared.request, prepared.tokens
         now = self.clock()
         cache, cached = self._cached_prefix(tokens)
@@ -141,15 +164,20 @@ class ModelRunner:
     # ---- prefill (scheduled by engine/prefill.py) -----------------------------------------------------------
 
     def prefill_jobs(self) -> list[PrefillJob]:
-        return [s.job for s in self.prefilling.values() if s.job is not None and s.job.remaining > 0]
+        prompts = [s.job for s in self.prefilling.values() if s.job is not None and s.job.remaining > 0]
+        return prompts + (self.embeds.pending() if self.embeds else [])  # type: ignore[operator]
 
-    def prefill(self, job: PrefillJob, n: int) -> None:
+    def prefill(self, job: PrefillJob | EmbedJob, n: int) -> None:
         """Prefill the next `n` tokens of `job`'s prompt; when only its last token is left, it joins the batch."""
+        if isinstance(job, EmbedJob):
+            assert self.embeds is not None
+            self.embeds.run(job, n)
+            return
         job.advance(self.model, n)
         if job.remaining == 0:
             self._join(self.prefilling[job.request_id])
 
-    def fail_prefill(self, job: PrefillJob, exc: Exception) -> None:
+    def fail_prefill(self, job: PrefillJob | EmbedJob, exc: Exception) -> None:
         self.fail(job.request_id, InternalError(f"prompt processing failed for this request: {exc}"))
 
     def _join(self, seq: Sequence) -> None:
@@ -162,6 +190,7 @@ class ModelRunner:
             logits_processors=[self._guard_processors(seq.processors, req.request_id)])
         del self.prefilling[req.request_id]
         seq.uid, seq.job = uid, None
+        self.fresh = 2  # BatchGenerator returns a new sequence's first token on the second step after it joins
         self.sequences[uid] = seq
         self.by_request[req.request_id] = uid
 
@@ -237,13 +266,14 @@ class ModelRunner:
             self._keep_cache(tokens, cache)
 
     def has_work(self) -> bool:
-        return bool(self.sequences or self.prefilling)
+        return bool(self.sequences or self.prefilling or (self.embeds and self.embeds.jobs))
 
     # ---- stepping -----------------------------------------------------------------------------------------
 
     def step(self) -> int:
         """One BatchGenerator step for every decoding sequence of this model; returns tokens generated."""
         self._expire_deadlines()
+        self.fresh = max(0, self.fresh - 1) if self.sequences else 0
         if not self.sequences:
             return 0
         _, responses = self.generator.next()
@@ -297,6 +327,8 @@ class ModelRunner:
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
+        if self.embeds:
+            self.embeds.expire(now)
         late = [s for s in (*self.sequences.values(), *self.prefilling.values())
                 if s.deadline is not None and now >= s.deadline]
         for seq in late:
@@ -307,6 +339,8 @@ class ModelRunner:
 
     def cancel(self, request_id: int) -> bool:
         """Drop a sequence (client gone); takes effect before the next step or prefill chunk."""
+        if self.embeds and self.embeds.end(request_id, None):
+            return True
         seq = self.prefilling.pop(request_id, None)
         if seq is not None:
             if seq.job is not None and seq.job.done > 0:
@@ -323,6 +357,8 @@ class ModelRunner:
 
     def fail(self, request_id: int, error: MlxServerError) -> bool:
         """End one sequence with an error. Its Failed goes out before the batch cleanup, which may raise."""
+        if self.embeds and self.embeds.end(request_id, Failed(request_id, error)):
+            return True
         seq = self.prefilling.pop(request_id, None)
         if seq is not None:
             seq.sink(Failed(request_id, error))
@@ -344,10 +380,12 @@ class ModelRunner:
         self.faults.clear()
         for seq in failed:
             seq.sink(Failed(seq.request.request_id, error))
+        if self.embeds:
+            self.embeds.fail_all(error)
         self.reset()
 
     def close(self) -> None:
-        if self.sequences or self.prefilling:
+        if self.has_work():
             self.fail_all(MlxServerError(f"model \"{self.name}\" was unloaded"))
         self.generator.close()
         # The pool drops its entry after this returns; clearing here lets gc free the weights right away.

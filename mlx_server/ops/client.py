@@ -155,7 +155,7 @@ def _list_rows_from_disk(config: Config) -> list[list[str]]:
     cfg_dir = config.path.parent if config.path else None
     rows: dict[str, list[str]] = {}
     for name, model in config.models.items():
-        found = locate(model, cfg_dir)
+        found = locate(model, cfg_dir, config.server.cache_dir)
         if not found.present:
             continue
         info = infos.describe(found)

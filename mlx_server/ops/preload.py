@@ -59,14 +59,15 @@ def footprint(model: ModelConfig, located: Located) -> int:
     return located.size
 
 
-def ensure_on_disk(model: ModelConfig, config_dir: Optional[Path], row: Row, err: TextIO) -> None:
+def ensure_on_disk(model: ModelConfig, config_dir: Optional[Path], row: Row, err: TextIO,
+                   cache_dir: Optional[Path] = None) -> None:
     print(f"{model.name}: checking {model.source}", file=err, flush=True)
-    result = ensure_local(model, config_dir, update=False)  # hub progress bars go to stderr
+    result = ensure_local(model, config_dir, update=False, cache_dir=cache_dir)  # hub progress bars go to stderr
     if not result.ok:
         row.on_disk, row.status, row.failed = "missing", f"failed: {result.error}", True
         return
     row.on_disk = human_size(result.size)
-    row.size = footprint(model, locate(model, config_dir))
+    row.size = footprint(model, locate(model, config_dir, cache_dir))
     row.status = "downloaded" if result.downloaded else "on disk"
 
 
@@ -136,7 +137,7 @@ def preload(config: Config, names: Sequence[str], *, preload_only: bool, url: st
     config_dir = config.path.parent if config.path else None
     rows = {m.name: Row(m.name) for m in models}
     for model in models:
-        ensure_on_disk(model, config_dir, rows[model.name], err)
+        ensure_on_disk(model, config_dir, rows[model.name], err, config.server.cache_dir)
     if do_warm:
         warm(config, models, rows, url, key, err)
     table = [r.cells() for r in [*rows.values(), *unknown]]

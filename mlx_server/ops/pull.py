@@ -223,13 +223,14 @@ def fetch_hf(repo_id: str, *, progress: Optional[ProgressFn] = None,
 
 
 def ensure_local(model: ModelConfig, config_dir: Optional[Path], *, update: bool = True,
-                 progress: Optional[ProgressFn] = None, cancel: Optional[threading.Event] = None) -> PullResult:
+                 progress: Optional[ProgressFn] = None, cancel: Optional[threading.Event] = None,
+                 cache_dir: Optional[Path] = None) -> PullResult:
     """Make `model` present on disk and verified.
 
     update=False (preload) skips the Hub entirely when a complete copy is cached; update=True (pull) asks the
     Hub for the current revision, which is cheap when nothing changed.
     """
-    found = locate(model, config_dir)
+    found = locate(model, config_dir, cache_dir)
     if found.kind != "hf":
         return _verify_local(model.name, found)
     if found.present and not update:
@@ -242,7 +243,7 @@ def ensure_local(model: ModelConfig, config_dir: Optional[Path], *, update: bool
     if not complete_model_dir(path):
         return PullResult(model.name, "hf", None, 0, downloaded=downloaded,
                           error=f"{repo_id} at {path} is incomplete: {missing_parts(path)}")
-    found = locate(model, config_dir)
+    found = locate(model, config_dir, cache_dir)
     if not found.present:  # e.g. the download landed under a revision other than refs/main
         return PullResult(model.name, "hf", None, 0, downloaded=downloaded,
                           error=f"{repo_id} was downloaded to {path} but is not found by its name; {found.hint}")
@@ -263,7 +264,7 @@ def check_managed(model: ModelConfig, config_dir: Optional[Path]) -> None:
     """Raise NotManaged unless the model's weights live in the Hugging Face cache (the only place we delete)."""
     kind = locate(model, config_dir).kind
     if kind != "hf":
-        what = "file" if kind in ("gguf", "package") else "directory"
+        what = "file" if kind in ("gguf", "package", "zip") else "directory"
         raise NotManaged(f"model \"{model.name}\" is not managed by mlx-server (its source {model.source!r} is a "
                          f"local {what}); delete its files yourself")
 
