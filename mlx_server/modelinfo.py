@@ -1,17 +1,20 @@
 """What a model is, read from files on disk without MLX: for /api/tags, /api/show and /api/ps.
 
 Model dirs give config.json and the tokenizer's chat template; GGUF files give their metadata (memory-mapped,
-no tensor data read). Results are cached per (path, mtime) since listings are polled often.
+no tensor data read). Results are cached per (path, mtime) since listings are polled often. Whether a model
+embeds only depends on models.yaml's `kind` too, so `with_embedding` marks it per configured model (the catalog
+does, after the cached description).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from mlx_server.embedinfo import EmbeddingInfo, embedding_info
 from mlx_server.sources import Located
 
 
@@ -44,6 +47,7 @@ class ModelInfo:
     modified: dt.datetime
     arch_info: dict[str, Any] = field(default_factory=dict)
     kv_bytes_per_token: int = 0
+    embedding: Optional[EmbeddingInfo] = None  # set for an embedding-only model (see with_embedding)
 
     @property
     def parameter_size(self) -> str:
@@ -56,6 +60,8 @@ class ModelInfo:
 
     @property
     def capabilities(self) -> list[str]:
+        if self.embedding is not None:
+            return ["embedding"]  # as Ollama lists an embedding model; generation models embed too, unlisted
         caps = ["completion"]
         if "tools" in self.template:
             caps.append("tools")
@@ -66,6 +72,33 @@ class ModelInfo:
     def details(self) -> dict[str, Any]:
         return {"parent_model": "", "format": self.format, "family": self.family, "families": [self.family],
                 "parameter_size": self.parameter_size, "quantization_level": self.quantization}
+
+
+# Ollama's (llama.cpp's) `<arch>.pooling_type` numbers, for /api/show's model_info.
+_POOLING_TYPES = {"mean": 1, "cls": 2, "last": 3}
+
+
+def with_embedding(info: Optional[ModelInfo], found: Located, kind: Optional[str]) -> Optional[ModelInfo]:
+    """`info` marked as an embedding-only model when its files say so, or models.yaml's `kind` (see embedinfo).
+
+    Only model dirs are looked at (GGUF embedding models are not served). Its model_info then states the length
+    and width an input is embedded with. A pooling we cannot reproduce leaves `info` as it was: the engine refuses
+    that model when it is used.
+    """
+    if info is None or found.path is None or not found.path.is_dir():
+        return info
+    try:
+        emb = embedding_info(found.path, kind)
+    except ValueError:
+        return info
+    if not emb.is_embedding:
+        return info
+    arch = {**info.arch_info, f"{info.family}.context_length": emb.max_length}
+    if emb.dimensions:
+        arch[f"{info.family}.embedding_length"] = emb.dimensions
+    if emb.pooling in _POOLING_TYPES:
+        arch[f"{info.family}.pooling_type"] = _POOLING_TYPES[emb.pooling]
+    return replace(info, embedding=emb, arch_info=arch)
 
 
 def _mtime(path: Path) -> dt.datetime:

@@ -171,6 +171,7 @@ class EmbedRequest:
     inputs: tuple[Union[str, tuple[int, ...]], ...] = ()
     truncate: bool = True
     dimensions: Optional[int] = None
+    normalize: bool = True  # False: vectors as pooled (Ollama's legacy /api/embeddings)
     num_ctx: Optional[int] = None  # None = the model's context length
     keep_alive: Optional[float] = None
     priority: Priority = Priority.MEDIUM

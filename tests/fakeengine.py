@@ -3,20 +3,42 @@
 For route and dialect-translation tests only (milliseconds, no MLX); what the real engine does is tested end to
 end against tiny models. The default script echoes: a generation's reply is the words of its last user
 message (or prompt), one Delta per word, capped by max_tokens; loads, unloads and counts end as the engine
-contract says. Tests change `script`, `usage`, `prompt_tokens` / `cached_tokens`, or `refuse` as they need.
+contract says; an embedding answers `fake_vectors` (a deterministic unit vector per input, FAKE_WIDTH wide, each
+text cut to FAKE_CONTEXT words). Tests change `script`, `usage`, `prompt_tokens` / `cached_tokens`, or `refuse`
+as they need.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable, Optional, Sequence
+import hashlib
+from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
-from mlx_server.errors import MlxServerError
+import numpy as np
+
+from mlx_server.errors import BadRequest, MlxServerError
 from mlx_server.status import EngineStatus, Observer
-from mlx_server.types import (CountTokensRequest, Delta, Done, EngineRequest, Event, GenerateRequest, LoadRequest,
-                              Started, UnloadRequest, Usage)
+from mlx_server.types import (CountTokensRequest, Delta, Done, EmbedRequest, Embeddings, EngineRequest, Event, Failed,
+                              GenerateRequest, LoadRequest, Started, UnloadRequest, Usage)
 
 Script = Callable[[EngineRequest], list[Event]]
+FAKE_WIDTH = 8  # the fake embedding model's vector width
+FAKE_CONTEXT = 16  # words (or token ids) an input is cut to
+
+
+def _units(item: Union[str, tuple[int, ...]]) -> list[str]:
+    return item.split() if isinstance(item, str) else [str(t) for t in item]
+
+
+def fake_vectors(inputs: Sequence[Union[str, tuple[int, ...]]], dimensions: Optional[int] = None) -> np.ndarray:
+    """What the FakeEngine answers: per input, a unit vector seeded by its first FAKE_CONTEXT words (or ids),
+    cut to `dimensions` and normalized again, as the engine contract says. float32, (inputs, width)."""
+    rows = []
+    for item in inputs:
+        seed = hashlib.sha256(" ".join(_units(item)[:FAKE_CONTEXT]).encode()).digest()
+        v = np.random.default_rng(int.from_bytes(seed[:8], "little")).standard_normal(FAKE_WIDTH)[:dimensions]
+        rows.append(v / np.linalg.norm(v))
+    return np.array(rows, dtype=np.float32).reshape(len(rows), dimensions or FAKE_WIDTH)
 
 
 def reply_words(req: GenerateRequest) -> list[str]:
@@ -89,6 +111,8 @@ class FakeEngine:
             return [Done(rid, req.model, "unload", Usage())]
         if isinstance(req, CountTokensRequest):
             return [Done(rid, req.model, "stop", Usage(prompt_tokens=self.prompt_tokens))]
+        if isinstance(req, EmbedRequest):
+            return self.embed(req)
         words = reply_words(req)
         limit = req.max_tokens if req.max_tokens is not None else len(words)
         said = words[:limit]
@@ -100,5 +124,20 @@ class FakeEngine:
         events.append(Done(rid, req.model, "length" if len(words) > limit else "stop", usage))
         return events
 
+    def embed(self, req: EmbedRequest) -> list[Event]:
+        rid = req.request_id
+        if req.dimensions is not None and req.dimensions > FAKE_WIDTH:
+            return [Failed(rid, BadRequest(f"dimensions {req.dimensions} is above the model's {FAKE_WIDTH}"))]
+        lengths = [len(_units(item)) for item in req.inputs]
+        if not req.truncate:
+            for i, n in enumerate(lengths):
+                if n > FAKE_CONTEXT:
+                    return [Failed(rid, BadRequest(f"input {i} is {n} tokens, longer than the context "
+                                                   f"({FAKE_CONTEXT}), and truncate is false"))]
+        tokens = sum(min(n, FAKE_CONTEXT) for n in lengths)
+        usage = Usage(prompt_tokens=tokens, load_duration=0.25, prompt_eval_duration=0.5, total_duration=1.0)
+        return [Embeddings(rid, req.model, fake_vectors(req.inputs, req.dimensions), tokens),
+                Done(rid, req.model, "stop", usage)]
 
-__all__ = ["FakeEngine", "reply_words"]
+
+__all__ = ["FAKE_CONTEXT", "FAKE_WIDTH", "FakeEngine", "fake_vectors", "reply_words"]

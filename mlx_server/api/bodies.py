@@ -29,6 +29,26 @@ def _stop(value: Any) -> tuple[str, ...]:
 
 
 Stop = Annotated[tuple[str, ...], PlainValidator(_stop)]
+
+
+def _token_ids(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in value))
+
+
+def _embedding_input(value: Any) -> tuple[str | tuple[int, ...], ...]:
+    """OpenAI's `input`: a text, texts, one token-id array or token-id arrays (never mixed, never empty)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return tuple(value)
+        if _token_ids(value):
+            return (tuple(value),)
+        if all(_token_ids(v) for v in value):
+            return tuple(tuple(v) for v in value)
+    raise PydanticCustomError("input_type", "expected a string, a non-empty array of strings, an array of token "
+                                            "ids or an array of non-empty token-id arrays")
 Seed = Annotated[Optional[int], Field(ge=-INT64, lt=INT64)]
 
 
@@ -81,6 +101,13 @@ class CompletionBody(OpenAIBody):
     logprobs: Optional[int] = Field(None, ge=0, le=5)
 
 
+class EmbeddingBody(_Body):
+    input: Annotated[tuple[str | tuple[int, ...], ...], PlainValidator(_embedding_input)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = Field(None, ge=1, lt=INT64)
+    user: Optional[str] = None
+
+
 class CountTokensBody(_Body):
     messages: Any = None
     system: Any = None
@@ -122,4 +149,5 @@ def validated(kind: type[B], body: dict[str, Any], wording: Wording) -> B:
         raise BadRequest(f"invalid value for field \"{where}\": {first['msg']}") from None
 
 
-__all__ = ["ChatCompletionBody", "CompletionBody", "CountTokensBody", "MessagesBody", "OpenAIBody", "validated"]
+__all__ = ["ChatCompletionBody", "CompletionBody", "CountTokensBody", "EmbeddingBody", "MessagesBody", "OpenAIBody",
+           "validated"]

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from mlx_server.config import Config
 from mlx_server.errors import ModelNotFound
-from mlx_server.modelinfo import InfoCache, ModelInfo
+from mlx_server.modelinfo import InfoCache, ModelInfo, with_embedding
 from mlx_server.sources import Located, locate
 
 Describe = Callable[[Located], Optional[ModelInfo]]
@@ -110,8 +110,10 @@ class Catalog:
 
     def _compute(self, name: str) -> Entry:
         cfg_dir = self.config.path.parent if self.config.path else None
-        found = locate(self.config.models[name], cfg_dir)
-        return Entry(found, self._describe(found) if found.present else None)
+        model = self.config.models[name]
+        found = locate(model, cfg_dir, self.config.server.cache_dir)
+        # The description is cached per path; whether the model embeds only also depends on its `kind`.
+        return Entry(found, with_embedding(self._describe(found), found, model.kind) if found.present else None)
 
     def _submit(self, name: str) -> concurrent.futures.Future[Entry]:
         with self._lock:

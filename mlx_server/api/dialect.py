@@ -95,6 +95,8 @@ class Generation:
     build: Build
     encode: Encode  # stream frames, in whatever form the dialect's `stream_response` sends
     final: Final  # the whole (non-streaming) answer as a JSON object
+    # Ollama's word for the route when the model cannot generate: 400 `"m" does not support chat|generate`
+    verb: str = "generate"
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlx_server.api import admin, anthropic, models, ollama, openai
+from mlx_server.api import admin, anthropic, embeddings, models, ollama, openai
 from mlx_server.api.common import begin, collect, ctx_of, follow, note_model, read_json, request_log
 from mlx_server.api.dialect import Call, Dialect, Endpoint, Generation, Handler, Incoming
-from mlx_server.errors import MlxServerError
-from mlx_server.types import Usage
+from mlx_server.errors import BadRequest, MlxServerError
+from mlx_server.types import CountTokensRequest, GenerateRequest, Usage
 
 OLLAMA = Dialect(
     name="ollama", prefixes=("/",), error_body=ollama.error_body, http_error_body=ollama.http_error_body,
@@ -40,11 +40,10 @@ OLLAMA = Dialect(
                  streams=True),
         Endpoint("/api/chat", ("POST",), "Ollama chat (NDJSON stream by default)", generation=ollama.CHAT,
                  schema="OllamaChatRequest", names_model=True, rate_limited=True, streams=True),
-        Endpoint("/api/embed", ("POST",), "Embeddings: 400 for models served here that cannot embed (the "
-                 "fallback Ollama answers for its models)", handler=ollama.embed, schema="ModelReference",
-                 names_model=True, rate_limited=True),
-        Endpoint("/api/embeddings", ("POST",), "Legacy embeddings: as /api/embed", handler=ollama.embed,
-                 schema="ModelReference", names_model=True, rate_limited=True),
+        Endpoint("/api/embed", ("POST",), "Embeddings of a text or texts (L2-normalized)", handler=embeddings.embed,
+                 schema="OllamaEmbedRequest", names_model=True, rate_limited=True),
+        Endpoint("/api/embeddings", ("POST",), "Legacy embeddings: one prompt", handler=embeddings.embeddings,
+                 schema="OllamaEmbeddingsRequest", names_model=True, rate_limited=True),
     ))
 
 OPENAI = Dialect(
@@ -59,8 +58,9 @@ OPENAI = Dialect(
         Endpoint("/v1/completions", ("POST",), "OpenAI text completion (SSE when stream)",
                  generation=openai.COMPLETION, schema="CompletionRequest", names_model=True, rate_limited=True,
                  streams=True),
-        Endpoint("/v1/embeddings", ("POST",), "OpenAI embeddings: as /api/embed", handler=ollama.embed,
-                 schema="ModelReference", names_model=True, rate_limited=True),
+        Endpoint("/v1/embeddings", ("POST",), "OpenAI embeddings (float or base64)",
+                 handler=embeddings.openai_embeddings, schema="EmbeddingRequest", names_model=True,
+                 rate_limited=True),
     ))
 
 ANTHROPIC = Dialect(
@@ -120,6 +120,9 @@ def generation_route(dialect: Dialect, generation: Generation) -> Handler:
         note_model(request, name)
         incoming = Incoming(ctx, request, body, requested, name, await ctx.info(name), arrival)
         call = generation.build(incoming)
+        if isinstance(call.request, (GenerateRequest, CountTokensRequest)) and not _generates(incoming):
+            # Ollama's refusal; loading and unloading (empty requests) stay allowed, so preload warms any model.
+            raise BadRequest(f"\"{requested}\" does not support {generation.verb}")
         events, first = await begin(request, call.request)
         response: Response
         if call.stream:
@@ -140,6 +143,11 @@ def generation_route(dialect: Dialect, generation: Generation) -> Handler:
         return response
 
     return handle
+
+
+def _generates(incoming: Incoming) -> bool:
+    """False for an embedding-only model (what /api/show lists); unreadable files are left to the engine."""
+    return incoming.info is None or "completion" in incoming.info.capabilities
 
 
 async def _frames(generation: Generation, incoming: Incoming, call: Call,

@@ -67,7 +67,8 @@ async def pull(request: Request) -> Response:
             pass
 
     task = asyncio.ensure_future(asyncio.to_thread(
-        ensure_local, ctx.config.models[name], _config_dir(ctx), update=True, progress=report, cancel=cancel))
+        ensure_local, ctx.config.models[name], _config_dir(ctx), update=True, progress=report, cancel=cancel,
+        cache_dir=ctx.config.server.cache_dir))
     # Whatever the outcome (done, failed, cancelled half-way) the files may have changed: look again next time.
     task.add_done_callback(lambda _: ctx.catalog.invalidate(name))
     if not stream:

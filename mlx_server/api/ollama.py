@@ -22,7 +22,7 @@ from mlx_server.api.options import OLLAMA_DEFAULTS
 from mlx_server.api.sampling import resolve_sampling
 from mlx_server.api.templates import render_go_template
 from mlx_server.config import parse_duration
-from mlx_server.errors import BadRequest, MlxServerError, NotSupported
+from mlx_server.errors import BadRequest, MlxServerError
 from mlx_server.types import (ChatMessage, Delta, Done, EngineRequest, Event, Failed, GenerateRequest, LoadRequest,
                               UnloadRequest, Usage)
 
@@ -257,7 +257,7 @@ def stream_response(frames: AsyncIterator[bytes]) -> Response:
 
 
 GENERATE = Generation(resolve_target, build_generate, _encoder(chat=False), _final(chat=False))
-CHAT = Generation(resolve_target, build_chat, _encoder(chat=True), _final(chat=True))
+CHAT = Generation(resolve_target, build_chat, _encoder(chat=True), _final(chat=True), verb="chat")
 
 
 # ---- model listing ------------------------------------------------------------------------------------------
@@ -307,6 +307,8 @@ async def show(request: Request) -> Response:
     model_info = {"general.architecture": info.family, "general.parameter_count": info.parameter_count,
                   **info.arch_info}
     ctx_len = cfg.context_length or info.context_length
+    if info.embedding is not None:  # inputs are cut there: sentence-transformers' length, or less if configured
+        ctx_len = min(cfg.context_length or info.embedding.max_length, info.embedding.max_length)
     model_info[f"{info.family}.context_length"] = ctx_len
     return JSONResponse({
         "modelfile": f"# served by mlx-server\nFROM {cfg.source}\n", "parameters": params,
@@ -333,20 +335,5 @@ async def ps(request: Request) -> Response:
     return JSONResponse({"models": models})
 
 
-async def embed(request: Request) -> Response:
-    """Known models, clear refusal: this server generates; embeddings of models not served here go to the
-    fallback Ollama, if any. A 400, not a 5xx, since the OpenAI SDK retries those."""
-    ctx = ctx_of(request)
-    body = await read_json(request)
-    requested = field_type(body, "model", str, "a string")
-    if not requested:
-        raise BadRequest("model is required")
-    name = await ctx.resolve(requested)
-    info = await ctx.info(name)
-    if info is None or "embedding" not in info.capabilities:
-        raise BadRequest(f"model \"{requested}\" does not support embeddings")
-    raise NotSupported(f"model \"{requested}\" cannot compute embeddings on this server yet")
-
-
-__all__ = ["CHAT", "GENERATE", "embed", "error_frame", "http_error_body", "ps", "root", "show",
+__all__ = ["CHAT", "GENERATE", "error_frame", "http_error_body", "ps", "root", "show",
            "stream_response", "tags", "version"]

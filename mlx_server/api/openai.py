@@ -328,7 +328,7 @@ def stream_response(frames: AsyncIterator[Any]) -> Response:
 
 
 target = named_model("you must provide a model parameter")
-CHAT = Generation(target, build_chat, encode, final)
+CHAT = Generation(target, build_chat, encode, final, verb="chat")
 COMPLETION = Generation(target, build_completion, encode, final)
 
 

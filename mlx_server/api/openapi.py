@@ -57,6 +57,16 @@ OLLAMA_GENERATE = _obj([], prompt=STR, suffix=STR, system=STR, template=STR, raw
                        images={"type": "array", "maxItems": 0}, **OLLAMA_COMMON)
 OLLAMA_CHAT = _obj([], messages={"type": "array", "items": OLLAMA_MESSAGE}, **OLLAMA_COMMON)
 MODEL_REF = _obj([], model=STR, name=STR, stream=BOOL)
+DIMENSIONS: JSON = {**INT64, "minimum": 1, "description": "cut each vector to this width, then re-normalize"}
+OLLAMA_EMBED = _obj(["model"], model=STR, input={"oneOf": [STR, {"type": "array", "items": STR}]},
+                    truncate={**BOOL, "default": True}, dimensions=DIMENSIONS, keep_alive=KEEP_ALIVE,
+                    options=OLLAMA_OPTIONS)
+OLLAMA_EMBEDDINGS = _obj(["model"], model=STR, prompt=STR, keep_alive=KEEP_ALIVE, options=OLLAMA_OPTIONS)
+TOKEN_IDS: JSON = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
+OPENAI_EMBEDDING = _obj(["model", "input"], model={**STR, "minLength": 1},
+                        input={"oneOf": [STR, {"type": "array", "minItems": 1, "items": STR}, TOKEN_IDS,
+                                         {"type": "array", "minItems": 1, "items": TOKEN_IDS}]},
+                        encoding_format={"enum": ["float", "base64"]}, dimensions=DIMENSIONS, user=STR)
 
 TEXT_PART = _obj(["type"], type={"enum": ["text", "input_text"]}, text=STR)
 OPENAI_MESSAGE = _obj(["role"], role={"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
@@ -100,7 +110,9 @@ ERRORS: JSON = {
                            error=_obj(["type", "message"], type=STR, message=STR)),
 }
 SCHEMAS: JSON = {"OllamaGenerateRequest": OLLAMA_GENERATE, "OllamaChatRequest": OLLAMA_CHAT,
-                 "ModelReference": MODEL_REF, "ChatCompletionRequest": OPENAI_CHAT,
+                 "ModelReference": MODEL_REF, "OllamaEmbedRequest": OLLAMA_EMBED,
+                 "OllamaEmbeddingsRequest": OLLAMA_EMBEDDINGS, "EmbeddingRequest": OPENAI_EMBEDDING,
+                 "ChatCompletionRequest": OPENAI_CHAT,
                  "CompletionRequest": OPENAI_COMPLETION, "MessagesRequest": ANTHROPIC_MESSAGES,
                  "CountTokensRequest": ANTHROPIC_COUNT, **ERRORS}
 

@@ -177,24 +177,26 @@ class Core:
     # ---- ending requests ----------------------------------------------------------------------------------
 
     def _end(self, request_id: int, event: Event) -> None:
-        """Deliver a request's terminal event first; then the bookkeeping, which must not take the thread down."""
+        """End a request: release its model (keep_alive 0 unloads it now) and publish, so what the client may look
+        at next is already visible; then deliver its terminal event. Bookkeeping failures never cost the event."""
         sink = self._sinks.pop(request_id, None)
         req = self._requests.pop(request_id, None)
         if sink is None:
             return
         self._observe(req, event)
-        self._publish()  # what the client may look at next (an unload, the counters) is already visible
-        _deliver(sink, event)
         try:
             name = self._owner.pop(request_id, None)
             if name is not None and req is not None:
                 self.pool.release(name, self._keep_alive(req))
-        except Exception:  # noqa: BLE001 - e.g. an unload that failed; the request already has its answer
+        except Exception:  # noqa: BLE001 - e.g. an unload that failed; the request still gets its answer
             log.exception("releasing request %d", request_id)
         cancelled = isinstance(event, Done) and event.reason == "cancelled"
         self._count(total_processed=self._counters.total_processed + 1,
                     cancelled=self._counters.cancelled + cancelled)
-        self._publish()
+        try:
+            self._publish()
+        finally:
+            _deliver(sink, event)
 
     def _sink_for(self, request_id: int) -> Sink:
         """What a runner publishes into: terminal events go through _end, the rest straight to the client."""

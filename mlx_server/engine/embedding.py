@@ -139,8 +139,9 @@ class EmbedBatcher:
                                                                                                   np.float32)
         if job.dimensions is not None:
             rows = rows[:, :job.dimensions]  # Matryoshka: cut, then normalize again
-        norms = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-        rows = (rows / norms).astype(np.float32)
+        if job.request.normalize:
+            rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        rows = rows.astype(np.float32)
         now = self.clock()
         job.sink(Embeddings(job.request_id, self.name, rows, job.size))
         job.sink(Done(job.request_id, self.name, "stop", Usage(

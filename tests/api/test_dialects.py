@@ -21,8 +21,8 @@ import pytest
 
 from fakeengine import FakeEngine
 from mlx_server.errors import ServerBusy
-from mlx_server.types import (CountTokensRequest, Delta, EngineRequest, Event, Failed, GenerateRequest, LoadRequest,
-                              Started, UnloadRequest)
+from mlx_server.types import (CountTokensRequest, Delta, EmbedRequest, EngineRequest, Event, Failed, GenerateRequest,
+                              LoadRequest, Started, UnloadRequest)
 from serving import Server, make_config, serve
 
 HI = [{"role": "user", "content": "one two three four five six seven"}]
@@ -174,19 +174,16 @@ def test_mlx_style_requests_default_to_one_object(tmp_path: Path, body: dict[str
     assert (len(lines) > 1) == streams and json.loads(lines[-1])["done"] is True
 
 
-# ---- embeddings and tools: what a model cannot do -------------------------------------------------------------
+# ---- embeddings and tools: what a model can do ----------------------------------------------------------------
 
 
-def test_embeddings_of_a_generating_model_are_400(server: Server, engine: FakeEngine) -> None:
-    want = 'model "plain" does not support embeddings'
-    for path in ("/api/embed", "/api/embeddings"):
-        r = post(server, path, {"model": "plain", "input": "x"})
-        assert r.status_code == 400 and r.json() == {"error": want}
-    with pytest.raises(openai.BadRequestError) as err:  # a 4xx: the SDK does not retry
-        openai.OpenAI(base_url=f"{server.url}/v1", api_key="x").embeddings.create(model="plain", input="x")
-    assert err.value.body["message"] == want and err.value.body["type"] == "invalid_request_error"
+def test_generating_models_embed_too(server: Server, engine: FakeEngine) -> None:
+    # Ollama's behaviour (the routes themselves are tested in test_embeddings.py)
+    assert post(server, "/api/embed", {"model": "plain", "input": "x"}).status_code == 200
+    assert post(server, "/api/embeddings", {"model": "plain", "prompt": "x"}).status_code == 200
+    openai.OpenAI(base_url=f"{server.url}/v1", api_key="x").embeddings.create(model="plain", input="x")
+    assert [(type(r), r.model) for r in engine.requests] == [(EmbedRequest, "plain")] * 3
     assert post(server, "/api/embed", {"model": "nope", "input": "x"}).status_code == 404
-    assert engine.requests == []
 
 
 TOOL_REQUESTS = {

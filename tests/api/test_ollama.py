@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import numpy as np
 import ollama
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
@@ -288,13 +289,18 @@ def test_health_is_instant(server: Server) -> None:
     assert r.status_code == 200 and r.json()["status"] == "healthy"
 
 
-def test_embeddings_are_refused_clearly(server: Server) -> None:
-    # a 400, not a 5xx (the OpenAI SDK retries those), in each dialect's shape
-    want = 'model "llama-tiny" does not support embeddings'
-    for path in ("/api/embed", "/api/embeddings"):
-        r = httpx.post(f"{server.url}{path}", json={"model": "llama-tiny", "input": "hello"})
-        assert r.status_code == 400 and r.json() == {"error": want}
-        assert httpx.post(f"{server.url}{path}", json={"model": "nope", "input": "x"}).status_code == 404
-    r = httpx.post(f"{server.url}/v1/embeddings", json={"model": "llama-tiny", "input": "hello"})
-    assert r.status_code == 400 and r.json()["error"]["message"] == want
-    assert r.json()["error"]["type"] == "invalid_request_error"
+def test_generation_models_embed(client: ollama.Client, tiny_llama: Path) -> None:
+    """Ollama's behaviour: a generation model embeds too — one unit vector of its hidden width per input, the
+    same batched as alone (the MLX embedders themselves are checked against a reference in tests/engine)."""
+    width = json.loads((tiny_llama / "config.json").read_text())["hidden_size"]
+    texts = ["the river bends", "a much longer sentence about the old stone bridge"]
+    batch = client.embed(model="llama-tiny", input=texts)
+    vectors = np.array(batch.embeddings)
+    assert vectors.shape == (2, width) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert batch.prompt_eval_count > 0
+    for text, vector in zip(texts, vectors):
+        alone = np.array(client.embed(model="llama-tiny", input=text).embeddings[0])
+        assert float(alone @ vector) >= 0.9999
+    with pytest.raises(ollama.ResponseError) as err:
+        client.embed(model="nope", input="x")
+    assert err.value.status_code == 404
