@@ -1,6 +1,7 @@
 """mlx-server command line.
 
 Server:     serve | check-config | import | launchd install|uninstall|status
+Diagnose:   doctor [--json] [--load]   (why is this machine not serving what models.yaml says?)
 Models:     pull NAME | preload [NAMES...] (download what is missing, then warm the running server)
 Client:     list | ps | run NAME [PROMPT]   (talk to a running server, like the ollama CLI)
 """
@@ -37,6 +38,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.path or args.config)
     print(f"{config.path}: OK ({len(config.models)} models)")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mlx_server.ops.doctor import run
+
+    return run(args.config, as_json=args.json, load=args.load, out=sys.stdout)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -176,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", parents=[config_opt], help="validate models.yaml and exit (2 on error)")
     check.add_argument("path", nargs="?", type=Path, default=None)
     check.set_defaults(func=cmd_check_config)
+
+    doctor = sub.add_parser("doctor", parents=[config_opt],
+                            help="check Python, MLX, memory, models.yaml, the models, the port, launchd and the "
+                                 "fallback; exit 1 when something stops serving")
+    doctor.add_argument("--json", action="store_true", help="one JSON object (docs/doctor.schema.json)")
+    doctor.add_argument("--load", action="store_true", help="also load each model in turn (in a child process)")
+    doctor.set_defaults(func=cmd_doctor)
 
     imp = sub.add_parser("import", parents=[config_opt],
                          help="convert a llama-architecture GGUF file into an MLX model dir")

@@ -95,6 +95,7 @@ class EngineStatus:
     pool: PoolStats = field(default_factory=PoolStats)
     memory: MemoryStatus = field(default_factory=MemoryStatus)
     prefill: tuple[PrefillProgress, ...] = ()  # prompts admitted and not yet decoding
+    load_errors: tuple[tuple[str, str], ...] = ()  # (model, why its last load or import failed); cleared by a load
 
     @property
     def prefill_queue_tokens(self) -> int:

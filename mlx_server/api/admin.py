@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -62,7 +63,27 @@ def health_body(request: Request) -> tuple[dict[str, Any], int]:
 
 async def health(request: Request) -> Response:
     body, status = health_body(request)
+    problems = await model_problems(request)
+    body["model_problems"] = problems
+    if problems:
+        body["warnings"].append(f"{len(problems)} configured model(s) cannot be served now: "
+                                f"{', '.join(sorted(problems))} (see model_problems)")
     return JSONResponse(body, status_code=status)
+
+
+async def model_problems(request: Request) -> dict[str, list[dict[str, Any]]]:
+    """Why each configured model that cannot be served right now can't: missing weights, over the budget, or its
+    last load failed. Stat calls, cached, in a thread (never on the event loop), and bounded: /health stays instant."""
+    ctx = ctx_of(request)
+    if ctx.problems is None:
+        return {}
+    failed = dict(ctx.engine.status().load_errors)
+    try:
+        found = await asyncio.wait_for(asyncio.to_thread(ctx.problems.as_json, failed), timeout=0.25)
+    except asyncio.TimeoutError:
+        return {name: [{"reason": "load_failed", "message": error}] for name, error in failed.items()}
+    # Where the server looked on disk stays out of an unauthenticated endpoint; `mlx-server doctor` shows it.
+    return {name: [{k: v for k, v in p.items() if k != "looked"} for p in problems] for name, problems in found.items()}
 
 
 async def queue_stats(request: Request) -> Response:

@@ -21,6 +21,7 @@ from mlx_server.api.errors_shape import error_response, http_error_payload
 from mlx_server.api.limits import RateLimit
 from mlx_server.api.security import Security
 from mlx_server.config import Config
+from mlx_server.diagnose import ProblemCache
 from mlx_server.errors import InternalError, MlxServerError
 from mlx_server.metrics import Metrics
 from mlx_server.status import EngineClient
@@ -80,7 +81,8 @@ def create_app(config: Config, engine: Optional[EngineClient] = None, catalog: O
         engine = Engine(config)
     metrics = Metrics(engine)
     engine.observe(metrics.observe)
-    ctx = AppContext(config=config, engine=engine, metrics=metrics, catalog=catalog or Catalog(config))
+    ctx = AppContext(config=config, engine=engine, metrics=metrics, catalog=catalog or Catalog(config),
+                     problems=ProblemCache(config))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

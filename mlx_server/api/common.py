@@ -30,6 +30,7 @@ class AppContext:
     engine: EngineClient  # a protocol: the API never imports MLX, and tests hand in a FakeEngine
     catalog: Catalog  # model files and info, read off the event loop
     metrics: Any = None  # mlx_server.metrics.Metrics
+    problems: Any = None  # mlx_server.diagnose.ProblemCache: why configured models cannot be served (for /health)
     started: float = field(default_factory=time.time)
 
     # Disk work (locate, GGUF headers) runs in the catalog's workers: handlers await, the loop never blocks.

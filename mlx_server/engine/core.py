@@ -61,6 +61,7 @@ class Core:
         self.status = EngineStatus(memory=MemoryStatus(budget=s.memory_budget))
         self._counters = EngineCounters()
         self._fatal: Optional[str] = None
+        self.load_errors: dict[str, str] = {}  # model → its last load failure, until it loads (read by Engine)
 
     # ---- any thread ---------------------------------------------------------------------------------------
 
@@ -316,12 +317,14 @@ class Core:
         try:
             entry = self.pool.advance()
         except MlxServerError as exc:
+            self.load_errors[name] = exc.message
             for w in self._waiting.unpark(name):
                 self._end(w.request.request_id, Failed(w.request.request_id, exc))
             self._waiting.requeue_parked()
             return
         if entry is None:
             return
+        self.load_errors.pop(name, None)
         # Its keep_alive clock starts now (a preload, or a load whose requests all left); requests set their own.
         self.pool.set_keep_alive(name, self._model_keep_alive(name))
         for w in self._waiting.unpark(name):

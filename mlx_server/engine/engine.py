@@ -21,7 +21,7 @@ from mlx_server.engine.commands import Admit, Cancel, Control, Preload, Sink
 from mlx_server.engine.core import Core
 from mlx_server.engine.loader import ModelLoader
 from mlx_server.engine.prepare import Prepared, PreparedEmbed, Preparer
-from mlx_server.errors import InternalError, MlxServerError, ServerBusy, ServiceUnavailable
+from mlx_server.errors import InternalError, MlxServerError, ModelLoadFailed, ServerBusy, ServiceUnavailable
 from mlx_server.status import EngineStatus, Observer
 from mlx_server.types import (CountTokensRequest, Done, EmbedRequest, EngineRequest, Event, Failed, GenerateRequest,
                               LoadRequest, Started, UnloadRequest, Usage)
@@ -42,6 +42,7 @@ class Engine:
         self._in_flight = 0
         self._draining = False
         self._cancelled: set[int] = set()  # cancelled while still being prepared
+        self._prepare_errors: dict[str, str] = {}  # model → why its files could not be made (e.g. a bad GGUF)
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
 
@@ -63,7 +64,9 @@ class Engine:
         return self.core.alive
 
     def status(self) -> EngineStatus:
-        return replace(self.core.status, alive=self.core.alive, draining=self._draining, in_flight=self._in_flight)
+        errors = {**self._prepare_errors, **self.core.load_errors}
+        return replace(self.core.status, alive=self.core.alive, draining=self._draining, in_flight=self._in_flight,
+                       load_errors=tuple(sorted(errors.items())))
 
     def observe(self, observer: Observer) -> None:
         self.core.observer = observer
@@ -162,12 +165,15 @@ class Engine:
             try:
                 result = future.result()
             except MlxServerError as exc:
+                if isinstance(exc, ModelLoadFailed):
+                    self._prepare_errors[request.model] = exc.message
                 sink(Failed(request.request_id, exc))
                 return
             except BaseException as exc:  # noqa: BLE001 - one request's failure is its own
                 log.exception("preparing request %d failed", request.request_id)
                 sink(Failed(request.request_id, InternalError(f"request failed: {exc}")))
                 return
+            self._prepare_errors.pop(request.model, None)
             then(request, sink, result)
 
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -91,3 +92,22 @@ def test_health_and_metrics_show_prefill_progress(tmp_path: Path) -> None:
         assert 'mlx_prefill_progress_ratio{model="m"' in metrics
         assert done.wait(120)
         assert client.get("/health").json()["prefill"] == []
+
+
+def test_health_says_why_models_cannot_be_served(tiny_llama: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors at all")  # present on disk; its load fails
+    config = make_config(tmp_path, {"ok": {"source": str(tiny_llama)}, "gone": {"source": str(tmp_path / "nope")},
+                                    "broken": {"source": str(broken)}})
+    with serve(config) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        body = client.get("/health").json()
+        assert body["status"] == "healthy"  # the others still serve
+        assert [p["reason"] for p in body["model_problems"]["gone"]] == ["missing"]
+        assert "ok" not in body["model_problems"] and "broken" not in body["model_problems"]
+        failed = client.post("/api/generate", json={"model": "broken", "prompt": "hi", "stream": False})
+        assert failed.status_code >= 400
+        problems = client.get("/health").json()["model_problems"]["broken"]
+        assert problems[0]["reason"] == "load_failed" and failed.json()["error"] in problems[0]["message"]
+        assert client.post("/api/generate", json={"model": "ok", "prompt": "hi", "stream": False,
+                                                  "options": {"num_predict": 2}}).status_code == 200
