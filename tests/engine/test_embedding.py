@@ -128,14 +128,14 @@ def test_a_large_embed_does_not_freeze_a_running_stream(encoder: Path, tiny_llam
             during = stream.events.qsize() - before
             e.cancel(stream.request.request_id)
             stream.wait()
-            return during, e.status().counters.prefill_chunks
+            return during, e.status().counters.prefill_slices
         finally:
             e.stop()
 
-    sliced, chunks = tokens_during_embed(0.005)
+    sliced, slices = tokens_during_embed(0.005)
     whole, _ = tokens_during_embed(0)
     assert whole <= 3  # the embed in one go: the stream stood still meanwhile
-    assert chunks > 10 and sliced >= chunks // 3  # in slices: the stream kept producing between them
+    assert slices > 10 and sliced >= slices // 2  # in slices: a decode step between (nearly) every two
 
 
 def test_cancel_and_timeout_end_an_embed(engine: Engine) -> None:
