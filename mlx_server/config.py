@@ -113,6 +113,7 @@ class ModelConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     priority: int = 100  # preload / warm order; lower first
     kind: Optional[str] = None  # "embedding" or "generation"; None = inferred from the model's files
+    system: Optional[str] = None  # default system prompt, for requests that send none
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,11 @@ class Config:
     server: ServerConfig
     models: Mapping[str, ModelConfig]
     path: Optional[Path] = None
+
+    def keep_alive_for(self, name: str) -> float:
+        """The model's keep_alive, else the server's (a request's own keep_alive comes first, in the engine)."""
+        model = self.models.get(name)
+        return model.keep_alive if model is not None and model.keep_alive is not None else self.server.keep_alive
 
     def resolve(self, name: str) -> Optional[str]:
         """Exact name, then `x` ≡ `x:latest`, then aliases; the configured name or None."""
@@ -210,6 +216,20 @@ def _check_names(models: Mapping[str, ModelConfig], path: Optional[Path]) -> Non
             seen[canon] = name
 
 
+def _model_config(name: str, m: Any) -> ModelConfig:
+    options, system = dict(m.options), m.system
+    if m.source.strip().startswith("ollama:"):
+        # An Ollama model brings its params layer (options, stop words) and system layer; models.yaml wins.
+        from mlx_server.ollama import defaults
+
+        layer_options, layer_system = defaults(m.source)
+        options = {**layer_options, **options}
+        system = system if system is not None else layer_system
+    return ModelConfig(name=name, source=m.source, aliases=tuple(m.aliases), preload=m.preload,
+                       keep_alive=m.keep_alive, context_length=m.context_length, options=options,
+                       priority=m.priority, kind=m.kind, system=system)
+
+
 def build_config(raw: Any, path: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,
                  overrides: Optional[Mapping[str, Any]] = None,
                  total_memory: Optional[Callable[[], int]] = None) -> Config:
@@ -233,10 +253,7 @@ def build_config(raw: Any, path: Optional[Path] = None, env: Optional[Mapping[st
         memory_budget=parse_size(spec, (total_memory or _physical_memory)() if percent else None),
         memory_budget_spec=str(spec), allowed_hosts=tuple(s.allowed_hosts), origins=tuple(s.origins),
         **({"cache_dir": Path(s.cache_dir).expanduser()} if s.cache_dir is not None else {}))
-    models = {name: ModelConfig(name=name, source=m.source, aliases=tuple(m.aliases), preload=m.preload,
-                                keep_alive=m.keep_alive, context_length=m.context_length, options=dict(m.options),
-                                priority=m.priority, kind=m.kind)
-              for name, m in checked.models.items()}
+    models = {name: _model_config(name, m) for name, m in checked.models.items()}
     _check_names(models, path)
     config = Config(server=server, models=models, path=path)
     if server.default_model is not None and config.resolve(server.default_model) is None:

@@ -223,13 +223,7 @@ class Core:
     def _keep_alive(self, req: EngineRequest) -> float:
         """Ollama's order: the request's keep_alive, else the model's, else the server default."""
         value = getattr(req, "keep_alive", None)
-        return value if value is not None else self._model_keep_alive(req.model)
-
-    def _model_keep_alive(self, name: str) -> float:
-        model = self.config.models.get(name)
-        if model is not None and model.keep_alive is not None:
-            return model.keep_alive
-        return self.config.server.keep_alive
+        return value if value is not None else self.config.keep_alive_for(req.model)
 
     def _cancel(self, request_id: int) -> None:
         waiting = self._waiting.remove(request_id)
@@ -326,7 +320,7 @@ class Core:
             return
         self.load_errors.pop(name, None)
         # Its keep_alive clock starts now (a preload, or a load whose requests all left); requests set their own.
-        self.pool.set_keep_alive(name, self._model_keep_alive(name))
+        self.pool.set_keep_alive(name, self.config.keep_alive_for(name))
         for w in self._waiting.unpark(name):
             w.load_seconds = entry.load_seconds
             self._waiting.push(w)
@@ -339,16 +333,8 @@ class Core:
         try:
             if self.pool.get(name) is not None:
                 return
-            need = self.loader.estimate(name)
-            if (self.pool.used_bytes() + need > self.pool.budget
-                    or len(self.pool.names()) >= self.pool.max_models):
-                log.info("preload stopped at %s: it needs %.2f GB and the memory budget (%.2f of %.2f GB used, "
-                         "%d models) is reached", name, need / 1e9, self.pool.used_bytes() / 1e9,
-                         self.pool.budget / 1e9, len(self.pool.names()))
-                self._preloads.clear()
-                return
-            log.info("preloading %s", name)
-            self.pool.request(name)
+            if not self.pool.preload(name, self.loader.estimate(name)):
+                self._preloads.clear()  # the budget is reached: later preloads would not fit either
         except MlxServerError as exc:
             log.warning("preload of %s skipped: %s", name, exc.message)
 

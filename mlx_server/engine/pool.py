@@ -216,6 +216,17 @@ class ModelPool(Generic[M]):
         entry.last_used = self._clock()
         entry.expires_at = None  # never expires while in use
 
+    def preload(self, name: str, need: int) -> bool:
+        """Start loading `name` if it fits beside what is resident without evicting anything; False if not."""
+        if self.used_bytes() + need > self.budget or len(self.names()) >= self.max_models:
+            log.info("preload stopped at %s: it needs %.2f GB and the memory budget (%.2f of %.2f GB used, %d "
+                     "models) is reached", name, need / 1e9, self.used_bytes() / 1e9, self.budget / 1e9,
+                     len(self.names()))
+            return False
+        log.info("preloading %s", name)
+        self.request(name)
+        return True
+
     def release(self, name: str, keep_alive: float) -> None:
         """A request finished. keep_alive: seconds to stay resident once idle; 0 = unload now; <0 = forever."""
         entry = self._resident.get(name)
