@@ -189,15 +189,17 @@ def decoder_forward(model: Any) -> Optional[Forward]:
 class EmbedRunner:
     """A resident embedding model: the same face to the core as a ModelRunner, with no decode batch."""
 
-    def __init__(self, name: str, embedder: Embedder, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, name: str, embedder: Embedder, *, per_token: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """per_token: activation bytes per token of a forward pass (the preparation stage's estimate, so that
+        what is reserved before the load and after it agree); default from the width alone."""
         self.name = name
         self.embedder = embedder
         self.context_length = embedder.max_length
         self.fresh = 0  # no decode batch: never owed a first-token step
-        cfg_width = embedder.dimensions
-        per_token = ACTIVATION_FACTOR * 4 * cfg_width
-        self.batcher = EmbedBatcher(name, lambda batch: embedder.embed(batch, normalize=False), cfg_width,
-                                    per_token, clock)
+        width = embedder.dimensions
+        self.batcher = EmbedBatcher(name, lambda batch: embedder.embed(batch, normalize=False), width,
+                                    per_token or ACTIVATION_FACTOR * 4 * width, clock)
 
     # memory: no KV; a forward pass's activations are reserved while jobs wait
     def kv_bytes(self, lengths: list[int]) -> int:

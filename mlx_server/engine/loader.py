@@ -93,7 +93,9 @@ class ModelLoader:
             embedder = load_embedder(files.path, kind=self.config.models[name].kind)
         except Exception as exc:
             raise ModelLoadFailed(f"failed to load embedding model \"{name}\" from {files.path}: {exc}") from exc
-        return LoadedModel(runner=EmbedRunner(name, embedder), path=files.path, config=files.config)
+        # kv_per_token is in kv_bound's units (it doubles them), so the runner reserves twice it per token.
+        runner = EmbedRunner(name, embedder, per_token=2 * files.kv_per_token)
+        return LoadedModel(runner=runner, path=files.path, config=files.config)
 
     def unload(self, loaded: LoadedModel) -> None:
         loaded.runner.close()

@@ -14,10 +14,12 @@ from mlx_lm import load
 from embed_reference import ReferenceEncoder, cosine
 from enginetools import Waiter, submit
 from mlx_server.engine.engine import Engine
+from mlx_server.engine.runner import kv_bound
 from mlx_server.errors import BadRequest
 from mlx_server.types import Done, EmbedRequest, Embeddings, Failed, SamplingParams, Started
 from serving import make_config
 from tinyembedders import MAX_TOKENS, build_tiny_encoder
+from tinymodels import build_tiny_model
 
 GREEDY = SamplingParams(temperature=0.0)
 TEXTS = ("hello world", "the river runs under the old stone bridge", "ok", "a b c d e f g h i j k l m n o p")
@@ -150,3 +152,31 @@ def test_cancel_and_timeout_end_an_embed(engine: Engine) -> None:
     assert isinstance(end, Done) and end.reason == "cancelled"
     assert not any(isinstance(e, Embeddings) for e in w.seen)
     assert vectors(embed(engine, "enc", ("still serving",))).shape == (1, 32)
+
+
+def test_an_embedding_model_is_never_evicted_mid_batch(encoder: Path, tmp_path: Path) -> None:
+    # A generation model whose 20 MiB of weights fit the budget only once the encoder (and its working memory)
+    # is gone: it must wait for the embed to finish, then evict the encoder.
+    llm = build_tiny_model(tmp_path / "llm", arch="llama", seed=0, padding_bytes=20 * 2**20)
+    models = {"enc": {"source": str(encoder)}, "llm": {"source": str(llm)}}
+    probe = Engine(make_config(tmp_path, models))
+    enc, gen_files = probe.preparer.files("enc"), probe.preparer.files("llm")
+    probe.preparer.close()
+    # The generation model's weights and KV fit, plus half the encoder: never both.
+    budget = gen_files.weights + kv_bound([16], gen_files.kv_per_token) + enc.weights // 2
+    home = tmp_path / "tight"
+    home.mkdir()
+    e = Engine(make_config(home, models, memory_budget=budget, prefill_slice=0.005))
+    e.start()
+    try:
+        docs = tuple(f"passage {i} on rivers and bridges" for i in range(1500))
+        big = embed(e, "enc", docs)
+        assert isinstance(big.events.get(timeout=60), Started)
+        gen = submit(e, "llm", "hello", sampling=GREEDY, max_tokens=3)
+        result = vectors(big)
+        assert isinstance(gen.wait(), Done)
+        evictions = e.status().pool.evictions
+    finally:
+        e.stop()
+    assert result.shape == (1500, 32) and np.isfinite(result).all()
+    assert gen.ended_at > big.ended_at and evictions == 1  # it waited for the batch, then made room
