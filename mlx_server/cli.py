@@ -3,6 +3,7 @@
 Server:     serve | check-config | import | launchd install|uninstall|status
 Diagnose:   doctor [--json] [--load]   (why is this machine not serving what models.yaml says?)
 Models:     pull NAME | preload [NAMES...] (download what is missing, then warm the running server)
+Ollama:     import ollama:NAME | ollama list   (serve what the local Ollama store already holds)
 Client:     list | ps | run NAME [PROMPT]   (talk to a running server, like the ollama CLI)
 """
 
@@ -47,7 +48,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from mlx_server.engine.gguf_import import import_gguf
+    from mlx_server.ops.ollama_cli import run_import
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else None
     if cache is None:
@@ -55,11 +56,13 @@ def cmd_import(args: argparse.Namespace) -> int:
             cache = load_config(args.config).server.cache_dir
         except ConfigError:
             cache = Path.home() / ".cache" / "mlx-server"
-    out = import_gguf(Path(args.file).expanduser().resolve(), cache)
-    print(out)
-    if args.name:
-        print(f"add to models.yaml:\n  {args.name}:\n    source: {args.file}")
-    return 0
+    return run_import(args.file, cache, args.name)
+
+
+def cmd_ollama(args: argparse.Namespace) -> int:
+    from mlx_server.ops.ollama_cli import run_list
+
+    return run_list(Path(args.store).expanduser() if args.store else None)
 
 
 # ---- operations -------------------------------------------------------------------------------------------------
@@ -192,11 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(func=cmd_doctor)
 
     imp = sub.add_parser("import", parents=[config_opt],
-                         help="convert a llama-architecture GGUF file into an MLX model dir")
-    imp.add_argument("file")
+                         help="convert a GGUF file or an Ollama model (ollama:NAME[:TAG]) into an MLX model dir")
+    imp.add_argument("file", help="FILE.gguf or ollama:NAME[:TAG]")
     imp.add_argument("--name", default=None)
     imp.add_argument("--cache-dir", default=None)
     imp.set_defaults(func=cmd_import)
+
+    oll = sub.add_parser("ollama", help="the local Ollama store: `list` shows what it holds and what can be served")
+    oll.add_argument("action", choices=["list"])
+    oll.add_argument("--store", default=None, help="the store (default: $OLLAMA_MODELS or ~/.ollama/models)")
+    oll.set_defaults(func=cmd_ollama)
 
     launchd = sub.add_parser("launchd", parents=[config_opt, server_opt],
                              help="run the server as a launchd agent (macOS)")

@@ -91,7 +91,8 @@ class ServerSection(_Section):
 class ModelSection(_Section):
     """One served model, keyed by its name (Ollama style, e.g. qwen2.5-coder:32b)."""
 
-    source: str = Field(description="HF repo id, local dir, .gguf path, or package:MODULE/FILE")
+    source: str = Field(description="HF repo id, local dir, .gguf path, package:MODULE/FILE, or ollama:NAME[:TAG] "
+                                    "(a model in the local Ollama store)")
     aliases: Strings = Field([], description="other names that resolve to this model")
     preload: bool = Field(False, description="load at start-up (mlx-server preload --preload-only)")
     keep_alive: Optional[Duration] = Field(None, description=f"overrides server.keep_alive: {_DURATION_TEXT}")
@@ -99,6 +100,8 @@ class ModelSection(_Section):
     options: Annotated[dict[str, Any], _empty_if_none(dict)] = Field(
         {}, description="default Ollama options for this model (temperature, num_ctx, ...)")
     priority: int = Field(100, description="preload and warm order; lower first")
+    system: Optional[str] = Field(None, description="default system prompt for requests that send none (an "
+                                                    "ollama: source's system layer otherwise)")
     kind: Optional[Literal["generation", "embedding"]] = Field(
         None, description="what the model does (default: inferred from its files, e.g. sentence-transformers "
                           "configs mean embedding)")

@@ -67,6 +67,14 @@ def where_looked(model: ModelConfig, config_dir: Optional[Path]) -> tuple[str, s
     if source.startswith("package:"):
         module = source[len("package:"):].partition("/")[0]
         return module, f"{sys.executable} -m pip install {module.replace('_', '-')}"
+    if source.startswith("ollama:"):
+        from mlx_server.ollama import OllamaError, Ref, store_root
+
+        try:
+            ref = Ref.parse(source)
+        except OllamaError as exc:
+            return source, str(exc)
+        return str(ref.manifest_path(store_root())), f"ollama pull {ref.display}"
     if _is_hf_repo_id(source) and not ((config_dir or Path.cwd()) / source).exists():
         return str(hf_cache_folder(source)), f"mlx-server pull {model.name}"
     path = _source_path(model, config_dir)
@@ -105,7 +113,7 @@ def _missing_message(model: ModelConfig, found: Located, looked: str) -> str:
         from mlx_server.ops.pull import missing_parts  # light: the same words `mlx-server pull` uses
 
         return f"incomplete model directory {looked}: {missing_parts(Path(looked))}"
-    if found.kind in ("package", "zip") and found.hint:
+    if found.kind in ("package", "zip", "ollama") and found.hint:
         return f"weights not usable: {found.hint}"  # not installed, or an archive that does not extract
     return f"weights not on disk: looked in {looked}"
 

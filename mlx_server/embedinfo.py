@@ -85,6 +85,10 @@ def _position_limit(cfg: dict[str, Any], architecture: str) -> int:
         # XLM-R numbers positions from padding_idx + 1, so its 514 position rows hold 512 tokens.
         pad = cfg.get("pad_token_id")
         positions -= (1 if pad is None else int(pad)) + 1
+    if architecture == "nomic_bert" and cfg.get("max_trained_positions"):
+        # nomic-embed-text says n_positions 8192 but was trained on 2048 (past it, its dynamic-NTK rope would make a
+        # vector depend on the batch's padded length); Ollama serves it with a 2048 context too.
+        positions = min(positions, int(cfg["max_trained_positions"]))
     return max(positions, 1)
 
 

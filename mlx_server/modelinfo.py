@@ -148,6 +148,8 @@ def _dir_info(path: Path, size: int) -> ModelInfo:
 def _gguf_info(path: Path) -> ModelInfo:
     from gguf import GGUFReader  # deferred: only GGUF sources need it
 
+    from mlx_server.chat_templates import choose_template
+
     reader = GGUFReader(str(path), "r")
 
     def meta(key: str, default: Any = None) -> Any:
@@ -169,13 +171,15 @@ def _gguf_info(path: Path) -> ModelInfo:
                              "hidden_size": meta(f"{arch}.embedding_length", 0)})
     return ModelInfo(format="gguf", family=arch, parameter_count=count, kv_bytes_per_token=kv,
                      quantization=next(iter(qtypes), "unknown"), context_length=ctx,
-                     template=str(meta("tokenizer.chat_template", "") or ""), modified=_mtime(path),
+                     # The file's own template, else the built-in one the importer will use (it names itself).
+                     template=choose_template(arch, meta("tokenizer.chat_template"),
+                                              meta("tokenizer.ggml.tokens", []))[1], modified=_mtime(path),
                      arch_info={k: v for k, v in info.items() if v is not None})
 
 
 def _read(path: Path, size: int, kind: str) -> Optional[ModelInfo]:
     try:
-        return _gguf_info(path) if kind in ("gguf", "package") else _dir_info(path, size)
+        return _gguf_info(path) if kind in ("gguf", "package", "ollama") else _dir_info(path, size)
     except (OSError, ValueError, KeyError):
         return None
 

@@ -1,8 +1,9 @@
 """Where a configured model's weights live, and whether they are on disk. No MLX here: listings call this.
 
 Sources: a Hugging Face repo id (looked up in the local HF cache only; requests never download), a local model
-directory, a path to a .gguf file, a path to a .zip holding a model directory, or `package:MODULE/FILE` (a file
-shipped inside an installed Python package: a .gguf, or a .zip holding a model directory). Relative paths are
+directory, a path to a .gguf file, a path to a .zip holding a model directory, `package:MODULE/FILE` (a file
+shipped inside an installed Python package: a .gguf, or a .zip holding a model directory), or `ollama:NAME[:TAG]`
+(the GGUF blob of a model in the local Ollama store). Relative paths are
 relative to the config file's directory.
 
 A .zip is extracted once into `<cache_dir>/packages/`, keyed by the archive's path, size and mtime (so reinstalling
@@ -27,7 +28,8 @@ from typing import Literal, Optional
 
 from mlx_server.config import ModelConfig
 
-SourceKind = Literal["hf", "dir", "gguf", "package", "zip"]  # "zip": a model dir extracted from a .zip
+# "zip": a model dir extracted from a .zip; "ollama": a GGUF blob in the local Ollama store (mlx_server/ollama.py)
+SourceKind = Literal["hf", "dir", "gguf", "package", "zip", "ollama"]
 
 # Bump when the extracted layout or the marker changes, so old extractions are redone instead of reused.
 _EXTRACT_FORMAT = 1
@@ -230,6 +232,14 @@ def locate(model: ModelConfig, config_dir: Optional[Path] = None, cache_dir: Opt
     on first sight; pass the configured `config.server.cache_dir` whenever a Config is at hand."""
     source = model.source.strip()
     base = config_dir or Path.cwd()
+    if source.startswith("ollama:"):
+        from mlx_server.ollama import OllamaError, read_manifest
+
+        try:
+            blob = read_manifest(source).model_blob()
+        except OllamaError as exc:
+            return Located("ollama", None, 0, str(exc))
+        return Located("ollama", blob, blob.stat().st_size)
     if source.startswith("package:"):
         try:
             path = resolve_package_file(source)

@@ -44,6 +44,9 @@ def test_all_minilm_from_its_sentence_transformers_files(tmp_path: Path) -> None
       "max_position_embeddings": 8194, "pad_token_id": 1}, "xlm-roberta", "mean", 8192),
     ({"model_type": "nomic_bert", "architectures": ["NomicBertModel"], "n_embd": 768, "n_positions": 8192},
      "nomic_bert", "mean", 8192),
+    # nomic-embed-text-v1.5's config: trained on 2048 (Ollama's context for it), rope-scalable to 8192.
+    ({"model_type": "nomic_bert", "architectures": ["NomicBertModel"], "n_embd": 768, "n_positions": 8192,
+      "max_trained_positions": 2048}, "nomic_bert", "mean", 2048),
     ({"model_type": "modernbert", "architectures": ["ModernBertModel"], "hidden_size": 768,
       "max_position_embeddings": 8192}, "modernbert", "mean", 8192),
     ({"model_type": "qwen3", "architectures": ["Qwen3Model"], "hidden_size": 1024,

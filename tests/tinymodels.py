@@ -196,7 +196,11 @@ def _arch_config(
         # Tied head, like the small Qwen2.5 models.
         return {**common, "architectures": ["Qwen2ForCausalLM"], "rope_theta": 1000000.0,
                 "tie_word_embeddings": True}
-    raise ValueError(f"unsupported arch {arch!r}; expected 'llama' or 'qwen2'")
+    if arch == "qwen3":
+        # Qwen3 (and Qwen3-Embedding): tied head, per-head RMSNorm on q and k, explicit head_dim, no qkv bias.
+        return {**common, "architectures": ["Qwen3ForCausalLM"], "rope_theta": 1000000.0,
+                "head_dim": hidden_size // num_heads, "tie_word_embeddings": True}
+    raise ValueError(f"unsupported arch {arch!r}; expected 'llama', 'qwen2' or 'qwen3'")
 
 
 def _init_weights(
@@ -208,7 +212,7 @@ def _init_weights(
     eos_row_scale: float,
     dtype: mx.Dtype,
 ) -> dict[str, mx.array]:
-    """Random weights with the parameter names mlx_lm's llama/qwen2 expect."""
+    """Random weights with the parameter names mlx_lm's llama/qwen2/qwen3 expect."""
     key = mx.random.key(seed)
     weights: dict[str, mx.array] = {}
 
@@ -240,6 +244,11 @@ def _init_weights(
             normal(f"{p}.self_attn.q_proj.bias", (n_heads * head_dim,), BIAS_STD)
             normal(f"{p}.self_attn.k_proj.bias", (n_kv * head_dim,), BIAS_STD)
             normal(f"{p}.self_attn.v_proj.bias", (n_kv * head_dim,), BIAS_STD)
+        if config["model_type"] == "qwen3":
+            normal(f"{p}.self_attn.q_norm.weight", (head_dim,), 0.1)
+            normal(f"{p}.self_attn.k_norm.weight", (head_dim,), 0.1)
+            weights[f"{p}.self_attn.q_norm.weight"] += 1.0
+            weights[f"{p}.self_attn.k_norm.weight"] += 1.0
         linear(f"{p}.mlp.gate_proj", inter, h)
         linear(f"{p}.mlp.up_proj", inter, h)
         linear(f"{p}.mlp.down_proj", h, inter)

@@ -237,8 +237,8 @@ class EmbedRunner:
     def prefill_jobs(self) -> list[Any]:
         return self.batcher.pending()
 
-    def prefill(self, job: Any, n: int) -> None:
-        self.batcher.run(job, n)
+    def prefill(self, job: Any, n: int) -> int:
+        return self.batcher.run(job, n)
 
     def fail_prefill(self, job: Any, exc: Exception) -> None:
         self.fail(job.request_id, InternalError(f"embedding failed for this request: {exc}"))

@@ -1,31 +1,44 @@
-"""Turn a llama-architecture GGUF file into an MLX model directory that mlx_lm.load accepts.
+"""Turn a GGUF file into an MLX model directory that mlx_lm.load accepts, one slice of one tensor at a time.
 
-MLX reads GGUF itself (`mx.load`): F32/F16 tensors come back dense, and the legacy block quants
-(Q4_0, Q4_1, Q8_0) come back as MLX affine triples (`.weight` packed uint32, `.scales`, `.biases`,
-group size 32). What is left for us: llama.cpp's tensor names, its Q/K row order, a config.json
-from the metadata, and a Hugging Face tokenizer rebuilt from the vocabulary in the metadata.
+The file is read with gguf-py's memory-mapped reader (never `mx.load`, which decodes K-quants wrongly and fails on
+Q5_0/Q5_1/Q3_K/Q5_K). Per tensor, a slice of rows at a time: ggml blocks become MLX affine groups of 32 without
+loss where MLX can hold them (engine/gguf_quants.py), or dense floats in the dense modes; names, rows and norms are
+put back the way mlx_lm's model class expects (engine/gguf_arch.py); the bytes go straight to their place in the
+output safetensors (engine/safetensors_stream.py). Memory stays at a slice (a few MB to ~100 MB), whatever the
+model's size. Then config.json, the tokenizer (engine/gguf_tokenizer.py) and a marker with the import's report.
+
+Imports are cached under <cache_dir>/imports/<sha256 of the file>-<mode>, built in a temp dir beside it and renamed,
+so a crash leaves no half model. An Ollama blob (`sha256-<hex>`) is checked against the digest in its name.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
+import mmap
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import mlx.core as mx
+import numpy as np
 
-# ggml's legacy quants pack 32 values per block; mx.load keeps that as the MLX group size.
-GGML_BLOCK = 32
+from mlx_server.chat_templates import choose_template
+from mlx_server.engine import gguf_quants as gq
+from mlx_server.engine.gguf_arch import Arch, Meta, arch_of, hf_name, is_norm, row_heads, unpermute_rows
+from mlx_server.engine.gguf_tokenizer import special_ids, tokenizer_files
+from mlx_server.engine.safetensors_stream import Entry, ShardWriter, shard_groups, shard_names, to_dtype
+from mlx_server.gguf_file import LOSSLESS_BITS, REQUANT_BITS, is_vision_tensor, open_gguf, type_support
+
+GGML_BLOCK = gq.GROUP
 
 # The weight format each mode name stands for: (keep quants?, float dtype for everything else).
 _MODES: Mapping[str, tuple[bool, str]] = MappingProxyType({
@@ -43,25 +56,15 @@ _CPU_LOW_MEMORY_MODE = "quantized-f32"
 # Dense bfloat16 is at most ~3.6x the file (16 bits per weight against Q4_0's 4.5).
 _DENSE_BF16_GROWTH = 3.6
 _MAX_RAM_SHARE = 0.5
-
-_TOP_LEVEL_NAMES: Mapping[str, str] = MappingProxyType(
-    {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-)
-_LAYER_NAMES: Mapping[str, str] = MappingProxyType({
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-})
-
-# llama.cpp pre-tokenizers that split every digit off before the GPT-2 regex
-# (llama-vocab.cpp: "\p{N}" then the GPT-2 pattern). The HF originals spell that
-# Digits(individual_digits=True) + ByteLevel(use_regex=True); transformers' GGUF converter drops it.
-_DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"})
+_SLICE_WEIGHTS = 4 * 2**20  # weights converted at once: bounds the temporaries (~30 bytes per weight at most)
+_DISK_MARGIN = 256 * 2**20  # tokenizer files and slack, beyond the weights
 
 # Bump when the output layout changes, so old imports are redone instead of reused.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _MARKER = "gguf_import.json"
+_BLOB_NAME = re.compile(r"sha256-([0-9a-f]{64})")
+
+Progress = Callable[[int, int], None]  # (bytes of the file converted so far, total)
 
 
 def file_sha256(path: Path) -> str:
@@ -88,20 +91,25 @@ def resolve_mode(mode: str, gguf_path: Path | None = None) -> str:
     return mode
 
 
-def import_gguf(gguf_path: Path, cache_dir: Path, *, mode: str = "auto") -> Path:
-    """Convert a llama GGUF into an MLX model dir under cache_dir/imports, once; return the dir."""
+def import_gguf(gguf_path: Path, cache_dir: Path, *, mode: str = "auto", progress: Optional[Progress] = None) -> Path:
+    """Convert a GGUF into an MLX model dir under cache_dir/imports, once; return the dir."""
     gguf_path = Path(gguf_path).resolve()
     resolved = resolve_mode(mode, gguf_path)
     imports = Path(cache_dir) / "imports"
     imports.mkdir(parents=True, exist_ok=True)
-    target = imports / f"{_cached_digest(gguf_path, imports)[:16]}-{resolved}"
+    digest = _cached_digest(gguf_path, imports)
+    named = _BLOB_NAME.fullmatch(gguf_path.name)
+    if named and named.group(1) != digest:
+        raise ValueError(f"{gguf_path} does not match its digest (its content hashes to sha256:{digest[:12]}…): "
+                         "the blob is corrupt or truncated; pull the model again")
+    target = imports / f"{digest[:16]}-{resolved}"
     if _is_complete(target):
         return target
     _remove_stale_tmp_dirs(imports, target.name)
     # Build beside the target (same filesystem) and rename, so a crash leaves only a .tmp dir.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=imports))
     try:
-        _convert(gguf_path, tmp, resolved)
+        _convert(gguf_path, tmp, resolved, progress, imports / ".tokenizers" / digest[:16])
         if _is_complete(target):  # a concurrent import finished first; keep its copy
             return target
         if target.exists():  # a half dir not made by us (no marker): replace it
@@ -114,6 +122,23 @@ def import_gguf(gguf_path: Path, cache_dir: Path, *, mode: str = "auto") -> Path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def import_report(model_dir: Path) -> dict[str, Any]:
+    """The marker an import left: mode, architecture, template in use, requantization error, skipped tensors."""
+    return dict(json.loads((Path(model_dir) / _MARKER).read_text()))
+
+
+def report_lines(report: Mapping[str, Any]) -> list[str]:
+    """The import report as the log lines the server and the CLI print."""
+    lines = [f"GGUF import ({report.get('architecture')}, mode {report.get('mode')}): chat template "
+             f"{report.get('chat_template')}"]
+    for name, r in sorted((report.get("requantized") or {}).items()):
+        lines.append(f"{name}: {r['tensors']} tensors requantized to {r['bits']}-bit groups of 32, relative RMS "
+                     f"error {100 * r['relative_rms_error']:.2f}% (max {r['max_abs_error']:.3g})")
+    if report.get("skipped_vision_tensors"):
+        lines.append(f"skipped {report['skipped_vision_tensors']} vision tensors (text model only)")
+    return lines
 
 
 def _remove_stale_tmp_dirs(imports: Path, name: str) -> None:
@@ -132,6 +157,10 @@ def _physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows): do not hold back
         return 1 << 62
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
 
 
 def _is_complete(model_dir: Path) -> bool:
@@ -161,235 +190,196 @@ def _cached_digest(path: Path, imports: Path) -> str:
     return digest
 
 
-def _convert(gguf_path: Path, out: Path, mode: str) -> None:
-    tensors, meta = mx.load(str(gguf_path), return_metadata=True)
-    if (arch := meta.get("general.architecture")) != "llama":
-        raise ValueError(f"{gguf_path.name}: only llama-architecture GGUFs are supported, got {arch!r}")
-    if "rope_freqs.weight" in tensors:
-        # Llama 3.1-style scaled rope is baked into this tensor, not stated in the metadata.
-        raise ValueError(f"{gguf_path.name}: GGUFs with rope_freqs (Llama 3.1 rope scaling) are not supported")
-    keep_quants, dtype_name = _MODES[mode]
-    config = _config_from_metadata(meta, tensors)
-    weights, quant_layers = _convert_tensors(tensors, config, keep_quants, getattr(mx, dtype_name))
-    del tensors
-    config["tie_word_embeddings"] = "lm_head.weight" not in weights
-    config["torch_dtype"] = dtype_name
-    if quant_layers:
-        config["quantization"] = _quantization_config(quant_layers)
-    _write_weights(out, weights)
-    del weights
+@dataclass
+class _Plan:
+    """One GGUF tensor and what it becomes."""
+
+    tensor: Any  # gguf ReaderTensor (memory-mapped data)
+    name: str  # mlx_lm parameter name, e.g. model.layers.0.self_attn.q_proj.weight
+    type_name: str
+    bits: Optional[int]  # packed into MLX groups of 32 with this many bits; None: dense
+    heads: Optional[int]  # rows to un-permute per head (llama Q/K)
+    shift: float  # subtracted (gemma's +1 norms)
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
+
+def _convert(gguf_path: Path, out: Path, mode: str, progress: Optional[Progress], tokenizer_dir: Path) -> None:
+    started = time.monotonic()
+    reader = open_gguf(gguf_path)
+    fields = {key: f.contents() for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+    arch = arch_of(str(fields.get("general.architecture")))
+    text = [t for t in reader.tensors if not is_vision_tensor(t.name)]
+    unsupported = Counter(t.tensor_type.name for t in text if type_support(t.tensor_type.name) == "unsupported")
+    if unsupported:
+        listed = ", ".join(f"{name} ({n} tensors)" for name, n in sorted(unsupported.items()))
+        raise ValueError(f"{gguf_path.name}: unsupported tensor type {listed}; supported: "
+                         f"{', '.join([*LOSSLESS_BITS, *REQUANT_BITS, 'F32', 'F16', 'BF16'])}")
+    by_name = {t.name: t for t in text}
+    meta = Meta(fields, {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in text},
+                lambda name: gq.dense(by_name[name].data, by_name[name].tensor_type.name))
+    config = arch.config(meta)
+    keep_quants, dtype = _MODES[mode]
+    plan = _plan(text, arch, config, keep_quants, dtype)
+
+    need = sum(e.nbytes for p in plan for e in p.entries) + _DISK_MARGIN
+    free = _free_bytes(out)
+    if free < need:
+        raise OSError(f"not enough disk space in {out.parent} to import {gguf_path.name}: it needs "
+                      f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free")
+    # The tokenizer first: a vocabulary it cannot rebuild should fail in seconds, not after the weights.
+    which, template = choose_template(meta.arch, fields.get("tokenizer.chat_template"),
+                                      fields.get("tokenizer.ggml.tokens") or [])
+    # Shared by every mode's import of this file; the key changes with the template (built-in ones may change).
+    shared = tokenizer_dir.with_name(f"{tokenizer_dir.name}-{hashlib.sha256(template.encode()).hexdigest()[:8]}")
+    tokenizer_files(fields, out, int(config["max_position_embeddings"]), template, shared)
+    errors = _write_weights(reader, plan, out, dtype, progress)
+
+    config.update(special_ids(fields))
+    config["torch_dtype"] = dtype
+    packed = {p.module: p.bits for p in plan if p.bits is not None}
+    if packed:
+        config["quantization"] = _quantization_config(packed)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    _save_tokenizer(meta, out, config["max_position_embeddings"])
-    marker = {"format_version": _FORMAT_VERSION, "source": str(gguf_path), "mode": mode}
-    (out / _MARKER).write_text(json.dumps(marker, indent=2))
-
-
-def _meta_value(meta: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    value = meta.get(key, default)
-    return value.item() if isinstance(value, mx.array) and value.ndim == 0 else value
-
-
-def _config_from_metadata(meta: Mapping[str, Any], tensors: Mapping[str, mx.array]) -> dict[str, Any]:
-    def get(key: str, default: Any = None) -> Any:
-        return _meta_value(meta, f"llama.{key}", default)
-
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    vocab_rows = int(tensors["token_embd.weight"].shape[0])
-    n_tokens = len(meta.get("tokenizer.ggml.tokens", []))
-    if n_tokens > vocab_rows:
-        raise ValueError(f"tokenizer has {n_tokens} tokens but the embedding only {vocab_rows} rows")
-    if "output.weight" in tensors and tensors["output.weight"].shape[0] != vocab_rows:
-        raise ValueError("output.weight and token_embd.weight disagree on the vocabulary size")
-    config: dict[str, Any] = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": int(get("attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(get("context_length", 4096)),
-        # The padded embedding decides the model's shape; the tokenizer may use fewer ids.
-        "vocab_size": vocab_rows,
-        "attention_bias": False, "mlp_bias": False,
+    report = {
+        "format_version": _FORMAT_VERSION, "source": str(gguf_path), "mode": mode, "architecture": meta.arch,
+        "chat_template": which, "skipped_vision_tensors": len(reader.tensors) - len(text),
+        "tensor_types": dict(sorted(Counter(p.type_name for p in plan).items())),
+        "requantized": {name: {"bits": REQUANT_BITS[name], "tensors": e.tensors, "relative_rms_error": e.relative_rms,
+                               "max_abs_error": e.max_abs} for name, e in sorted(errors.items())},
+        "seconds": round(time.monotonic() - started, 2),
     }
-    scaling = _rope_scaling(get("rope.scaling.type"), get("rope.scaling.factor"),
-                            get("rope.scaling.original_context_length"))
-    if scaling:
-        config["rope_scaling"] = scaling
-    for name in ("bos", "eos"):
-        token_id = _meta_value(meta, f"tokenizer.ggml.{name}_token_id")
-        if token_id is not None:
-            config[f"{name}_token_id"] = int(token_id)
-    # Chat models often end a turn with an end-of-turn token that differs from eos (Llama 3).
-    eot = _meta_value(meta, "tokenizer.ggml.eot_token_id")
-    if eot is not None and int(eot) != config.get("eos_token_id"):
-        config["eos_token_id"] = [i for i in (config.get("eos_token_id"), int(eot)) if i is not None]
-    return config
+    (out / _MARKER).write_text(json.dumps(report, indent=2))  # last: its presence means complete
 
 
-def _rope_scaling(kind: str | None, factor: float | None, original: int | None) -> dict[str, Any] | None:
-    if kind in (None, "none") or not factor or factor == 1.0:
-        return None
-    if kind == "linear":
-        return {"type": "linear", "factor": float(factor)}
-    if kind == "yarn":
-        extra = {"original_max_position_embeddings": int(original)} if original else {}
-        return {"type": "yarn", "factor": float(factor), **extra}
-    raise ValueError(f"unsupported rope scaling type {kind!r} in GGUF")
-
-
-def _hf_name(gguf_base: str) -> str:
-    if gguf_base in _TOP_LEVEL_NAMES:
-        return _TOP_LEVEL_NAMES[gguf_base]
-    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", gguf_base)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
-    raise ValueError(f"unexpected tensor {gguf_base!r} in a llama GGUF")
-
-
-def _unpermute_rows(x: mx.array, n_heads: int | None) -> mx.array:
-    """Q/K rows back in HF order (n_heads is None for every other tensor: left alone)."""
-    if n_heads is None:
-        return x
-    # convert_hf_to_gguf reorders each head's rows from [first half | second half] to interleaved
-    # pairs for llama.cpp's rope: reshape(n, 2, d/2).swap(1, 2). Invert: reshape(n, d/2, 2).swap.
-    head_dim = x.shape[0] // n_heads
-    return x.reshape(n_heads, head_dim // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-
-def _convert_tensors(
-    tensors: Mapping[str, mx.array], config: Mapping[str, Any], keep_quants: bool, dtype: mx.Dtype
-) -> tuple[dict[str, mx.array], dict[str, tuple[int, int]]]:
-    """HF-named weights, plus {module path: (group_size, bits)} for those left quantized."""
-    weights: dict[str, mx.array] = {}
-    quant_layers: dict[str, tuple[int, int]] = {}
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    for key in sorted(k for k in tensors if k.endswith(".weight")):
-        base = key[: -len(".weight")]
-        name = _hf_name(base)
-        n_heads = heads.get(base.rsplit(".", 1)[-1])
-        if f"{base}.scales" not in tensors:
-            new = {"weight": tensors[key].astype(dtype)}
-        else:
-            packed, scales, biases = tensors[key], tensors[f"{base}.scales"], tensors[f"{base}.biases"]
-            group_size = GGML_BLOCK
-            bits = packed.shape[-1] * 32 // (scales.shape[-1] * group_size)
-            if keep_quants:
-                new = {"weight": packed, "scales": scales.astype(dtype), "biases": biases.astype(dtype)}
-                quant_layers[name] = (group_size, bits)
-            else:
-                # Dequantize in float32 from the file's own float16 scales; round once, at the end.
-                dense = mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32),
-                                      group_size=group_size, bits=bits)
-                new = {"weight": dense.astype(dtype)}
-        # The permutation moves whole output rows, so it applies alike to weight, scales and biases.
-        new = {part: _unpermute_rows(value, n_heads) for part, value in new.items()}
-        # Evaluate per tensor so peak memory stays near one copy of the model, not several.
-        mx.eval(list(new.values()))
-        weights.update({f"{name}.{part}": value for part, value in new.items()})
-    return weights, quant_layers
-
-
-def _quantization_config(quant_layers: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
-    # The most common format is the default; mlx_lm takes per-module entries for the rest
-    # (a Q4_1 file often keeps its embedding in Q8_0).
-    group_size, bits = Counter(quant_layers.values()).most_common(1)[0][0]
-    config: dict[str, Any] = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    for name, (g, b) in sorted(quant_layers.items()):
-        if (g, b) != (group_size, bits):
-            config[name] = {"group_size": g, "bits": b, "mode": "affine"}
-    return config
-
-
-def _write_weights(out: Path, weights: dict[str, mx.array]) -> None:
-    from mlx_lm.utils import make_shards
-
-    shards = make_shards(weights)
-    fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-    weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards, start=1):
-        file_name = fmt.format(i, len(shards))
-        mx.save_safetensors(str(out / file_name), shard, metadata={"format": "mlx"})
-        weight_map.update({k: file_name for k in shard})
-    index = {
-        "metadata": {"total_size": sum(w.nbytes for w in weights.values())},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _gguf_tokenizer_converter() -> tuple[Callable[..., Any], Mapping[str, str]]:
-    # transformers 5 moved the GGUF tokenizer code; both homes expose the same two names and
-    # neither needs torch (the model-loading half of that integration does).
-    for module_name in ("transformers.integrations.gguf.gguf_tokenizer_mapping", "transformers.integrations.ggml"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
+def _plan(tensors: list[Any], arch: Arch, config: Mapping[str, Any], keep_quants: bool, dtype: str) -> list[_Plan]:
+    plans = []
+    for t in tensors:
+        name = hf_name(arch, t.name)
+        if name is None:
             continue
-        if hasattr(module, "convert_gguf_tokenizer"):
-            return module.convert_gguf_tokenizer, module.GGUF_TOKENIZER_MAPPING["tokenizer"]
-    raise RuntimeError("this transformers version has no GGUF tokenizer converter")
+        type_name = t.tensor_type.name
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        quantized = type_support(type_name) in ("lossless", "requantized")
+        bits = (LOSSLESS_BITS.get(type_name) or REQUANT_BITS[type_name]) if keep_quants and quantized else None
+        p = _Plan(t, name, type_name, bits, row_heads(arch, t.name, config),
+                  arch.norm_shift if is_norm(t.name) else 0.0)
+        if bits is None:
+            p.entries = [Entry(name, dtype, shape)]
+        else:
+            rows, cols = shape
+            p.entries = [Entry(name, "uint32", (rows, cols * bits // 32)),
+                         Entry(f"{p.module}.scales", dtype, (rows, cols // gq.GROUP)),
+                         Entry(f"{p.module}.biases", dtype, (rows, cols // gq.GROUP))]
+        plans.append(p)
+    return plans
 
 
-def _save_tokenizer(meta: Mapping[str, Any], out: Path, context_length: int) -> None:
-    from tokenizers import pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+def _write_weights(reader: Any, plan: list[_Plan], out: Path, dtype: str,
+                   progress: Optional[Progress]) -> dict[str, gq.RequantError]:
+    """Every planned tensor into safetensors shards, slice by slice; returns requantization error per type."""
+    shards = shard_groups([p.entries for p in plan])
+    names = shard_names(len(shards))
+    owner = {e.name: i for i, shard in enumerate(shards) for e in shard}
+    writers = [ShardWriter(out / n, shard, {"format": "mlx"}) for n, shard in zip(names, shards)]
+    errors: dict[str, gq.RequantError] = defaultdict(gq.RequantError)
+    total, done = sum(int(p.tensor.n_bytes) for p in plan), 0
+    try:
+        for p in plan:
+            writer = writers[owner[p.name]]
+            error = errors[p.type_name] if p.type_name in REQUANT_BITS and p.bits is not None else None
+            if error is not None:
+                error.tensors += 1
+            row_bytes = int(p.tensor.n_bytes) // max(p.tensor.data.shape[0], 1)
+            for first, data in _slices(p):
+                _write_slice(writer, p, first, data, dtype, error)
+                _release(reader, int(p.tensor.data_offset) + first * row_bytes, int(data.nbytes))
+            done += int(p.tensor.n_bytes)
+            if progress is not None:
+                progress(done, total)
+    finally:
+        for w in writers:
+            w.close()
+    weight_map = {e.name: names[owner[e.name]] for p in plan for e in p.entries}
+    index = {"metadata": {"total_size": sum(e.nbytes for p in plan for e in p.entries)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return dict(errors)
 
-    convert, key_map = _gguf_tokenizer_converter()
 
-    def plain(value: Any) -> Any:
-        return value.tolist() if isinstance(value, mx.array) else value
+def _slices(p: _Plan) -> Any:
+    data = p.tensor.data
+    if data.ndim == 1:
+        yield 0, data
+        return
+    rows = data.shape[0]
+    cols = int(p.tensor.n_elements) // rows
+    unit = rows // p.heads if p.heads else 1  # a slice holds whole heads, so un-permuting stays inside it
+    step = max(unit, _SLICE_WEIGHTS // max(cols, 1) // unit * unit)
+    for first in range(0, rows, step):
+        yield first, data[first:first + step]
 
-    fields = {name: plain(meta[f"tokenizer.{key}"]) for key, name in key_map.items() if f"tokenizer.{key}" in meta}
-    backend, _ = convert(meta["general.architecture"], fields)
-    tokens: list[str] = fields["tokens"]
-    if meta.get("tokenizer.ggml.pre") in _DIGIT_SPLIT_PRE:
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
 
-    def token_id(kind: str) -> int | None:
-        value = _meta_value(meta, f"tokenizer.ggml.{kind}_token_id")
-        return int(value) if value is not None and int(value) < len(tokens) else None
+def _write_slice(writer: ShardWriter, p: _Plan, first: int, data: np.ndarray, dtype: str,
+                 error: Optional[gq.RequantError]) -> None:
+    heads = None if p.heads is None else data.shape[0] // (p.tensor.data.shape[0] // p.heads)
+    if p.bits is None:
+        values = gq.dense(data, p.type_name)
+        if p.shift:
+            values = values - np.float32(p.shift)
+        if heads:
+            values = unpermute_rows(values, heads)
+        writer.write_rows(p.name, first, to_dtype(values, dtype))
+        return
+    _, weights, scales, biases = gq.packed(data, p.type_name, error)
+    parts = (weights, to_dtype(scales, dtype), to_dtype(biases, dtype))
+    for entry, part in zip(p.entries, parts):
+        # The permutation moves whole rows, so it applies alike to packed weights, scales and biases.
+        writer.write_rows(entry.name, first, unpermute_rows(part, heads) if heads else part)
 
-    def token(kind: str) -> str | None:
-        found = token_id(kind)
-        return None if found is None else tokens[found]
 
-    bos, bos_id = token("bos"), token_id("bos")
-    # llama.cpp prepends BOS for sentencepiece vocabularies unless the file says otherwise.
-    add_bos = bool(_meta_value(meta, "tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))
-    # Set either way: a converter's own default may disagree with the file's flag.
-    prefix = [bos] if add_bos and bos is not None else []
-    backend.post_processor = processors.TemplateProcessing(
-        single=[*prefix, "$A"],
-        pair=[*prefix, "$A", *prefix, "$B:1"],
-        special_tokens=[(bos, bos_id)] if prefix else [],
-    )
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=bos,
-        eos_token=token("eos"),
-        unk_token=token("unknown"),
-        pad_token=token("padding"),
-        chat_template=meta.get("tokenizer.chat_template"),
-        clean_up_tokenization_spaces=False,
-        model_max_length=context_length,
-    )
-    wrapped.save_pretrained(str(out))
+def _release(reader: Any, offset: int, length: int) -> None:
+    # Pages of the memory-mapped file stay in this process's RSS until unmapped, a whole tensor's (an 8B model's
+    # embedding: ~0.5 GB) by its end; drop each slice's once converted. They are clean file pages: nothing is
+    # lost, and the page cache may keep them.
+    mapping = getattr(reader.data, "_mmap", None)
+    if mapping is None or not hasattr(mapping, "madvise"):
+        return
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    end = offset + length
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _quantization_config(packed: Mapping[str, int]) -> dict[str, Any]:
+    # The most common width is the default; mlx_lm takes per-module entries for the rest
+    # (a Q4_K_M file keeps some tensors in Q5_0, Q6_K or Q8_0).
+    bits = Counter(packed.values()).most_common(1)[0][0]
+    config: dict[str, Any] = {"group_size": gq.GROUP, "bits": bits, "mode": "affine"}
+    for name, b in sorted(packed.items()):
+        if b != bits:
+            config[name] = {"group_size": gq.GROUP, "bits": b, "mode": "affine"}
+    return config
 
 
 def main(argv: list[str]) -> int:
-    """`python -m mlx_server.engine.gguf_import FILE.gguf CACHE_DIR`: import once, print the model dir."""
+    """`python -m mlx_server.engine.gguf_import FILE.gguf CACHE_DIR`: import once, print the model dir.
+
+    The import's report goes to stderr, one line each, for the parent to log; the model dir is stdout's last line.
+    """
     if len(argv) != 2:
         print("usage: python -m mlx_server.engine.gguf_import FILE.gguf CACHE_DIR", file=sys.stderr)
         return 2
     try:
-        print(import_gguf(Path(argv[0]), Path(argv[1])))
+        model_dir = import_gguf(Path(argv[0]), Path(argv[1]))
+        for line in report_lines(import_report(model_dir)):
+            print(line, file=sys.stderr)
+        print(model_dir)
     except Exception as exc:  # noqa: BLE001 - the parent reports the last stderr line as the reason
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

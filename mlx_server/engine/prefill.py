@@ -72,7 +72,8 @@ class Prefilling(Protocol):
 
     def prefill_jobs(self) -> list[PrefillJob]: ...
 
-    def prefill(self, job: PrefillJob, n: int) -> None: ...
+    def prefill(self, job: PrefillJob, n: int) -> int:
+        """Run about `n` tokens of `job`; returns how many ran (an embed batch packs whole inputs)."""
 
     def fail_prefill(self, job: PrefillJob, exc: Exception) -> None: ...
 
@@ -152,7 +153,7 @@ class Prefiller:
             tic = time.perf_counter()
             job.started = job.started or tic
             try:
-                runner.prefill(job, n)
+                n = runner.prefill(job, n)
             except Exception as exc:  # noqa: BLE001 - one prompt's failure fails it, never the batch or thread
                 log.exception("prefill of request %d failed", job.request_id)
                 runner.fail_prefill(job, exc)

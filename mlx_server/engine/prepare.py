@@ -27,7 +27,7 @@ from mlx_server.config import Config
 from mlx_server.embedinfo import EmbeddingInfo, embedding_info
 from mlx_server.engine.constrained import Constraints
 from mlx_server.engine.embedders.tokenizer import EmbedTokenizer
-from mlx_server.engine.prompt import fit, render
+from mlx_server.engine.prompt import fit, render, with_default_system
 from mlx_server.errors import BadRequest, MlxServerError, ModelLoadFailed, ModelNotFound
 from mlx_server.modelinfo import kv_bytes_per_token, native_context_length
 from mlx_server.sources import locate, weights_size
@@ -153,7 +153,10 @@ class Preparer:
         except Exception as exc:  # noqa: BLE001 - a broken tokenizer fails this model only
             raise ModelLoadFailed(f"failed to load the tokenizer of model \"{name}\": {exc}") from exc
         # What a forward pass holds per token (hidden, MLP and attention buffers, float32), in kv_bound's units.
-        per_token = 4 * (8 * info.dimensions + int(cfg.get("num_attention_heads", 12)) * info.max_length) // 2
+        # Attention scores are per token × the batch's padded width; the width is capped at 1,024 here, since a
+        # long-context embedder (8k–32k) would otherwise reserve gigabytes for widths requests rarely reach.
+        heads = int(cfg.get("num_attention_heads", 12))
+        per_token = 4 * (8 * info.dimensions + heads * min(info.max_length, 1024)) // 2
         return ModelFiles(name=name, path=path, config=cfg, tokenizer=tokenizer, constraints=None,
                           context_length=tokenizer.max_length, weights=weights_size(path), kv_per_token=per_token,
                           embedding=info)
@@ -166,7 +169,7 @@ class Preparer:
         if not found.present:
             raise ModelNotFound(name, found.hint)
         assert found.path is not None
-        if found.kind not in ("gguf", "package"):  # "zip": locate already extracted it into a model dir
+        if found.kind not in ("gguf", "package", "ollama"):  # "zip": locate already extracted it into a model dir
             return found.path
         try:
             return self._importer(found.path, self.config.server.cache_dir)
@@ -179,10 +182,12 @@ class Preparer:
 
     def prepare(self, req: GenerateRequest) -> Prepared:
         files = self.generation_files(req.model)
+        req = with_default_system(req, self.config.models[req.model].system)
         return prepare_request(req, files.tokenizer, files.context_length, files.constraints)
 
     def count(self, req: GenerateRequest) -> int:
         files = self.generation_files(req.model)
+        req = with_default_system(req, self.config.models[req.model].system)
         return len(render(req, files.tokenizer, req.model))
 
     def generation_files(self, name: str) -> ModelFiles:
@@ -231,9 +236,9 @@ def prepare_request(req: GenerateRequest, tokenizer: Any, context_length: int,
 
 
 def _cut(ids: list[int], limit: int, tokenizer: Any) -> list[int]:
-    """Keep an input's start; an embedding model's closing special token ([SEP], </s>) stays last."""
-    if isinstance(tokenizer, EmbedTokenizer) and tokenizer.special_tokens >= 2:
-        return ids[:limit - 1] + ids[-1:]
+    """Keep an input's start; an embedding model's closing special tokens ([SEP], </s>, <|endoftext|>) stay last."""
+    if isinstance(tokenizer, EmbedTokenizer):
+        return tokenizer.cut(ids, limit)
     return ids[:limit]
 
 
@@ -252,6 +257,8 @@ def import_in_child(gguf: Path, cache_dir: Path) -> Path:
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
         raise ModelLoadFailed(f"importing {gguf.name} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+    for line in done.stderr.splitlines():  # the import's report: template in use, requantization error
+        log.info("%s: %s", gguf.name, line)
     return Path(done.stdout.strip().splitlines()[-1])
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from mlx_server.engine.parsers import function_defs, template_text
@@ -51,6 +51,14 @@ def render(req: GenerateRequest, tokenizer: Any, model: str) -> list[int]:
             if i == len(attempts) - 1:
                 raise BadRequest(f"chat template failed for these messages: {exc}") from None
     return list(tok.encode(text, add_special_tokens=False))
+
+
+def with_default_system(req: GenerateRequest, system: Optional[str]) -> GenerateRequest:
+    """`req` with the model's default system prompt (models.yaml `system`, an Ollama system layer) when it brings
+    none of its own, as Ollama does; raw prompts are left alone (they skip the template)."""
+    if not system or req.system is not None or req.raw or any(m.role == "system" for m in req.messages or ()):
+        return req
+    return replace(req, system=system)
 
 
 def template_shows_tools(tokenizer: Any) -> bool:

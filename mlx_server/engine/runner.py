@@ -167,15 +167,16 @@ class ModelRunner:
         prompts = [s.job for s in self.prefilling.values() if s.job is not None and s.job.remaining > 0]
         return prompts + (self.embeds.pending() if self.embeds else [])  # type: ignore[operator]
 
-    def prefill(self, job: PrefillJob | EmbedJob, n: int) -> None:
-        """Prefill the next `n` tokens of `job`'s prompt; when only its last token is left, it joins the batch."""
+    def prefill(self, job: PrefillJob | EmbedJob, n: int) -> int:
+        """Prefill the next `n` tokens of `job`'s prompt (when only its last token is left, it joins the batch), or
+        embed about `n` tokens of inputs; returns the tokens run."""
         if isinstance(job, EmbedJob):
             assert self.embeds is not None
-            self.embeds.run(job, n)
-            return
+            return self.embeds.run(job, n)
         job.advance(self.model, n)
         if job.remaining == 0:
             self._join(self.prefilling[job.request_id])
+        return n
 
     def fail_prefill(self, job: PrefillJob | EmbedJob, exc: Exception) -> None:
         self.fail(job.request_id, InternalError(f"prompt processing failed for this request: {exc}"))

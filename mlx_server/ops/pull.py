@@ -264,7 +264,7 @@ def check_managed(model: ModelConfig, config_dir: Optional[Path]) -> None:
     """Raise NotManaged unless the model's weights live in the Hugging Face cache (the only place we delete)."""
     kind = locate(model, config_dir).kind
     if kind != "hf":
-        what = "file" if kind in ("gguf", "package", "zip") else "directory"
+        what = "file" if kind in ("gguf", "package", "zip", "ollama") else "directory"
         raise NotManaged(f"model \"{model.name}\" is not managed by mlx-server (its source {model.source!r} is a "
                          f"local {what}); delete its files yourself")
 

@@ -43,6 +43,13 @@ class Waiter:
             assert not isinstance(event, (Done, Failed)), event
 
 
+def tokens_so_far(w: Waiter) -> int:
+    """Tokens `w` has received until now (Deltas can bundle several: partial UTF-8 is held back)."""
+    while not w.events.empty():
+        w.seen.append(w.events.get_nowait())
+    return sum(e.tokens for e in w.seen if isinstance(e, Delta))
+
+
 def submit(engine: Any, model: str, prompt: str = "hello", **kw: Any) -> Waiter:
     req = GenerateRequest(model=model, prompt=prompt, raw=True, **kw)
     waiter = Waiter(req)

@@ -20,7 +20,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from mlx_lm.models import llama
 
-from mlx_server.engine import gguf_import
+from mlx_server.engine import gguf_import, gguf_tokenizer
 from mlx_server.engine.gguf_import import import_gguf, resolve_mode
 from mlx_server.sources import resolve_package_file
 
@@ -190,10 +190,11 @@ def test_failed_import_leaves_nothing_and_retry_recovers(
         raise RuntimeError("simulated crash while writing the tokenizer")
 
     with monkeypatch.context() as patch:
-        patch.setattr(gguf_import, "_save_tokenizer", broken)
+        patch.setattr(gguf_tokenizer, "save_tokenizer", broken)
         with pytest.raises(RuntimeError, match="simulated crash"):
             import_gguf(gguf_path, tmp_path, mode="quantized-f32")
-    assert [p.name for p in (tmp_path / "imports").iterdir()] == [".hashes"]
+    assert {p.name for p in (tmp_path / "imports").iterdir()} <= {".hashes", ".tokenizers"}
+    assert not any((tmp_path / "imports" / ".tokenizers").iterdir())  # no half-built tokenizer either
 
     # A half-written target (e.g. from a foreign tool or an older crash) has no marker: redo it.
     target = tmp_path / "imports" / f"{gguf_import.file_sha256(gguf_path)[:16]}-quantized-f32"
@@ -201,7 +202,7 @@ def test_failed_import_leaves_nothing_and_retry_recovers(
     (target / "config.json").write_text("{}")
     assert import_gguf(gguf_path, tmp_path, mode="quantized-f32") == target
     assert (target / "model.safetensors").is_file()
-    assert sorted(os.listdir(tmp_path / "imports")) == [".hashes", target.name]
+    assert sorted(os.listdir(tmp_path / "imports")) == [".hashes", ".tokenizers", target.name]
 
 
 def test_resolve_package_file(gguf_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import pytest
 from mlx_lm import load
 
-from enginetools import Waiter, submit, until
+from enginetools import Waiter, submit, tokens_so_far, until
 from mlx_server.engine.engine import Engine
 from mlx_server.engine.prefill import Prefiller
 from mlx_server.engine.prepare import prepare_request
@@ -154,9 +154,9 @@ def test_a_stream_keeps_decoding_while_a_long_prompt_is_prefilled(long_model: Pa
             stream.first_delta()
             long = submit(e, "m", text(800), sampling=GREEDY, max_tokens=1)
             assert isinstance(long.events.get(timeout=60), Started)
-            before = stream.events.qsize()
+            before = tokens_so_far(stream)
             long.first_delta()
-            during = stream.events.qsize() - before
+            during = tokens_so_far(stream) - before
             e.cancel(stream.request.request_id)
             stream.wait()
             long.wait()

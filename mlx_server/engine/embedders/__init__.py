@@ -1,9 +1,10 @@
 """Embedding models in MLX: load a model dir, embed padded batches of token ids, pool, normalize.
 
 `load_embedder(path)` reads what the files say (mlx_server.embedinfo: architecture, pooling, max length), builds the
-architecture's module, loads its safetensors strictly and pairs it with an `EmbedTokenizer`. One module per
-architecture (bert.py covers BERT and XLM-RoBERTa); `_BUILDERS` is where nomic-bert, ModernBERT and decoder
-embedders plug in.
+architecture's module, loads its safetensors strictly and pairs it with an `EmbedTokenizer`. One module per encoder
+architecture, registered in `_BUILDERS`: bert.py (BERT and XLM-RoBERTa), nomic.py (nomic-bert), modernbert.py.
+Decoders (Qwen3-Embedding and the like) run on mlx_lm's own model classes (decoder.py), so any architecture mlx_lm
+knows can embed.
 
 Only the inference thread may call `Embedder.embed` (it runs MLX); `Embedder.tokenizer` is plain Python.
 """
@@ -18,25 +19,64 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_server.embedinfo import EmbeddingInfo, Pooling, embedding_info
-from mlx_server.engine.embedders import bert
+from mlx_server.embedinfo import DECODER_TYPES, ENCODER_TYPES, EmbeddingInfo, Pooling, embedding_info
+from mlx_server.engine.embedders import bert, decoder, modernbert, nomic
 from mlx_server.engine.embedders.tokenizer import EmbedTokenizer
 
 # torch.nn.functional.normalize's default eps, which sentence-transformers' Normalize uses.
 _NORM_EPS = 1e-12
 
 
-def _build_bert(cfg: dict[str, Any], info: EmbeddingInfo) -> tuple[nn.Module, int]:
+Sanitize = Callable[[dict[str, mx.array]], dict[str, mx.array]]
+# model dir, its config.json, what embedinfo says → (the module with its weights loaded, most tokens per input)
+Builder = Callable[[Path, dict[str, Any], EmbeddingInfo], tuple[nn.Module, int]]
+
+
+def _load_weights(module: nn.Module, path: Path, sanitize: Sanitize) -> nn.Module:
+    """Every *.safetensors in `path`, renamed by `sanitize`, loaded strictly: a missing or extra tensor is an error."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has no *.safetensors weights")
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        weights.update(mx.load(str(file)))  # type: ignore[arg-type]  # safetensors load gives a dict
+    module.load_weights(list(sanitize(weights).items()), strict=True)
+    return module
+
+
+def _build_bert(path: Path, cfg: dict[str, Any], info: EmbeddingInfo) -> tuple[nn.Module, int]:
     bert_cfg = bert.BertConfig.from_dict(cfg, info.architecture)
-    return bert.BertModel(bert_cfg), bert_cfg.max_tokens
+    return _load_weights(bert.BertModel(bert_cfg), path, bert.sanitize), bert_cfg.max_tokens
 
 
-# architecture → (module, most tokens its positions hold), and the weight-name mapping for it.
-_BUILDERS: dict[str, tuple[Callable[[dict[str, Any], EmbeddingInfo], tuple[nn.Module, int]],
-                           Callable[[dict[str, mx.array]], dict[str, mx.array]]]] = {
-    "bert": (_build_bert, bert.sanitize),
-    "xlm-roberta": (_build_bert, bert.sanitize),
+def _build_nomic(path: Path, cfg: dict[str, Any], info: EmbeddingInfo) -> tuple[nn.Module, int]:
+    nomic_cfg = nomic.NomicConfig.from_dict(cfg)
+    return _load_weights(nomic.NomicBertModel(nomic_cfg), path, nomic.sanitize), nomic_cfg.max_tokens
+
+
+def _build_modernbert(path: Path, cfg: dict[str, Any], info: EmbeddingInfo) -> tuple[nn.Module, int]:
+    mb_cfg = modernbert.ModernBertConfig.from_dict(cfg)
+    return _load_weights(modernbert.ModernBertModel(mb_cfg), path, modernbert.sanitize), mb_cfg.max_tokens
+
+
+_BUILDERS: dict[str, Builder] = {
+    "bert": _build_bert,
+    "xlm-roberta": _build_bert,
+    "nomic_bert": _build_nomic,
+    "modernbert": _build_modernbert,
+    **{model_type: decoder.build for model_type in sorted(DECODER_TYPES)},
 }
+
+
+def _builder(architecture: str) -> Builder:
+    """The builder for `architecture`; one not listed that is no encoder is tried as an mlx_lm decoder (models.yaml
+    `kind: embedding` on, say, a phi3 checkpoint), which fails with mlx_lm's own "not supported" if it is none."""
+    if architecture in _BUILDERS:
+        return _BUILDERS[architecture]
+    if architecture in ENCODER_TYPES.values() or architecture == "unknown":
+        raise ValueError(f"no MLX embedder for architecture {architecture!r} (supported: "
+                         f"{', '.join(sorted(_BUILDERS))}, and other mlx_lm decoders)")
+    return decoder.build
 
 
 def pool(hidden: mx.array, mask: mx.array, how: Pooling) -> mx.array:
@@ -124,22 +164,10 @@ def load_embedder(path: Path, *, kind: Optional[str] = None, dtype: Optional[mx.
         raise ValueError(f"{path} is not an embedding model")
     if info.unsupported:
         raise ValueError(f"{path} needs sentence-transformers modules we do not run: {', '.join(info.unsupported)}")
-    if info.architecture not in _BUILDERS:
-        raise ValueError(f"no MLX embedder for architecture {info.architecture!r} (supported: "
-                         f"{', '.join(sorted(_BUILDERS))})")
-    build, sanitize = _BUILDERS[info.architecture]
     cfg = json.loads((path / "config.json").read_text())
-    model, positions = build(cfg, info)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{path} has no *.safetensors weights")
-    weights: dict[str, mx.array] = {}
-    for file in files:
-        weights.update(mx.load(str(file)))  # type: ignore[arg-type]  # safetensors load gives a dict
-    weights = sanitize(weights)
+    model, positions = _builder(info.architecture)(path, cfg, info)
     if dtype is not None:
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
+        model.set_dtype(dtype)  # floating parameters only: quantized weights and integer buffers stay as they are
     model.eval()
     mx.eval(model.parameters())
     tokenizer = EmbedTokenizer.from_dir(path, min(info.max_length, positions))

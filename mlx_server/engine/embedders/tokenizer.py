@@ -23,6 +23,13 @@ class EmbedTokenizer:
         self.special_tokens = tokenizer.num_special_tokens_to_add(is_pair=False)
         if max_length <= self.special_tokens:
             raise ValueError(f"max_length {max_length} leaves no room beside {self.special_tokens} special tokens")
+        # How many of the specials go before the text ([CLS], <s>) and how many after ([SEP], </s>, or the
+        # <|endoftext|> Qwen3-Embedding appends and pools on), seen by post-processing a probe.
+        probe = tokenizer.encode("a", add_special_tokens=False)
+        done = list(tokenizer.post_process(probe).ids)
+        text = list(probe.ids)
+        self.leading = next((i for i in range(len(done) - len(text) + 1) if done[i:i + len(text)] == text), 0)
+        self.trailing = self.special_tokens - self.leading
 
     @classmethod
     def from_dir(cls, model_dir: Path, max_length: int) -> "EmbedTokenizer":
@@ -42,6 +49,15 @@ class EmbedTokenizer:
                 enc.truncate(budget)  # cut the text, then add the specials, so [SEP] / </s> stays last
             out.append(list(self.tokenizer.post_process(enc).ids))
         return out
+
+    def cut(self, ids: Sequence[int], limit: int) -> list[int]:
+        """An encoded input (specials included) cut to `limit` tokens by dropping text from its end: the leading
+        and trailing special tokens stay, as `encode` keeps them."""
+        ids = list(ids)
+        if len(ids) <= limit:
+            return ids
+        tail = min(self.trailing, limit)  # a limit below the specials' count (num_ctx 1) keeps the closing ones
+        return ids[:limit - tail] + ids[len(ids) - tail:]
 
 
 __all__ = ["EmbedTokenizer"]

@@ -1,0 +1,104 @@
+"""`mlx-server import FILE.gguf|ollama:NAME` and `mlx-server ollama list`.
+
+`ollama list` reads only manifests and GGUF headers (no MLX): what the local Ollama store holds, whether each model
+can be served here (architecture, tensor types) and the models.yaml entry that serves it. `import` converts ahead of
+time (the server would do it on first use), with a progress bar on a terminal, and prints the import's report.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, TextIO
+
+from mlx_server.ollama import PREFIX, OllamaError, list_store, read_manifest, store_root
+
+
+def _bar(label: str, err: TextIO) -> Callable[[int, int], None]:
+    started = time.monotonic()
+    state = {"shown": -1}
+
+    def show(done: int, total: int) -> None:
+        percent = 100 * done // max(total, 1)
+        if percent == state["shown"]:
+            return
+        state["shown"] = percent
+        filled = percent * 30 // 100
+        rate = done / max(time.monotonic() - started, 1e-6) / 2**20
+        end = "\n" if done >= total else ""
+        if err.isatty() or end:  # a log file gets the finished line only
+            err.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}% "
+                      f"{done / 2**20:,.0f}/{total / 2**20:,.0f} MB {rate:,.0f} MB/s{end}")
+            err.flush()
+    return show
+
+
+def run_import(spec: str, cache: Path, name: Optional[str], out: Optional[TextIO] = None,
+               err: Optional[TextIO] = None) -> int:
+    """Import a .gguf path or an `ollama:NAME` into the cache; print the model dir, the report, a models.yaml entry."""
+    from mlx_server.engine.gguf_import import import_gguf, import_report, report_lines
+
+    out, err = out or sys.stdout, err or sys.stderr
+    if spec.startswith(PREFIX):
+        try:
+            manifest = read_manifest(spec)
+            path = manifest.model_blob()
+        except OllamaError as exc:
+            print(f"Error: {exc}", file=err)
+            return 1
+        label, source, name = manifest.ref.display, f"{PREFIX}{manifest.ref.display}", name or manifest.ref.display
+    else:
+        path = Path(spec).expanduser().resolve()
+        label, source = path.name, spec
+    try:
+        model_dir = import_gguf(path, cache, progress=_bar(f"importing {label}", err))
+    except (OSError, ValueError) as exc:
+        print(f"Error: importing {label} failed: {exc}", file=err)
+        return 1
+    for line in report_lines(import_report(model_dir)):
+        print(line, file=err)
+    print(model_dir, file=out)
+    if name:
+        print(f"add to models.yaml:\n  {name}:\n    source: {source}", file=out)
+    return 0
+
+
+def run_list(store: Optional[Path] = None, out: Optional[TextIO] = None) -> int:
+    """The store's models as a table, then the models.yaml entries for those that can be served."""
+    from mlx_server.gguf_file import summarize
+
+    out = out or sys.stdout
+    root = store or store_root()
+    rows, servable = [], []
+    for manifest in list_store(root):
+        name = manifest.ref.display
+        try:
+            summary = summarize(manifest.model_blob())
+        except OllamaError as exc:
+            rows.append((name, "-", "-", "-", f"no: {exc}"))
+            continue
+        except (OSError, ValueError) as exc:
+            rows.append((name, "-", "-", "-", f"no: unreadable GGUF ({exc})"))
+            continue
+        types = ",".join(f"{t}x{n}" for t, n in summary.tensor_types.items())
+        size = f"{manifest.layer('model').size / 1e9:.2f} GB"
+        rows.append((name, summary.architecture, size, types,
+                     "yes" if summary.servable else "no: " + "; ".join(summary.problems)))
+        if summary.servable:
+            servable.append(name)
+    if not rows:
+        print(f"no models in the Ollama store {root}", file=out)
+        return 0
+    header = ("NAME", "ARCH", "SIZE", "TENSOR TYPES", "SERVABLE")
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(4)]
+    for row in (header, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[4], file=out)
+    if servable:
+        print("\nmodels.yaml entries:\nmodels:", file=out)
+        for name in servable:
+            print(f"  {name}:\n    source: {PREFIX}{name}", file=out)
+    return 0
+
+
+__all__ = ["run_import", "run_list"]
