@@ -142,7 +142,7 @@ def extract_zip(zip_path: Path, cache_dir: Path) -> Path:
     if done is not None:
         return done
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp_dirs(target.parent, target.name)
+    remove_stale_tmp_dirs(target.parent, target.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         with zipfile.ZipFile(zip_path) as archive:
@@ -205,8 +205,9 @@ def _model_root(extracted: Path) -> Path:
     return extracted  # no config.json anywhere obvious: complete_model_dir will say so
 
 
-def _remove_stale_tmp_dirs(parent: Path, name: str) -> None:
-    # Interrupted extractions leave .tmp dirs; an hour-old one is not a concurrent extraction still running.
+def remove_stale_tmp_dirs(parent: Path, name: str) -> None:
+    """Interrupted extractions and imports leave `.tmp-NAME-*` dirs; an hour-old one is not a concurrent one still
+    running."""
     cutoff = time.time() - 3600
     for leftover in parent.glob(f".tmp-{name}-*"):
         try:

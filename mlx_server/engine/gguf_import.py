@@ -37,6 +37,7 @@ from mlx_server.engine.gguf_arch import Arch, Meta, arch_of, hf_name, is_norm, r
 from mlx_server.engine.gguf_tokenizer import special_ids, tokenizer_files
 from mlx_server.engine.safetensors_stream import Entry, ShardWriter, shard_groups, shard_names, to_dtype
 from mlx_server.gguf_file import LOSSLESS_BITS, REQUANT_BITS, is_vision_tensor, open_gguf, type_support
+from mlx_server.sources import remove_stale_tmp_dirs
 
 GGML_BLOCK = gq.GROUP
 
@@ -105,7 +106,7 @@ def import_gguf(gguf_path: Path, cache_dir: Path, *, mode: str = "auto", progres
     target = imports / f"{digest[:16]}-{resolved}"
     if _is_complete(target):
         return target
-    _remove_stale_tmp_dirs(imports, target.name)
+    remove_stale_tmp_dirs(imports, target.name)
     # Build beside the target (same filesystem) and rename, so a crash leaves only a .tmp dir.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=imports))
     try:
@@ -139,17 +140,6 @@ def report_lines(report: Mapping[str, Any]) -> list[str]:
     if report.get("skipped_vision_tensors"):
         lines.append(f"skipped {report['skipped_vision_tensors']} vision tensors (text model only)")
     return lines
-
-
-def _remove_stale_tmp_dirs(imports: Path, name: str) -> None:
-    # Crashed imports leave .tmp dirs; an hour-old one is not a concurrent import still running.
-    cutoff = time.time() - 3600
-    for leftover in imports.glob(f".tmp-{name}-*"):
-        try:
-            if leftover.stat().st_mtime < cutoff:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:
-            pass  # another process cleaned it up first
 
 
 def _physical_memory() -> int:

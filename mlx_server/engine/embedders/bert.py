@@ -16,6 +16,8 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_server.engine.embedders.names import encoder_tensors
+
 # HF `hidden_act` names → MLX functions. "gelu" is the exact (erf) GELU; the tanh approximation has its own names.
 _ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "gelu": nn.gelu,
@@ -157,13 +159,7 @@ _DROPPED = ("pooler.", "cls.", "lm_head.", "classifier.", "qa_outputs.")
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """HF / sentence-transformers tensor names → this module's; heads and buffers we do not run are dropped."""
     out: dict[str, mx.array] = {}
-    for name, value in weights.items():
-        for prefix in _PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                break
-        if name.startswith(_DROPPED) or name.endswith("position_ids"):
-            continue
+    for name, value in encoder_tensors(weights, _PREFIXES, _DROPPED, ("position_ids",)):
         if name.endswith(".gamma"):  # TF-converted checkpoints name LayerNorm parameters gamma / beta
             name = name[: -len("gamma")] + "weight"
         elif name.endswith(".beta"):

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_server.engine.embedders.names import encoder_tensors
+
 _ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "gelu": nn.gelu,  # exact (erf), as transformers' ACT2FN["gelu"]
     "gelu_new": nn.gelu_approx,
@@ -167,16 +169,7 @@ _DROPPED = ("head.", "decoder.", "classifier.", "lm_head.")
 
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Checkpoint tensor names → this module's (the same, less a task model's prefix); heads are dropped."""
-    out: dict[str, mx.array] = {}
-    for name, value in weights.items():
-        for prefix in _PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                break
-        if name.startswith(_DROPPED) or name.endswith("inv_freq"):
-            continue
-        out[name] = value
-    return out
+    return dict(encoder_tensors(weights, _PREFIXES, _DROPPED, ("inv_freq",)))
 
 
 __all__ = ["ModernBertConfig", "ModernBertModel", "sanitize"]

@@ -27,6 +27,8 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_server.engine.embedders.names import encoder_tensors
+
 # activation_function → the gate's activation, as the reference's NomciBertGatedMLP applies it to fc12's output.
 _GATES: dict[str, Callable[[mx.array], mx.array]] = {"swiglu": nn.silu, "geglu": nn.gelu, "glu": mx.sigmoid}
 
@@ -177,16 +179,7 @@ _DROPPED = ("cls.", "pooler.", "lm_head.", "classifier.")
 
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Checkpoint tensor names → this module's (the same, less a task model's prefix); heads are dropped."""
-    out: dict[str, mx.array] = {}
-    for name, value in weights.items():
-        for prefix in _PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                break
-        if name.startswith(_DROPPED) or name.endswith(("position_ids", "inv_freq")):
-            continue
-        out[name] = value
-    return out
+    return dict(encoder_tensors(weights, _PREFIXES, _DROPPED, ("position_ids", "inv_freq")))
 
 
 __all__ = ["NomicBertModel", "NomicConfig", "sanitize"]
