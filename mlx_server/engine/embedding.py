@@ -46,6 +46,7 @@ class EmbedJob:
     started: Optional[float] = None
     logged: float = 0.0
     chunks: int = 0
+    last_chunk: int = 0
 
     @property
     def request_id(self) -> int:

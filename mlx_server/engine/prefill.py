@@ -42,6 +42,7 @@ class PrefillJob:
     started: Optional[float] = None  # perf_counter of its first chunk
     logged: float = 0.0  # perf_counter of its last progress line
     chunks: int = 0
+    last_chunk: int = 0  # tokens in its previous chunk: chunks at most double (see Prefiller.chunk_size)
 
     @property
     def size(self) -> int:
@@ -123,6 +124,9 @@ class Prefiller:
             return min(self.max_chunk, job.remaining)
         # Half a slice at most: a request arriving mid-slice waits for one chunk, not a whole slice.
         n = int(self.rate(job.model).tokens_per_second * min(seconds_left, self.slice_seconds / 2))
+        # A rate measured on other prompts (short ones, early positions) overestimates a long prompt's: attention
+        # grows with the position. So a prompt's chunks start small and at most double, each measured.
+        n = min(n, 2 * max(MIN_CHUNK, job.last_chunk))
         return min(job.remaining, self.max_chunk, max(MIN_CHUNK, n))
 
     def run(self, runners: list[Prefilling], interrupted: Callable[[], bool] = lambda: False) -> PrefillResult:
@@ -159,6 +163,7 @@ class Prefiller:
                 runner.fail_prefill(job, exc)
                 continue
             self.rate(job.model).record(n, time.perf_counter() - tic)
+            job.last_chunk = n
             result.tokens += n
             result.chunks += 1
             _log_progress(job)
