@@ -90,9 +90,11 @@ def test_listings_are_never_rate_limited(server: Server) -> None:
     for _ in range(15):
         for path in ("/health", "/api/tags", "/api/ps", "/api/version", "/", "/queue/stats"):
             assert httpx.get(f"{server.url}{path}").status_code == 200
-    codes = [post(server, "/api/generate", {"model": "fast", "prompt": "x", "stream": False,
-                                            "max_tokens": 1}).status_code for _ in range(45)]
+    answers = [post(server, "/api/generate", {"model": "fast", "prompt": "x", "stream": False,
+                                              "max_tokens": 1}) for _ in range(45)]
+    codes = [r.status_code for r in answers]
     assert 429 in codes and codes[0] == 200
-    r = post(server, "/api/generate", {"model": "fast", "prompt": "x"})
-    assert r.status_code == 429 and "rate limit" in r.json()["error"]
+    # The first refusal, not one more request: the bucket refills over time, so a later one may get through.
+    refused = next(r for r in answers if r.status_code == 429)
+    assert "rate limit" in refused.json()["error"]
     assert httpx.get(f"{server.url}/health").json()["status"] == "healthy"
