@@ -74,14 +74,18 @@ def serve(config: Config, engine: Optional[Any] = None) -> Iterator[Server]:
         server.stop()
 
 
-def start_process(tmp: Path, models: dict, *extra: str, **server: object) -> tuple[subprocess.Popen, str]:
-    """`mlx-server serve` as a real process on a free port; returns it and its URL once /health answers."""
+def start_process(tmp: Path, models: dict, *extra: str, log: Optional[Path] = None,
+                  **server: object) -> tuple[subprocess.Popen, str]:
+    """`mlx-server serve` as a real process on a free port; returns it and its URL once /health answers.
+
+    Its output is a pipe the caller reads at the end, or `log` — a server that logs a lot (a load test) would
+    fill the pipe and block on its next log line."""
     port = free_port()
     cfg = tmp / "models.yaml"
     cfg.write_text(yaml.safe_dump({"server": {"port": port, "memory_budget": "4GB", "cache_dir": str(tmp / "c"),
                                               **server}, "models": models}))
     proc = subprocess.Popen([sys.executable, "-m", "mlx_server", "--config", str(cfg), "serve", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=open(log, "w") if log else subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -1,4 +1,4 @@
-"""A short, bounded run of scripts/loadtest.py against an in-process server: nothing lost, nothing unexpected.
+"""A short, bounded run of scripts/loadtest.py against a real server process: nothing lost, nothing unexpected.
 
 16 clients for ~10 s over three tiny models and every routed dialect, streaming and not, random priorities and
 random hang-ups. The queue is tiny (4 running + 2 waiting) so designed 503 refusals must happen, and the memory
@@ -16,7 +16,7 @@ from types import ModuleType
 import httpx
 import pytest
 
-from serving import make_config, serve
+from serving import make_config, start_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,13 +43,18 @@ def test_bounded_load(tiny_llama: Path, tiny_qwen2: Path, tiny_llama3: Path, tmp
     sizes = sorted(preparer.files(name).weights for name in models)
     budget = sizes[1] + sizes[2] + sizes[0] // 2  # and room for some KV beside the two (it counts too)
     assert sum(sizes) > budget
-    config = make_config(tmp_path, models, memory_budget=budget, max_concurrent=4, max_queue=2)
-    with serve(config) as server:
-        report = asyncio.run(loadtest.run_load(server.url, list(models), clients=16, duration=10.0, max_tokens=16,
+    # Its own process, as in production: in-process, the server would share (and collect) the whole test run's heap.
+    proc, url = start_process(tmp_path, models, log=tmp_path / "server.log", memory_budget=budget, max_concurrent=4,
+                              max_queue=2)
+    try:
+        report = asyncio.run(loadtest.run_load(url, list(models), clients=16, duration=10.0, max_tokens=16,
                                                timeout=60.0, settle=20.0, seed=1, log=lambda *_: None))
         summary = report.summary()
         print(summary)
-        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    finally:
+        proc.terminate()
+        proc.wait(30)
     assert summary["lost"] == 0 and summary["unexpected"] == 0, summary["problems"]
     assert summary["stuck_in_server"] == 0, summary
     assert summary["completed"] > 50 and summary["refused"] > 0, summary  # the tiny queue must have refused some
