@@ -25,7 +25,8 @@ from mlx_server.engine.pool import ModelPool
 from mlx_server.engine.prefill import Prefiller
 from mlx_server.engine.prepare import Prepared, PreparedEmbed
 from mlx_server.engine.runner import kv_bound
-from mlx_server.engine.snapshot import available_memory, limit_metal_memory, prefill_status, resident_status
+from mlx_server.engine.memory import available_memory, limit_metal_memory, trim_stored_caches
+from mlx_server.engine.snapshot import prefill_status, resident_status
 from mlx_server.errors import (InsufficientMemory, InternalError, MlxServerError, ModelNotFound, RequestTimeout,
                                ServiceUnavailable)
 from mlx_server.status import EngineCounters, EngineStatus, MemoryStatus, Observer
@@ -368,19 +369,7 @@ class Core:
                         prefill_slices=self._counters.prefill_slices + 1)
 
     def _trim_caches(self, free: int) -> None:
-        """Hold stored prompt caches to their cap and to what the budget leaves, and free `free` bytes more.
-
-        Least recently used models give first."""
-        runners = [entry.model.runner for entry in self.pool.residents()]
-        stored = sum(r.stored_cache_bytes for r in runners)
-        room = self.pool.budget - (self.pool.used_bytes() - stored)
-        over = max(stored - min(self.config.server.prompt_cache_bytes, room), free)
-        for runner in runners:
-            if over <= 0:
-                return
-            before = runner.stored_cache_bytes
-            runner.trim_prompt_cache(before - over)
-            over -= before - runner.stored_cache_bytes
+        trim_stored_caches(self.pool, self.config.server.prompt_cache_bytes, free)
 
     # ---- status -------------------------------------------------------------------------------------------
 

@@ -1,19 +1,15 @@
-"""What the inference thread publishes about resident models and memory, and the memory facts it reads.
+"""What the inference thread publishes about resident models, prefill progress and memory.
 
 Kept apart from core.py so the thread's loop stays readable; everything here runs on the inference thread.
 """
 
 from __future__ import annotations
 
-import logging
-
 import mlx.core as mx
 
 from mlx_server.engine.loader import LoadedModel
 from mlx_server.engine.pool import ModelPool
 from mlx_server.status import MemoryStatus, ModelStatus, PrefillProgress
-
-log = logging.getLogger("mlx_server.engine")
 
 
 def resident_status(pool: ModelPool[LoadedModel]) -> tuple[list[ModelStatus], MemoryStatus]:
@@ -39,20 +35,3 @@ def resident_status(pool: ModelPool[LoadedModel]) -> tuple[list[ModelStatus], Me
 def prefill_status(pool: ModelPool[LoadedModel]) -> tuple[PrefillProgress, ...]:
     return tuple(PrefillProgress(job.request_id, job.model, job.done, job.size, job.priority)
                  for r in pool.residents() for job in r.model.runner.prefill_jobs())
-
-
-def available_memory() -> int:
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def limit_metal_memory(budget: int) -> None:
-    """On Metal, make an overrun of the budget an allocation error rather than a process abort."""
-    try:
-        if not mx.metal.is_available():
-            return
-        mx.set_memory_limit(budget)
-        mx.set_wired_limit(min(budget, int(mx.metal.device_info().get("max_recommended_working_set_size", budget))))
-    except Exception as exc:  # noqa: BLE001 - older macOS has no wired limit; the budget still holds
-        log.warning("could not set MLX memory limits: %s", exc)
