@@ -360,7 +360,7 @@ class Core:
     def _prefill(self) -> None:
         """At most one slice of prompt prefill between decode steps, so running streams keep going."""
         runners = [entry.model.runner for entry in self.pool.residents()]
-        if any(r.fresh for r in runners):
+        if any(r.joining for r in runners):
             return  # a sequence that just joined gets its first token before more prefill
         done = self.prefiller.run(runners, interrupted=lambda: not self._commands.empty())
         if done.chunks:

@@ -197,7 +197,7 @@ class EmbedRunner:
         self.name = name
         self.embedder = embedder
         self.context_length = embedder.max_length
-        self.fresh = 0  # no decode batch: never owed a first-token step
+        self.joining = False  # no decode batch: never owes a first token
         width = embedder.dimensions
         self.batcher = EmbedBatcher(name, lambda batch: embedder.embed(batch, normalize=False), width,
                                     per_token or ACTIVATION_FACTOR * 4 * width, clock)

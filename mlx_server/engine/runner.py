@@ -266,6 +266,12 @@ class ModelRunner:
         for cache, tokens in self.generator.remove(uids, return_prompt_caches=True).values():
             self._keep_cache(tokens, cache)
 
+    @property
+    def joining(self) -> bool:
+        """A sequence that just joined is still owed its first token (which comes before more prefill). Derived
+        from the sequences themselves, so one that left early (a client that hung up) owes nothing."""
+        return self.fresh > 0 and any(s.first_token_at is None for s in self.sequences.values())
+
     def has_work(self) -> bool:
         return bool(self.sequences or self.prefilling or (self.embeds and self.embeds.jobs))
 

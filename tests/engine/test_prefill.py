@@ -248,3 +248,32 @@ def test_a_prefill_that_raises_fails_only_its_request(tiny_llama: Path, tmp_path
         stream.wait()
     finally:
         e.stop()
+
+
+def test_a_sequence_cancelled_right_after_joining_never_holds_up_another_models_prefill(
+        tiny_llama: Path, tiny_qwen2: Path, tmp_path: Path) -> None:
+    """The first token of a sequence that just joined comes before more prefill; once that sequence is gone (a client
+    that hung up), its model's runner goes idle and must not keep every other model's prompts waiting."""
+    e = Engine(make_config(tmp_path, {"a": {"source": str(tiny_llama)}, "b": {"source": str(tiny_qwen2)}},
+                           prefill_chunk=16, prefill_slice=0.01))
+    e.start()
+    try:
+        prompt = text(20, seed=5)
+        assert isinstance(submit(e, "a", prompt, sampling=GREEDY, max_tokens=1).wait(), Done)  # its KV is now cached
+        hit = GenerateRequest(model="a", prompt=prompt, raw=True, sampling=GREEDY, max_tokens=50)
+
+        def cancel_on_join(req: Any, event: Any) -> None:
+            # Runs on the inference thread: a cache hit joins the batch inside admission, before Started goes out,
+            # so the Cancel lands between the join and the sequence's first token.
+            if req.request_id == hit.request_id and isinstance(event, Started):
+                e.cancel(req.request_id)
+
+        e.observe(cancel_on_join)
+        joined = Waiter(hit)
+        e.submit(hit, joined)
+        assert isinstance(joined.wait(), Done) and joined.seen[0].cached_tokens > 0  # type: ignore[union-attr]
+        other = submit(e, "b", text(200, seed=6), sampling=GREEDY, max_tokens=2, timeout=10)
+        end = other.wait(timeout=20)
+    finally:
+        e.stop()
+    assert isinstance(end, Done), end
