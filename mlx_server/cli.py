@@ -32,6 +32,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {"host": args.host, "port": args.port, "log_format": getattr(args, "log_format", None)}
     config = load_config(args.config, overrides=overrides)
     setup_logging(args.log_level, config.server.log_format)
+    if getattr(args, "distributed", False):
+        from mlx_server.serve import run_distributed
+
+        return run_distributed(config, args.log_level, args.backend, args.rank_timeout)
     return run(config, args.log_level)
 
 
@@ -90,14 +94,35 @@ def _key(config: Optional[Config]) -> Optional[str]:
     return api_key(config)
 
 
-def cmd_launchd(args: argparse.Namespace) -> int:
-    from mlx_server.ops.launchd import TEMPLATE, Agent, Host, Launchctl
+def _launchd_flag_mismatch(args: argparse.Namespace) -> Optional[str]:
+    """The distributed flags only make sense together; a half-given set is a typo, not a request for a default."""
+    if args.distributed and args.hostfile is None:
+        return "--distributed needs --hostfile FILE (the mlx.launch hostfile)"
+    if not args.distributed and args.hostfile is not None:
+        return "--hostfile needs --distributed"
+    if not args.distributed and args.backend is not None:
+        return "--backend needs --distributed"
+    return None
 
+
+def cmd_launchd(args: argparse.Namespace) -> int:
+    from mlx_server.ops.launchd import TEMPLATE, Agent, Group, Host, Launchctl
+
+    mismatch = _launchd_flag_mismatch(args)
+    if mismatch:
+        print(f"launchd: {mismatch}", file=sys.stderr)
+        return 2
     config_path = Path(args.config).expanduser().resolve()
+    group = None
     if args.action == "install":
         load_config(config_path)  # a broken models.yaml would make the agent crash-loop; refuse it now
+        if args.distributed:  # so would a missing or malformed hostfile
+            group = Group.load(args.hostfile, args.backend or "ring")
     agent = Agent(label=args.label, config=config_path, host=Host.current(),
-                  template=Path(args.template).expanduser().resolve() if args.template else TEMPLATE)
+                  template=Path(args.template).expanduser().resolve() if args.template else TEMPLATE, group=group)
+    if group is not None and not agent.launcher.is_file():
+        raise ConfigError(agent.launcher, "", "not found: the distributed agent starts the group with it "
+                                              "(install mlx into this environment)")
     ctl = Launchctl(agent)
     if args.dry_run:
         return ctl.dry_run(args.action, sys.stdout)
@@ -181,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--log-format", choices=["text", "json"], default=None, help="json: one object per line")
+    serve.add_argument("--distributed", action="store_true",
+                       help="one rank of a group started by mlx.launch: rank 0 serves HTTP, the others follow it")
+    serve.add_argument("--backend", default="any", help="distributed backend: any | ring | jaccl | mpi")
+    serve.add_argument("--rank-timeout", type=float, default=20.0,
+                       help="seconds a rank may wait on the others before the group counts as broken")
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check-config", parents=[config_opt], help="validate models.yaml and exit (2 on error)")
@@ -212,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     launchd.add_argument("--label", default="com.mlx-server")
     launchd.add_argument("--template", default=None, help="plist template (default: launchd/ in the checkout)")
     launchd.add_argument("--dry-run", action="store_true", help="print the plist and commands, change nothing")
+    launchd.add_argument("--distributed", action="store_true",
+                         help="install: start a distributed group with mlx.launch (rank 0 serves HTTP)")
+    launchd.add_argument("--hostfile", type=Path, default=None, help="the mlx.launch hostfile (with --distributed)")
+    launchd.add_argument("--backend", choices=["ring", "jaccl"], default=None,
+                         help="distributed backend (default: ring)")
     launchd.set_defaults(func=cmd_launchd)
 
     pull = sub.add_parser("pull", parents=[config_opt], help="download a configured model's weights")

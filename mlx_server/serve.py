@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import threading
 import time
 from types import FrameType
@@ -22,6 +23,8 @@ from mlx_server.sources import locate
 from mlx_server.status import EngineClient
 
 log = logging.getLogger("mlx_server")
+
+BROKEN_LINGER = 5.0  # seconds rank 0 keeps answering (unhealthy, 503) after its group broke, before it exits
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,10 +71,11 @@ def startup_report(config: Config) -> None:
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: EngineClient, grace: float) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineClient, grace: float, linger: float = 0.0) -> None:
         super().__init__(config)
         self.engine = engine
         self.grace = grace
+        self.linger = linger  # distributed: how long a broken group keeps answering (unhealthy, 503) before exit
         self._draining: Optional[threading.Thread] = None
 
     def handle_exit(self, sig: int, frame: Optional[FrameType]) -> None:
@@ -92,18 +96,58 @@ class GracefulServer(uvicorn.Server):
             time.sleep(0.05)
         if self.engine.status().in_flight:
             log.warning("grace period over: ending %d requests", self.engine.status().in_flight)
+        if self.linger and not self.engine.status().alive:
+            time.sleep(self.linger)  # mlx.launch stops rank 0 the moment another rank dies: say why first
         self.engine.stop(timeout=30)  # fails what is left (error lines) and unloads every model
         self.should_exit = True
 
 
-def run(config: Config, log_level: str = "info") -> int:
+def run(config: Config, log_level: str = "info", engine: Optional[EngineClient] = None, linger: float = 0.0) -> int:
     from mlx_server.api.app import create_app
 
-    app = create_app(config)
+    app = create_app(config, engine)
     engine = app.state.ctx.engine
     startup_report(config)
     uv_config = uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=log_level.lower(),
                                access_log=False, log_config=None)
-    server = GracefulServer(uv_config, engine, config.server.shutdown_grace)
+    server = GracefulServer(uv_config, engine, config.server.shutdown_grace, linger)
     server.run()
     return 0
+
+
+def run_distributed(config: Config, log_level: str, backend: str, rank_timeout: float) -> int:
+    """One rank of a group started by mlx.launch: rank 0 serves HTTP, the others run the same engine and follow it.
+
+    A broken group (a rank died or hangs) ends every request with an error, and this process exits 1 a few
+    seconds later (time for /health to say unhealthy and for late clients to get a 503), so the launcher exits
+    and launchd restarts the whole group."""
+    from mlx_server.engine.engine import Engine
+    from mlx_server.engine.lockstep import Lockstep, init_group
+
+    group = init_group(backend)
+    lockstep = Lockstep(group, backend_name(backend), timeout=rank_timeout)
+    leader = lockstep.rank == 0
+
+    def on_broken(why: str) -> None:
+        threading.Timer(BROKEN_LINGER if leader else 0.0, os._exit, (1,)).start()
+
+    engine = Engine(config, lockstep=lockstep, on_broken=on_broken)
+    log.info("rank %d of %d (%s backend)%s", lockstep.rank, lockstep.size, lockstep.backend,
+             "" if leader else ": following rank 0, no HTTP")
+    if leader:
+        code = run(config, log_level, engine, linger=BROKEN_LINGER)
+        return 1 if engine.status().world and engine.status().world.broken else code
+    engine.start()
+    engine.core.join()
+    return 1 if engine.status().fatal else 0
+
+
+def backend_name(backend: str) -> str:
+    """What `any` resolved to, from what mlx.launch put in the environment."""
+    if backend != "any":
+        return backend
+    if os.environ.get("MLX_IBV_DEVICES") or os.environ.get("MLX_JACCL_COORDINATOR"):
+        return "jaccl"
+    if any(k.startswith("OMPI_") for k in os.environ):
+        return "mpi"
+    return "ring"

@@ -45,6 +45,7 @@ class ModelStatus:
     kv_reserved: int = 0  # bytes of KV reserved for its running sequences
     prompt_cache: int = 0  # bytes of stored prompt caches
     is_loading: bool = False
+    shards: int = 1  # ranks it is split across (tensor parallel) when served distributed
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,32 @@ class MemoryStatus:
 
 
 @dataclass(frozen=True)
+class RankStatus:
+    """One rank of a distributed group, as of the last step plan it took part in."""
+
+    rank: int
+    pid: int
+    free_bytes: int  # the memory its OS reported free
+    last_seen: float  # monotonic on the reporting rank
+
+
+@dataclass(frozen=True)
+class WorldStatus:
+    """The distributed group this engine runs in (absent when it runs alone)."""
+
+    backend: str
+    size: int
+    rank: int
+    ranks: tuple[RankStatus, ...] = ()
+    plans: int = 0  # step plans exchanged
+    plan_bytes: int = 0
+    last_plan_bytes: int = 0
+    largest_plan_bytes: int = 0
+    exchange_seconds: float = 0.0  # spent in the plan exchange, all iterations together
+    broken: Optional[str] = None  # why the group stopped working (a rank died or hung)
+
+
+@dataclass(frozen=True)
 class EngineStatus:
     alive: bool = False
     fatal: Optional[str] = None  # why the inference thread died, if it did
@@ -96,6 +123,7 @@ class EngineStatus:
     memory: MemoryStatus = field(default_factory=MemoryStatus)
     prefill: tuple[PrefillProgress, ...] = ()  # prompts admitted and not yet decoding
     load_errors: tuple[tuple[str, str], ...] = ()  # (model, why its last load or import failed); cleared by a load
+    world: Optional[WorldStatus] = None  # the distributed group, when there is one
 
     @property
     def prefill_queue_tokens(self) -> int:

@@ -24,6 +24,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A port P with P and P+1 free: mlx.launch's ring backend listens on one port per rank from P."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def start_group(tmp: Path, models: dict, *extra: str, ranks: int = 2, log: Optional[Path] = None,
+                **server: object) -> tuple[subprocess.Popen, str]:
+    """`mlx.launch --backend ring` running `mlx-server serve --distributed` on `ranks` local ranks; returns the
+    launcher and rank 0's URL once /health answers with every rank seen."""
+    port = free_port()
+    cfg = tmp / "models.yaml"
+    cfg.write_text(yaml.safe_dump({"server": {"port": port, "memory_budget": "4GB", "cache_dir": str(tmp / "c"),
+                                              **server}, "models": models}))
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    proc = subprocess.Popen(
+        [str(launcher), "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(ranks), "--starting-port",
+         str(free_port_pair()), "--", sys.executable, "-m", "mlx_server", "--config", str(cfg), "serve",
+         "--distributed", *extra],
+        stdout=open(log or tmp / "group.log", "w"), stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            health = httpx.get(f"{url}/health", timeout=1)
+            body = health.json()
+            if body.get("status") == "healthy" and len(body.get("distributed", {}).get("ranks", [])) == ranks:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_group(proc)
+    raise RuntimeError((log or tmp / "group.log").read_text()[-3000:])
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop the launcher and every rank it started (they share its process group)."""
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def make_config(tmp: Path, models: dict[str, Any], **server: Any) -> Config:
     """Write a models.yaml into tmp and load it the way the CLI does."""
     doc = {"server": {"memory_budget": "8GB", "keep_alive": "5m", "cache_dir": str(tmp / "cache"), **server},

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlx_server.api.common import ctx_of
+from mlx_server.status import WorldStatus
 
 GB = 1e9
 
@@ -56,9 +57,22 @@ def health_body(request: Request) -> tuple[dict[str, Any], int]:
         "prefill": [{"model": p.model, "request_id": p.request_id, "prefilled": p.prefilled, "total": p.total}
                     for p in status.prefill],
         "uptime_seconds": round(time.time() - ctx.started, 1),
+        **({"distributed": world_body(status.world, now)} if status.world else {}),
         "warnings": warnings,
     }
     return body, (200 if alive else 503)
+
+
+def world_body(world: WorldStatus, now: float) -> dict[str, Any]:
+    """The group rank 0 leads: every rank's last report (a step plan it took part in; idle, one a second)."""
+    return {"backend": world.backend, "world_size": world.size, "rank": world.rank, "broken": world.broken,
+            "ranks": [{"rank": r.rank, "pid": r.pid, "alive": world.broken is None and now - r.last_seen < 5.0,
+                       "last_seen_seconds_ago": round(now - r.last_seen, 3), "free_gb": round(r.free_bytes / GB, 3)}
+                      for r in world.ranks],
+            "step_plans": world.plans, "last_plan_bytes": world.last_plan_bytes,
+            "largest_plan_bytes": world.largest_plan_bytes,
+            "mean_plan_bytes": round(world.plan_bytes / world.plans, 1) if world.plans else 0,
+            "exchange_ms_mean": round(1000 * world.exchange_seconds / world.plans, 3) if world.plans else 0}
 
 
 async def health(request: Request) -> Response:

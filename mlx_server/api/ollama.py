@@ -329,9 +329,13 @@ async def ps(request: Request) -> Response:
             expires = FAR_FUTURE
         else:
             expires = rfc3339(dt.datetime.fromtimestamp(now_wall + (r.expires_at - now_mono), tz=dt.timezone.utc))
-        models.append({"name": r.name, "model": r.name, "size": r.size, "size_vram": r.size,
-                       "digest": entry["digest"], "details": entry["details"], "expires_at": expires,
-                       "context_length": r.context_length})  # what the loaded model really has
+        # Distributed, the pool counts this rank's share; Ollama's size is the whole model.
+        item = {"name": r.name, "model": r.name, "size": r.size * r.shards, "size_vram": r.size * r.shards,
+                "digest": entry["digest"], "details": entry["details"], "expires_at": expires,
+                "context_length": r.context_length}  # what the loaded model really has
+        if r.shards > 1:
+            item["sharded"] = {"ranks": r.shards, "method": "tensor", "size_per_rank": r.size}
+        models.append(item)
     return JSONResponse({"models": models})
 
 

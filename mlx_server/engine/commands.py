@@ -6,11 +6,15 @@ contract's own request types. Everything else the inference thread needs is in t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Callable, Literal, Union
+from typing import Callable, Iterable, Literal, Union
 
 from mlx_server.engine.prepare import Prepared, PreparedEmbed
-from mlx_server.types import Event, LoadRequest, UnloadRequest
+from mlx_server.errors import MlxServerError
+from mlx_server.types import Event, Failed, LoadRequest, UnloadRequest
+
+log = logging.getLogger("mlx_server.engine")
 
 Sink = Callable[[Event], None]
 
@@ -46,3 +50,21 @@ class Shutdown:
 
 
 Command = Union[Admit, Control, Cancel, Preload, Shutdown]
+
+
+def request_id_of(cmd: Admit | Control) -> int:
+    return cmd.prepared.request.request_id if isinstance(cmd, Admit) else cmd.request.request_id
+
+
+def deliver(sink: Sink, event: Event) -> None:
+    try:
+        sink(event)
+    except Exception:  # noqa: BLE001 - a broken listener is that request's problem only
+        log.exception("delivering %s failed", type(event).__name__)
+
+
+def fail_untaken(cmds: Iterable[Command], error: MlxServerError) -> None:
+    """End the requests of commands the inference thread never registered (so nothing else will end them)."""
+    for cmd in cmds:
+        if isinstance(cmd, (Admit, Control)):
+            deliver(cmd.sink, Failed(request_id_of(cmd), error))

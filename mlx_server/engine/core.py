@@ -11,15 +11,18 @@ the thread itself — each registered request still gets exactly one Done or Fai
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
-import queue
 import threading
 import time
 from typing import Callable, Literal, Optional
 
 from mlx_server.config import Config
 from mlx_server.engine.admission import Waiting, WaitList
-from mlx_server.engine.commands import Admit, Cancel, Command, Control, Preload, Shutdown, Sink
+from mlx_server.engine.commands import Admit, Cancel, Command, Control, Preload, Shutdown, Sink, deliver, fail_untaken
+from mlx_server.engine.intake import Intake
+from mlx_server.engine.lockstep import Lockstep, one_stream
+from mlx_server.engine.prefill import PrefillChunk
 from mlx_server.engine.loader import LoadedModel, ModelLoader
 from mlx_server.engine.pool import ModelPool
 from mlx_server.engine.prefill import Prefiller
@@ -38,18 +41,27 @@ Outcome = Literal["started", "parked", "blocked"]
 
 
 class Core:
-    def __init__(self, config: Config, loader: ModelLoader, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, loader: ModelLoader, clock: Callable[[], float] = time.monotonic,
+                 lockstep: Optional[Lockstep] = None) -> None:
         self.config = config
         self.loader = loader
+        # Distributed, every time-based decision reads the step plan's clock (rank 0's), and admission checks the
+        # free memory of the tightest rank, so all ranks decide alike.
+        self.lockstep = lockstep
+        self._now = 0.0
+        self._free = 0
+        self._planned: tuple[PrefillChunk, ...] = ()
+        if lockstep is not None:
+            clock = lambda: self._now  # noqa: E731
         self.clock = clock
+        self._monotonic: Callable[[], float] = clock if lockstep is not None else time.monotonic
         s = config.server
         self.pool: ModelPool[LoadedModel] = ModelPool(
             budget=s.memory_budget, max_models=s.max_loaded_models, loader=loader.load, estimate=loader.estimate,
-            unloader=loader.unload, clock=clock, available=available_memory,
+            unloader=loader.unload, clock=clock,
+            available=available_memory if lockstep is None else (lambda: self._free),
             held=lambda m: m.runner.kv_reserved + m.runner.stored_cache_bytes, trim=self._trim_caches)
-        self._commands: "queue.Queue[Command]" = queue.Queue()
-        self._closed = False  # set once, under _lock, when the thread stops taking commands
-        self._lock = threading.Lock()
+        self.intake = Intake(lockstep, loader.preparer)
         self._waiting = WaitList()
         self.prefiller = Prefiller(s.prefill_slice, s.prefill_chunk, aging=self._waiting.aging, clock=clock)
         self._sinks: dict[int, Sink] = {}  # every accepted request until its terminal event
@@ -81,25 +93,41 @@ class Core:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._closed
+        return self._thread is not None and self._thread.is_alive() and not self.intake.closed
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def abort(self, error: MlxServerError) -> None:
+        """From the watchdog, while the inference thread is stuck waiting on a rank: end every request now (the
+        façade lets only the first terminal event of each reach its client) and refuse the rest."""
+        self._fatal = self._fatal or error.message
+        fail_untaken(self.intake.close(), error)
+        for request_id, sink in list(self._sinks.items()):
+            deliver(sink, Failed(request_id, error))
 
     def post(self, cmd: Command) -> None:
         """Queue a command; raises ServiceUnavailable once the thread has stopped (nothing is left behind)."""
-        with self._lock:
-            if self._closed:
-                raise ServiceUnavailable("inference engine is not running")
-            self._commands.put(cmd)
+        self.intake.post(cmd)
 
     # ---- the thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        with one_stream() if self.lockstep is not None else contextlib.nullcontext():
+            self._loop()
+
+    def _loop(self) -> None:
         limit_metal_memory(self.config.server.memory_budget)
         error: MlxServerError = ServiceUnavailable("server is shutting down")
         try:
             while not self._stopping:
                 busy = (self.pool.loading is not None or bool(self._preloads) or self._waiting.ready()
                         or any(r.model.runner.has_work() for r in self.pool.residents()))
-                self._drain(block=not busy)
+                turn = self.intake.turn(not busy, self._idle_wait(), lambda: self.prefiller.plan(
+                    [entry.model.runner for entry in self.pool.residents()]))
+                self._now, self._free, self._planned = turn.now, turn.free, turn.prefill
+                self._handle_all(turn.commands)
                 if self._stopping:
                     break
                 self._admit()
@@ -123,38 +151,23 @@ class Core:
 
     def _close(self, error: MlxServerError) -> None:
         """Stop taking commands, then end every request still known: queued, waiting or running."""
-        with self._lock:
-            self._closed = True
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(cmd, (Admit, Control)):
-                _deliver(cmd.sink, Failed(_request_id(cmd), error))
+        fail_untaken(self.intake.close(), error)
         for request_id in list(self._sinks):
             self._end(request_id, Failed(request_id, error))
 
-    def _drain(self, block: bool) -> None:
-        timeout = None
-        if block:
-            expiry = self.pool.next_expiry()
-            timeout = 1.0 if expiry is None else min(1.0, max(0.0, expiry - self.clock()))
-        try:
-            cmd = self._commands.get(block=block, timeout=timeout) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return
-        while True:
+    def _idle_wait(self) -> float:
+        """How long an idle loop waits for a command: at most a second, or until a keep_alive expires."""
+        expiry = self.pool.next_expiry()
+        now = time.monotonic() if self.lockstep is not None else self.clock()
+        return 1.0 if expiry is None else min(1.0, max(0.0, expiry - now))
+
+    def _handle_all(self, cmds: list[Command]) -> None:
+        for i, cmd in enumerate(cmds):
             try:
                 self._handle(cmd)
             except BaseException:
-                if isinstance(cmd, (Admit, Control)):  # not registered yet: _close cannot reach it
-                    _deliver(cmd.sink, Failed(_request_id(cmd), InternalError("the inference engine failed")))
+                fail_untaken(cmds[i:], InternalError("the inference engine failed"))  # _close cannot reach them
                 raise
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
 
     def _handle(self, cmd: Command) -> None:
         if isinstance(cmd, (Admit, Control)):
@@ -198,7 +211,7 @@ class Core:
         try:
             self._publish()
         finally:
-            _deliver(sink, event)
+            deliver(sink, event)
 
     def _sink_for(self, request_id: int) -> Sink:
         """What a runner publishes into: terminal events go through _end, the rest straight to the client."""
@@ -210,7 +223,7 @@ class Core:
                 self._observe(self._requests.get(request_id), event)
                 target = self._sinks.get(request_id)
                 if target is not None:
-                    _deliver(target, event)
+                    deliver(target, event)
 
         return sink
 
@@ -240,7 +253,7 @@ class Core:
 
     def _admit(self) -> None:
         limit = self.config.server.max_concurrent
-        for w in self._waiting.expired(time.monotonic()):
+        for w in self._waiting.expired(self._monotonic()):
             self._end(w.request.request_id, Failed(w.request.request_id, RequestTimeout(
                 f"request timed out after {w.request.timeout:g}s waiting for its turn")))
         # Parked requests (behind a load) count: max_concurrent bounds every started sequence.
@@ -348,7 +361,7 @@ class Core:
             if not runner.has_work():
                 continue
             try:
-                generated += runner.step()
+                generated += runner.step(self._monotonic())
             except Exception as exc:  # noqa: BLE001 - a bad step fails that batch, never the thread
                 log.exception("decode step failed for %s", entry.name)
                 runner.fail_all(InternalError(f"generation failed: {exc}"))
@@ -362,7 +375,11 @@ class Core:
         runners = [entry.model.runner for entry in self.pool.residents()]
         if any(r.joining for r in runners):
             return  # a sequence that just joined gets its first token before more prefill
-        done = self.prefiller.run(runners, interrupted=lambda: not self._commands.empty())
+        if self.lockstep is not None:
+            planned, self._planned = self._planned, ()
+            done = self.prefiller.apply(runners, planned)
+        else:
+            done = self.prefiller.run(runners, interrupted=lambda: not self.intake.empty())
         if done.chunks:
             self._count(prefill_tokens=self._counters.prefill_tokens + done.tokens,
                         prefill_chunks=self._counters.prefill_chunks + done.chunks,
@@ -382,21 +399,10 @@ class Core:
         self._counters = EngineCounters(**{**self._counters.__dict__, "active_requests": now_active,
                                            "queue_size": len(self._waiting) - self._waiting.parked})
         models, memory = resident_status(self.pool)
-        self.status = EngineStatus(alive=self._fatal is None and not self._closed, fatal=self._fatal,
-                                   counters=self._counters,
+        self.status = EngineStatus(alive=self._fatal is None and not self.intake.closed, fatal=self._fatal,
+                                   counters=self._counters, world=self.lockstep.status() if self.lockstep else None,
                                    models=tuple(models), pool=self.pool.stats, memory=memory,
                                    prefill=prefill_status(self.pool))
-
-
-def _deliver(sink: Sink, event: Event) -> None:
-    try:
-        sink(event)
-    except Exception:  # noqa: BLE001 - a broken listener is that request's problem only
-        log.exception("delivering %s failed", type(event).__name__)
-
-
-def _request_id(cmd: Admit | Control) -> int:
-    return cmd.prepared.request.request_id if isinstance(cmd, Admit) else cmd.request.request_id
 
 
 __all__ = ["Core"]

@@ -198,6 +198,7 @@ class EmbedRunner:
         self.embedder = embedder
         self.context_length = embedder.max_length
         self.joining = False  # no decode batch: never owes a first token
+        self.shards = 1  # never split: distributed, every rank holds a whole copy
         width = embedder.dimensions
         self.batcher = EmbedBatcher(name, lambda batch: embedder.embed(batch, normalize=False), width,
                                     per_token or ACTIVATION_FACTOR * 4 * width, clock)
@@ -231,8 +232,8 @@ class EmbedRunner:
     def has_work(self) -> bool:
         return bool(self.batcher.jobs)
 
-    def step(self) -> int:
-        self.batcher.expire(time.monotonic())
+    def step(self, now: Optional[float] = None) -> int:
+        self.batcher.expire(time.monotonic() if now is None else now)
         return 0
 
     def prefill_jobs(self) -> list[Any]:

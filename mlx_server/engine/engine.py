@@ -20,6 +20,7 @@ from mlx_server.config import Config
 from mlx_server.engine.commands import Admit, Cancel, Control, Preload, Sink
 from mlx_server.engine.core import Core
 from mlx_server.engine.loader import ModelLoader
+from mlx_server.engine.lockstep import Lockstep
 from mlx_server.engine.prepare import Prepared, PreparedEmbed, Preparer
 from mlx_server.errors import InternalError, MlxServerError, ModelLoadFailed, ServerBusy, ServiceUnavailable
 from mlx_server.status import EngineStatus, Observer
@@ -33,11 +34,15 @@ class Engine:
     """Implements mlx_server.status.EngineClient."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
-                 importer: Optional[Callable[[Path, Path], Path]] = None, load_slice: float = 0.05) -> None:
+                 importer: Optional[Callable[[Path, Path], Path]] = None, load_slice: float = 0.05,
+                 lockstep: Optional[Lockstep] = None, on_broken: Callable[[str], None] = lambda why: None) -> None:
         self.config = config
         self.preparer = Preparer(config, importer=importer)
-        self.loader = ModelLoader(config, self.preparer, slice_seconds=load_slice)
-        self.core = Core(config, self.loader, clock)
+        self.loader = ModelLoader(config, self.preparer, slice_seconds=load_slice, lockstep=lockstep)
+        self.core = Core(config, self.loader, clock, lockstep=lockstep)
+        self.lockstep = lockstep
+        self._on_broken = on_broken  # distributed: what the process does once the group is broken (exit non-zero)
+        self._broken: Optional[str] = None
         self._lock = threading.RLock()  # a sink called under it may end the request, which takes it again
         self._in_flight = 0
         self._draining = False
@@ -48,6 +53,8 @@ class Engine:
 
     def start(self) -> None:
         self.core.start()
+        if self.lockstep is not None:
+            threading.Thread(target=self._watch, name="mlx-watchdog", daemon=True).start()
         wanted = [m.name for m in self.config.models.values() if m.preload]
         if wanted:
             self.preload(wanted)  # in the background: start-up never waits for it
@@ -55,6 +62,29 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         self.core.stop(timeout)
         self.preparer.close()
+
+    def _watch(self) -> None:
+        """Distributed: a rank that died makes the plan exchange raise (the inference thread ends with it); one that
+        hangs leaves it waiting. Either way every request ends with an error now, /health says unhealthy, and
+        the process is told to exit so the launcher (and launchd) restart the group."""
+        assert self.lockstep is not None
+        while True:
+            time.sleep(0.25)
+            if self._draining and not self.core.alive:
+                return  # an orderly shutdown
+            late = self.lockstep.stuck_for(time.monotonic())
+            if late > 0:
+                why = (f"rank {self.lockstep.rank} waited more than {self.lockstep.timeout:g}s on the other ranks "
+                       "of the distributed group (a rank died or hangs)")
+            elif not self.core.alive and self.core.status.fatal:
+                why = f"the distributed group failed: {self.core.status.fatal}"
+            else:
+                continue
+            self._broken = why
+            log.error("%s; ending every request and exiting", why)
+            self.core.abort(ServiceUnavailable(why))
+            self._on_broken(why)
+            return
 
     def drain(self) -> None:
         self._draining = True
@@ -65,8 +95,11 @@ class Engine:
 
     def status(self) -> EngineStatus:
         errors = {**self._prepare_errors, **self.core.load_errors}
-        return replace(self.core.status, alive=self.core.alive, draining=self._draining, in_flight=self._in_flight,
-                       load_errors=tuple(sorted(errors.items())))
+        status = replace(self.core.status, alive=self.core.alive, draining=self._draining, in_flight=self._in_flight,
+                         load_errors=tuple(sorted(errors.items())))
+        if self.lockstep is not None:
+            status = replace(status, world=replace(self.lockstep.status(), broken=self._broken))
+        return status
 
     def observe(self, observer: Observer) -> None:
         self.core.observer = observer

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator
+from typing import Any, Generator, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 from mlx_server.config import Config
 from mlx_server.engine.prepare import ModelFiles, Preparer
 from mlx_server.engine.embedding import EmbedRunner
+from mlx_server.engine.lockstep import Lockstep, all_failed
 from mlx_server.engine.runner import ModelRunner
 from mlx_server.errors import ModelLoadFailed
 from mlx_server.modelinfo import kv_bytes_per_token
@@ -37,8 +38,10 @@ class LoadedModel:
 
 
 class ModelLoader:
-    def __init__(self, config: Config, preparer: Preparer, *, slice_seconds: float = 0.05) -> None:
+    def __init__(self, config: Config, preparer: Preparer, *, slice_seconds: float = 0.05,
+                 lockstep: Optional[Lockstep] = None) -> None:
         self.config = config
+        self.lockstep = lockstep
         self.preparer = preparer
         self.max_batch = config.server.max_concurrent
         self.slice_seconds = slice_seconds
@@ -53,10 +56,54 @@ class ModelLoader:
                 yield
 
     def estimate(self, name: str) -> int:
-        """Bytes of weights; only called after the preparation stage has seen the model."""
-        return self.preparer.files(name).weights
+        """Bytes of weights (this rank's share, distributed); only called once the preparation stage saw the model."""
+        files = self.preparer.files(name)
+        if self.lockstep is not None and files.embedding is None:
+            return -(-files.weights // self.lockstep.size)
+        return files.weights
 
-    def load(self, name: str) -> Generator[None, None, LoadedModel]:
+    def load(self, name: str) -> Generator[None, None, LoadedModel] | LoadedModel:
+        """In slices (a generator), or distributed in one go: every rank loads in the same iteration."""
+        if self.lockstep is not None:
+            return self._load_sharded(name)
+        return self._load_slices(name)
+
+    def _load_sharded(self, name: str) -> LoadedModel:
+        """Tensor parallel through mlx_lm's `Model.shard()`; every rank reports success before any goes on, so one
+        rank's failure fails the load on all of them instead of leaving the others waiting."""
+        from mlx_lm.utils import load_model
+
+        ls = self.lockstep
+        assert ls is not None
+        files = self.preparer.files(name)
+        if files.embedding is not None:
+            return self._load_embedder(name, files)  # small: a whole copy on every rank
+        ls.loading = True
+        error: Optional[ModelLoadFailed] = None
+        try:
+            model, cfg = load_model(files.path, lazy=True, strict=False)
+            if not hasattr(model, "shard"):
+                raise ModelLoadFailed(
+                    f"model \"{name}\" ({cfg.get('model_type')}) cannot be split across ranks: mlx_lm has no "
+                    "tensor-parallel shard() for this architecture (pipeline-only models are not served distributed)")
+            model.shard(ls.group)
+            mx.eval(model.parameters())
+        except ModelLoadFailed as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = ModelLoadFailed(f"failed to load model \"{name}\" on rank {ls.rank}: {exc}")
+        finally:
+            failed = all_failed(ls.group, error is not None)
+            ls.loading = False
+        if error is not None:
+            raise error
+        if failed:
+            raise ModelLoadFailed(f"failed to load model \"{name}\" on {failed} other rank(s): see their logs")
+        dtype = next((a.dtype for _, a in tree_flatten(model.parameters()) if mx.issubdtype(a.dtype, mx.floating)),
+                     None)
+        return self._runner(name, files, model, cfg, dtype, shards=ls.size)
+
+    def _load_slices(self, name: str) -> Generator[None, None, LoadedModel]:
         """A load in slices: weights are evaluated a few at a time, yielding so other models keep decoding."""
         from mlx_lm.utils import load_model  # deferred: importing mlx_lm pulls in transformers
 
@@ -79,10 +126,16 @@ class ModelLoader:
             raise
         except Exception as exc:
             raise ModelLoadFailed(f"failed to load model \"{name}\" from {files.path}: {exc}") from exc
-        # modelinfo counts 2 bytes per element; scale to the real float type.
-        kv_per_token = kv_bytes_per_token(cfg) // 2 * (dtype.size if dtype is not None else 2)
+        return self._runner(name, files, model, cfg, dtype)
+
+    def _runner(self, name: str, files: ModelFiles, model: Any, cfg: dict[str, Any], dtype: Any,
+                shards: int = 1) -> LoadedModel:
+        # modelinfo counts 2 bytes per element; scale to the real float type. A shard holds its share of the heads.
+        per_token = kv_bytes_per_token(cfg) // 2 * (dtype.size if dtype is not None else 2)
+        kv_per_token = -(-per_token // shards)
         runner = ModelRunner(name, model, files.tokenizer, files.context_length, kv_per_token=kv_per_token,
                              max_batch=self.max_batch, prompt_cache_bytes=self.config.server.prompt_cache_bytes)
+        runner.shards = shards
         return LoadedModel(runner=runner, path=files.path, config=cfg)
 
     def _load_embedder(self, name: str, files: ModelFiles) -> LoadedModel:

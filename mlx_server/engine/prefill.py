@@ -27,6 +27,15 @@ FIRST_RATE = 500.0  # tokens/s assumed before a model's first chunk is measured 
 PROGRESS_LOG_SECONDS = 2.0  # long prefills log their progress this often
 
 
+@dataclass(frozen=True)
+class PrefillChunk:
+    """A planned chunk: `tokens` more of request `request_id`'s prompt on `model` (distributed step plans)."""
+
+    model: str
+    request_id: int
+    tokens: int
+
+
 @dataclass
 class PrefillJob:
     """One prompt being prefilled: `cache` holds the KV of `tokens[:done]` (a cached prefix counts as done)."""
@@ -129,6 +138,46 @@ class Prefiller:
         n = min(n, 2 * max(MIN_CHUNK, job.last_chunk))
         return min(job.remaining, self.max_chunk, max(MIN_CHUNK, n))
 
+    def plan(self, runners: list[Prefilling]) -> tuple[PrefillChunk, ...]:
+        """Distributed: the next chunk, decided on rank 0 alone (rates and time differ per rank) and sent in the
+        step plan. One chunk per iteration, sized to the whole slice: each iteration already waits on the ranks."""
+        jobs = [(r, j) for r in runners for j in r.prefill_jobs()]
+        if not jobs:
+            return ()
+        now = self.clock()
+        runner, job = min(jobs, key=lambda rj: self.rank(rj[1], now))
+        n = self.chunk_size(job, self.slice_seconds * 2) if self.slice_seconds > 0 else min(self.max_chunk,
+                                                                                               job.remaining)
+        return (PrefillChunk(runner.name, job.request_id, n),)
+
+    def apply(self, runners: list[Prefilling], chunks: tuple[PrefillChunk, ...]) -> PrefillResult:
+        """Run planned chunks; one whose prompt has left meanwhile (cancelled, timed out) is skipped on every rank."""
+        result = PrefillResult()
+        for chunk in chunks:
+            runner = next((r for r in runners if r.name == chunk.model), None)
+            job = next((j for j in runner.prefill_jobs() if j.request_id == chunk.request_id), None) \
+                if runner is not None else None
+            if runner is None or job is None:
+                continue
+            self._one(runner, job, min(chunk.tokens, job.remaining), result)
+        return result
+
+    def _one(self, runner: Prefilling, job: PrefillJob, n: int, result: PrefillResult) -> bool:
+        tic = time.perf_counter()
+        job.started = job.started or tic
+        try:
+            n = runner.prefill(job, n)
+        except Exception as exc:  # noqa: BLE001 - one prompt's failure fails it, never the batch or thread
+            log.exception("prefill of request %d failed", job.request_id)
+            runner.fail_prefill(job, exc)
+            return False
+        self.rate(job.model).record(n, time.perf_counter() - tic)
+        job.last_chunk = n
+        result.tokens += n
+        result.chunks += 1
+        _log_progress(job)
+        return True
+
     def run(self, runners: list[Prefilling], interrupted: Callable[[], bool] = lambda: False) -> PrefillResult:
         """Prefill the best-ranked prompts until the slice is spent (at least one chunk, so work always moves).
 
@@ -153,20 +202,8 @@ class Prefiller:
             runner, job = min(jobs, key=lambda rj: self.rank(rj[1], now))
             if self.slice_seconds <= 0:
                 whole = job
-            n = self.chunk_size(job, left)
-            tic = time.perf_counter()
-            job.started = job.started or tic
-            try:
-                n = runner.prefill(job, n)
-            except Exception as exc:  # noqa: BLE001 - one prompt's failure fails it, never the batch or thread
-                log.exception("prefill of request %d failed", job.request_id)
-                runner.fail_prefill(job, exc)
+            if not self._one(runner, job, self.chunk_size(job, left), result):
                 continue
-            self.rate(job.model).record(n, time.perf_counter() - tic)
-            job.last_chunk = n
-            result.tokens += n
-            result.chunks += 1
-            _log_progress(job)
             if self.slice_seconds > 0 and (job.remaining == 0 or interrupted()):
                 return result
 
@@ -184,4 +221,4 @@ def _log_progress(job: PrefillJob) -> None:
                  job.size, 100.0 * job.done / max(1, job.size))
 
 
-__all__ = ["MIN_CHUNK", "PrefillJob", "PrefillResult", "Prefiller", "Prefilling", "Rate"]
+__all__ = ["MIN_CHUNK", "PrefillChunk", "PrefillJob", "PrefillResult", "Prefiller", "Prefilling", "Rate"]

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -195,6 +195,12 @@ class Preparer:
         if files.embedding is not None:
             raise BadRequest(f"\"{name}\" does not support generate")
         return files
+
+    def with_grammar(self, prepared: Prepared) -> Prepared:
+        """`prepared` with its grammar compiled here (a distributed follower gets rank 0's prompt without it)."""
+        files = self.files(prepared.request.model)
+        constraints = files.constraints or Constraints(files.tokenizer)
+        return replace(prepared, grammar=constraints.processors(prepared.request, prepared.max_tokens))
 
     def prepare_embed(self, req: EmbedRequest) -> PreparedEmbed:
         """Tokenize and fit every input: raises BadRequest for the client's mistakes, naming the input."""

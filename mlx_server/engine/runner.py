@@ -76,6 +76,7 @@ class ModelRunner:
         self.context_length = context_length
         self.clock = clock
         self.max_batch = max_batch
+        self.shards = 1  # ranks this model is split across (distributed, tensor parallel)
         self.generator = self._new_generator()
         # KV caches of recent prompts (and their answers) by token prefix; a follow-up turn reuses the shared part.
         self.prompt_cache = LRUPromptCache(max_size=1 << 30, max_bytes=prompt_cache_bytes)
@@ -277,9 +278,10 @@ class ModelRunner:
 
     # ---- stepping -----------------------------------------------------------------------------------------
 
-    def step(self) -> int:
-        """One BatchGenerator step for every decoding sequence of this model; returns tokens generated."""
-        self._expire_deadlines()
+    def step(self, now: Optional[float] = None) -> int:
+        """One BatchGenerator step for every decoding sequence of this model; returns tokens generated. `now`
+        (time.monotonic's, the default) decides timeouts: distributed, it is the step plan's, the same on all ranks."""
+        self._expire_deadlines(time.monotonic() if now is None else now)
         self.fresh = max(0, self.fresh - 1) if self.sequences else 0
         if not self.sequences:
             return 0
@@ -332,8 +334,7 @@ class ModelRunner:
         seq.sink(Done(seq.request.request_id, self.name, reason, self._usage(seq, now),  # type: ignore[arg-type]
                       stop_sequence=seq.out.stop_sequence))
 
-    def _expire_deadlines(self) -> None:
-        now = time.monotonic()
+    def _expire_deadlines(self, now: float) -> None:
         if self.embeds:
             self.embeds.expire(now)
         late = [s for s in (*self.sequences.values(), *self.prefilling.values())

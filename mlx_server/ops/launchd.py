@@ -3,10 +3,14 @@
 The plist comes from launchd/com.mlx-server.plist.template (the single source of truth), parsed with plistlib
 so the placeholders are filled as plist strings, never spliced into XML. Every launchctl call goes through one
 injected runner, so tests on Linux can assert the exact commands; home dir, uid and interpreter are injected too.
+
+`install --distributed --hostfile FILE` makes the agent start a whole group through `mlx.launch` (see `Group`):
+the template's serve command is wrapped in code after loading, so the template stays the one source of it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import plistlib
 import subprocess
@@ -16,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, TextIO
 
+from mlx_server.config import ConfigError
 from mlx_server.ops.client import ClientError, get_json, http_client, human_size
 
 DEFAULT_LABEL = "com.mlx-server"
 TEMPLATE = Path(__file__).resolve().parents[2] / "launchd" / "com.mlx-server.plist.template"
 SYSTEM_PATH = ("/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin")
 PASSED_ENV = ("HF_HOME", "HF_HUB_CACHE")  # plus every MLX_SERVER_*: where weights are and how to serve them
+BACKENDS = ("ring", "jaccl")
 
 Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
@@ -43,15 +49,62 @@ class Host:
 
 
 @dataclass(frozen=True)
+class Group:
+    """A distributed group that `mlx.launch` starts from an mlx.launch hostfile; rank 0 (the first host) serves HTTP.
+
+    mlx.launch runs every rank with the same interpreter and --config paths, over ssh for the other hosts, so the
+    venv and models.yaml must sit at the same paths on each of them. The other ranks get only the hostfile's
+    "envs", not this agent's EnvironmentVariables (put HF_HOME and the like there).
+    """
+
+    hostfile: Path  # absolute: launchd starts the agent from WorkingDirectory, not from where install ran
+    backend: str = "ring"
+    hosts: tuple[str, ...] = ()  # ssh names, for messages only
+
+    @classmethod
+    def load(cls, hostfile: Path, backend: str = "ring") -> "Group":
+        """Checked now, because mlx.launch rejecting it would only show as an agent restarting every 10 s."""
+        path = Path(os.path.abspath(hostfile.expanduser()))  # abspath, not resolve: a symlink may be repointed
+        if backend not in BACKENDS:
+            raise ConfigError(None, "backend", f"{backend!r} is not one of {', '.join(BACKENDS)}")
+        if not path.is_file():
+            raise ConfigError(path, "", "hostfile not found (mlx.launch reads it at every start of the agent)")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(path, "", f"not a JSON hostfile: {exc}") from None
+        hosts = data.get("hosts") if isinstance(data, dict) else data
+        if not isinstance(hosts, list) or not hosts:
+            raise ConfigError(path, "hosts", "expected a non-empty list of hosts")
+        for i, h in enumerate(hosts):
+            if not isinstance(h, dict) or not isinstance(h.get("ssh"), str) or not h["ssh"]:
+                raise ConfigError(path, f"hosts[{i}].ssh", "every host needs an ssh name")
+            # What mlx.launch itself checks before starting anything, per backend.
+            if backend == "ring" and not h.get("ips"):
+                raise ConfigError(path, f"hosts[{i}].ips", "the ring backend needs the IPs of every host")
+            if backend == "jaccl" and len(h.get("rdma") or []) != len(hosts):
+                raise ConfigError(path, f"hosts[{i}].rdma", f"jaccl needs one RDMA entry per host ({len(hosts)})")
+        if backend == "jaccl" and not hosts[0].get("ips"):
+            raise ConfigError(path, "hosts[0].ips", "jaccl needs an IP of rank 0 that the other ranks reach")
+        return cls(path, backend, tuple(h["ssh"] for h in hosts))
+
+
+@dataclass(frozen=True)
 class Agent:
     label: str
     config: Path  # absolute path of models.yaml
     host: Host
     template: Path = TEMPLATE
+    group: Optional[Group] = None  # set: the agent runs the whole distributed group through mlx.launch
 
     @property
     def plist_path(self) -> Path:
         return self.host.home / "Library" / "LaunchAgents" / f"{self.label}.plist"
+
+    @property
+    def launcher(self) -> Path:
+        """pip installs the mlx.launch script next to the venv's python (same bin/, symlink kept)."""
+        return Path(self.host.python).parent / "mlx.launch"
 
     @property
     def log_dir(self) -> Path:
@@ -83,7 +136,24 @@ class Agent:
                   "@PATH@": self.environment()["PATH"]}
         doc = _fill(doc, values)
         doc.setdefault("EnvironmentVariables", {}).update(self.environment())
+        if self.group is not None:
+            doc["ProgramArguments"] = self._distributed_arguments(doc["ProgramArguments"], self.group)
+            # mlx.launch exits 0 even when a rank died (it SIGTERMs the other ranks first), so
+            # {SuccessfulExit: false} would leave a broken group down; restart whenever it ends. ThrottleInterval
+            # still spaces the restarts, and bootout stops the agent for good either way.
+            doc["KeepAlive"] = True
         return plistlib.dumps(doc, sort_keys=False)
+
+    def _distributed_arguments(self, serve: list[str], group: Group) -> list[str]:
+        """The template's serve command, run on every rank by mlx.launch with --distributed added after `serve`.
+
+        mlx.launch wants the interpreter spelled out after `--`; the template's command already starts with it.
+        """
+        if "serve" not in serve:
+            raise ConfigError(self.template, "ProgramArguments", "no `serve` to add --distributed to")
+        at = serve.index("serve") + 1
+        rank = [*serve[:at], "--distributed", "--backend", group.backend, *serve[at:]]
+        return [str(self.launcher), "--hostfile", str(group.hostfile), "--backend", group.backend, "--", *rank]
 
 
 def _fill(node: Any, values: Mapping[str, str]) -> Any:
@@ -193,6 +263,10 @@ class Launchctl:
         a = self.agent
         if action == "install":
             out.write(a.render().decode())
+            if a.group is not None:
+                first = f" ({a.group.hosts[0]})" if a.group.hosts else ""
+                print(f"# distributed ({a.group.backend}): mlx.launch starts one rank per host in "
+                      f"{a.group.hostfile}; rank 0{first} serves HTTP", file=out)
             print(f"# would write {a.plist_path} and create {a.log_dir}, then run:", file=out)
             print(f"launchctl bootout {a.target}   # only if already loaded", file=out)
             for cmd in self.commands_for_install():

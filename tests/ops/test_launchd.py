@@ -6,8 +6,10 @@ The command runner is the only seam: it records argv and answers like launchctl 
 from __future__ import annotations
 
 import io
+import json
 import os
 import plistlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,8 @@ from typing import Sequence
 import pytest
 
 from mlx_server.cli import main
-from mlx_server.ops.launchd import TEMPLATE, Agent, Host, Launchctl
+from mlx_server.config import ConfigError
+from mlx_server.ops.launchd import TEMPLATE, Agent, Group, Host, Launchctl
 from serving import free_port, make_config, serve
 
 UID = 501
@@ -182,3 +185,115 @@ def test_cli_install_refuses_a_broken_config(tmp_path: Path, capsys: pytest.Capt
     bad.write_text("models: {x: {}}\n")
     assert main(["launchd", "install", "--dry-run", "--config", str(bad)]) == 2
     assert "models.x.source" in capsys.readouterr().err
+
+
+# ---- distributed: the agent runs the whole group through mlx.launch ---------------------------------------------
+
+RING_HOSTS = [{"ssh": "m1.local", "ips": ["10.0.0.1"]}, {"ssh": "m2.local", "ips": ["10.0.0.2"]}]
+
+
+def write_hostfile(path: Path, hosts: object = RING_HOSTS) -> Path:
+    path.write_text(json.dumps(hosts))
+    return path
+
+
+def test_distributed_plist_wraps_the_serve_command_in_mlx_launch(agent: Agent, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    write_hostfile(tmp_path / "hosts.json")
+    monkeypatch.chdir(tmp_path)
+    group = Group.load(Path("hosts.json"), "ring")  # relative here: launchd would start it from elsewhere
+    assert group.hostfile == tmp_path / "hosts.json" and group.hostfile.is_absolute()
+    assert group.hosts == ("m1.local", "m2.local")
+    dist = Agent(agent.label, agent.config, agent.host, group=group)
+    doc = plistlib.loads(dist.render())
+    py = agent.host.python
+    assert doc["ProgramArguments"] == [
+        str(Path(py).parent / "mlx.launch"), "--hostfile", str(tmp_path / "hosts.json"), "--backend", "ring", "--",
+        py, "-m", "mlx_server", "serve", "--distributed", "--backend", "ring", "--config", str(agent.config)]
+    assert doc["KeepAlive"] is True  # mlx.launch exits 0 when a rank dies: restart whenever the group ends
+    assert doc["ThrottleInterval"] == 10
+    plain = plistlib.loads(agent.render())
+    assert {k: v for k, v in doc.items() if k not in ("ProgramArguments", "KeepAlive")} == \
+        {k: v for k, v in plain.items() if k not in ("ProgramArguments", "KeepAlive")}
+    jaccl = [{"ssh": "m1", "ips": ["10.0.0.1"], "rdma": [None, "rdma_en3"]}, {"ssh": "m2", "rdma": ["rdma_en3", None]}]
+    group = Group.load(write_hostfile(tmp_path / "jaccl.json", {"hosts": jaccl}), "jaccl")
+    args = plistlib.loads(Agent(agent.label, agent.config, agent.host, group=group).render())["ProgramArguments"]
+    assert args[1:6] == ["--hostfile", str(tmp_path / "jaccl.json"), "--backend", "jaccl", "--"]
+    assert args[9:13] == ["serve", "--distributed", "--backend", "jaccl"]
+
+
+def test_plain_agent_is_unchanged(agent: Agent) -> None:
+    assert agent.group is None
+    doc = plistlib.loads(agent.render())
+    assert doc["ProgramArguments"] == [agent.host.python, "-m", "mlx_server", "serve", "--config", str(agent.config)]
+    assert doc["KeepAlive"] == {"SuccessfulExit": False}
+    assert agent.render() == Agent(agent.label, agent.config, agent.host, agent.template, None).render()
+
+
+def test_distributed_install_writes_the_group_plist(agent: Agent, tmp_path: Path) -> None:
+    group = Group.load(write_hostfile(tmp_path / "hosts.json"))
+    dist = Agent(agent.label, agent.config, agent.host, group=group)
+    runner = FakeLaunchctl()
+    assert Launchctl(dist, runner, sleep=lambda s: None, err=io.StringIO()).install() == 0
+    assert [c[1] for c in runner.calls] == ["print", "bootstrap", "kickstart"]
+    doc = plistlib.loads(dist.plist_path.read_bytes())
+    assert doc["ProgramArguments"][0].endswith("/mlx.launch") and doc["KeepAlive"] is True
+
+
+@pytest.mark.parametrize("hosts, backend, message", [
+    (None, "ring", "hostfile not found"),
+    ("not json", "ring", "not a JSON hostfile"),
+    ([], "ring", "non-empty list"),
+    ([{"ips": ["10.0.0.1"]}], "ring", "hosts[0].ssh"),
+    ([{"ssh": "m1", "ips": ["10.0.0.1"]}, {"ssh": "m2"}], "ring", "hosts[1].ips"),
+    ([{"ssh": "m1", "ips": ["10.0.0.1"], "rdma": [None]}, {"ssh": "m2", "rdma": [None]}], "jaccl", "hosts[0].rdma"),
+])
+def test_group_refuses_a_hostfile_mlx_launch_would_reject(tmp_path: Path, hosts: object, backend: str,
+                                                          message: str) -> None:
+    path = tmp_path / "hosts.json"
+    if isinstance(hosts, str):
+        path.write_text(hosts)
+    elif hosts is not None:
+        write_hostfile(path, hosts)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Group.load(path, backend)
+
+
+def test_cli_distributed_dry_run_prints_the_group_plist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = make_config(tmp_path, {})
+    write_hostfile(tmp_path / "hosts.json")
+    monkeypatch.chdir(tmp_path)
+    assert main(["launchd", "install", "--dry-run", "--config", str(config.path), "--distributed",
+                 "--hostfile", "hosts.json", "--backend", "ring"]) == 0
+    out = capsys.readouterr().out
+    doc = plistlib.loads(out[:out.index("</plist>") + len("</plist>")].encode())
+    py = os.path.abspath(sys.executable)
+    assert doc["ProgramArguments"] == [
+        str(Path(py).parent / "mlx.launch"), "--hostfile", str(tmp_path / "hosts.json"), "--backend", "ring", "--",
+        py, "-m", "mlx_server", "serve", "--distributed", "--backend", "ring", "--config", str(config.path)]
+    assert doc["KeepAlive"] is True
+    assert "rank 0 (m1.local) serves HTTP" in out
+    assert not (tmp_path / "Library").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--distributed", "--hostfile", "missing.json"], "hostfile not found"),
+    (["--hostfile", "hosts.json"], "--hostfile needs --distributed"),
+    (["--distributed"], "--distributed needs --hostfile"),
+    (["--backend", "jaccl"], "--backend needs --distributed"),
+])
+def test_cli_refuses_a_missing_hostfile_or_half_the_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                          message: str) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = make_config(tmp_path, {})
+    write_hostfile(tmp_path / "hosts.json")
+    monkeypatch.chdir(tmp_path)
+    assert main(["launchd", "install", "--dry-run", "--config", str(config.path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if message == "hostfile not found":
+        assert str(tmp_path / "missing.json") in err  # named by its absolute path
+    assert not (tmp_path / "Library").exists()

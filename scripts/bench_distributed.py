@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""What running distributed costs: per-token time on 2 ranks ÷ one process, on the same box, in one run.
+
+Two servers one after the other (never both busy), each a fresh process tree, same tiny random llama, same requests:
+
+  single  `mlx-server serve` (one process);
+  group   `mlx.launch --backend ring --hosts 127.0.0.1 -n 2 -- python -m mlx_server serve --distributed`, the model
+          split tensor parallel across both ranks.
+
+Per server, after a warm-up request: --streams concurrent greedy streams of --tokens tokens each (Ollama
+/api/generate); per-token time = the server's eval_duration ÷ eval_count, median over streams and --repeats runs.
+For the group, /health's `distributed` block before and after gives the step plans exchanged, their mean size and
+the time spent in the exchange; the exchange's share of a step = exchange seconds ÷ decode wall seconds.
+
+On one 2-core box both ranks share the cores, so this measures overhead (the plan exchange, the all_sums inside the
+sharded layers, two processes on two cores), not a speed-up: real gains need two Macs (docs/distributed.md).
+
+    .venv/bin/python scripts/bench_distributed.py                 # ~1-2 min on 2 CPU cores
+    .venv/bin/python scripts/bench_distributed.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-model builder, the launchers
+
+
+def stream(url: str, prompt: str, tokens: int) -> dict[str, Any]:
+    body = {"model": "m", "prompt": prompt, "options": {"temperature": 0, "num_predict": tokens}}
+    last: dict[str, Any] = {}
+    with httpx.stream("POST", f"{url}/api/generate", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line:
+                last = json.loads(line)
+    if not last.get("done"):
+        raise RuntimeError(f"stream ended early: {last}")
+    return last
+
+
+def run_streams(url: str, n: int, tokens: int, seed: int) -> tuple[list[float], float, int]:
+    """n concurrent streams; per-token seconds of each, wall seconds, tokens made."""
+    finals: list[dict[str, Any]] = [{}] * n
+
+    def one(i: int) -> None:
+        finals[i] = stream(url, f"run {seed} stream {i}: the river and the stone", tokens)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    tic = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - tic
+    per_token = [f["eval_duration"] / 1e9 / max(1, f["eval_count"]) for f in finals]
+    return per_token, wall, sum(f["eval_count"] for f in finals)
+
+
+def world(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/health", timeout=10).json().get("distributed", {})
+
+
+def measure(name: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
+    stream(url, "warm up", 8)
+    per_token: list[float] = []
+    walls = 0.0
+    before = world(url)
+    for rep in range(args.repeats):
+        pt, wall, _ = run_streams(url, args.streams, args.tokens, rep)
+        per_token += pt
+        walls += wall
+    after = world(url)
+    out: dict[str, Any] = {"server": name, "per_token_ms": 1000 * statistics.median(per_token), "wall_s": walls}
+    if before:
+        plans = after["step_plans"] - before["step_plans"]
+        spent = (after["exchange_ms_mean"] * after["step_plans"] - before["exchange_ms_mean"] * before["step_plans"])
+        out.update(plans=plans, plan_bytes_mean=after["mean_plan_bytes"], exchange_ms_mean=spent / max(1, plans),
+                   exchange_share=spent / 1000 / walls)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="2 streams x 32 tokens, 1 repeat")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.streams, args.tokens, args.repeats = 2, 32, 1
+    from serving import start_group, start_process, stop_group
+    from tinymodels import build_tiny_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = build_tiny_model(work / "tiny", arch="llama", hidden_size=args.hidden, num_layers=args.layers,
+                                 num_heads=8, num_kv_heads=4)
+        models = {"m": {"source": str(model)}}
+        (work / "single").mkdir()
+        proc, url = start_process(work / "single", models, log=work / "single.log")
+        try:
+            single = measure("single", url, args)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        (work / "group").mkdir()
+        group_proc, group_url = start_group(work / "group", models)
+        try:
+            group = measure("2 ranks", group_url, args)
+        finally:
+            stop_group(group_proc)
+    ratio = group["per_token_ms"] / single["per_token_ms"]
+    print(f"model: random llama, hidden {args.hidden}, {args.layers} layers; {args.streams} streams x {args.tokens} "
+          f"tokens x {args.repeats}")
+    for r in (single, group):
+        print(f"  {r['server']:8} per-token {r['per_token_ms']:7.2f} ms")
+    print(f"per-token time, 2 ranks / single process: {ratio:.2f}")
+    print(f"step plans: {group['plans']} exchanged, {group['plan_bytes_mean']:.0f} bytes mean, exchange "
+          f"{group['exchange_ms_mean']:.2f} ms mean, {group['exchange_share']:.0%} of the decode wall time")
+    if args.json:
+        args.json.write_text(json.dumps({"single": single, "group": group, "ratio": ratio}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
