@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -133,12 +134,33 @@ def rank_pid(url: str, rank: int) -> int:
     return next(r["pid"] for r in ranks if r["rank"] == rank)
 
 
+def unsplittable(tiny_llama: Path, tmp_path: Path) -> Path:
+    """A model whose mlx_lm class has no shard() (gemma2's): only its config.json is ever read."""
+    out = tmp_path / "unsplittable"
+    shutil.copytree(tiny_llama, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
+    return out
+
+
 def broken_group(tmp_path: Path, tiny_llama: Path, hurt: signal.Signals) -> tuple[list[dict], float, int, dict, str]:
     """Start a group, start a stream, hurt rank 1; returns the stream's lines after that, how long until /health said
-    unhealthy, a new request's status and body, and the log."""
-    proc, url = start_group(tmp_path, {"llama": {"source": str(tiny_llama)}}, "--rank-timeout", "3")
+    unhealthy, a new request's status and body, and the log. On the way, a model that cannot be split is refused."""
+    proc, url = start_group(tmp_path, {"llama": {"source": str(tiny_llama)},
+                                       "gemma": {"source": str(unsplittable(tiny_llama, tmp_path))}},
+                            "--rank-timeout", "3")
     follower = rank_pid(url, 1)
     try:
+        problems: dict = {}
+        for _ in range(100):  # checked in the background at start
+            problems = httpx.get(f"{url}/health", timeout=10).json()["model_problems"]
+            if "gemma" in problems:
+                break
+            time.sleep(0.1)
+        assert "cannot be split across ranks" in json.dumps(problems.get("gemma")), problems
+        refused = httpx.post(f"{url}/api/generate", json={"model": "gemma", "prompt": "hi", "stream": False},
+                             timeout=60)
+        assert refused.status_code >= 400 and "cannot be split across ranks" in refused.json()["error"]
         body = {"model": "llama", "prompt": "go on", "options": {"temperature": 0, "num_predict": 100000}}
         after: list[dict] = []
         with httpx.stream("POST", f"{url}/api/generate", json=body, timeout=60) as r:

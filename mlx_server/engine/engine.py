@@ -55,6 +55,8 @@ class Engine:
         self.core.start()
         if self.lockstep is not None:
             threading.Thread(target=self._watch, name="mlx-watchdog", daemon=True).start()
+            if self.lockstep.leader:
+                self.preparer.executor.submit(self._check_shardable)
         wanted = [m.name for m in self.config.models.values() if m.preload]
         if wanted:
             self.preload(wanted)  # in the background: start-up never waits for it
@@ -62,6 +64,20 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         self.core.stop(timeout)
         self.preparer.close()
+
+    def _check_shardable(self) -> None:
+        """At start, say which configured models a distributed group cannot serve (in the log and in /health)."""
+        for name in self.config.models:
+            try:
+                problem = self.loader.shard_problem(name)
+            except MlxServerError:
+                continue  # missing or broken files: /health reports those already
+            except Exception:  # noqa: BLE001 - an unknown architecture fails its load later, with its own message
+                log.exception("checking whether %s can be sharded", name)
+                continue
+            if problem is not None:
+                log.error("%s", problem)
+                self._prepare_errors[name] = problem
 
     def _watch(self) -> None:
         """Distributed: a rank that died makes the plan exchange raise (the inference thread ends with it); one that

@@ -68,6 +68,16 @@ class ModelLoader:
             return self._load_sharded(name)
         return self._load_slices(name)
 
+    def shard_problem(self, name: str) -> Optional[str]:
+        """Why `name` cannot be split across the group, or None. Reads config.json only: no weights, no MLX work."""
+        from mlx_lm.utils import _get_classes  # mlx_lm's own model_type → class mapping (mlx-lm is pinned)
+
+        files = self.preparer.files(name)
+        if files.embedding is not None or hasattr(_get_classes(files.config)[0], "shard"):
+            return None
+        return (f"model \"{name}\" ({files.config.get('model_type')}) cannot be split across ranks: mlx_lm has no "
+                "tensor-parallel shard() for this architecture (pipeline-only models are not served distributed)")
+
     def _load_sharded(self, name: str) -> LoadedModel:
         """Tensor parallel through mlx_lm's `Model.shard()`; every rank reports success before any goes on, so one
         rank's failure fails the load on all of them instead of leaving the others waiting."""
@@ -78,14 +88,13 @@ class ModelLoader:
         files = self.preparer.files(name)
         if files.embedding is not None:
             return self._load_embedder(name, files)  # small: a whole copy on every rank
+        problem = self.shard_problem(name)
+        if problem is not None:
+            raise ModelLoadFailed(problem)  # the same verdict on every rank, from the same config.json
         ls.loading = True
         error: Optional[ModelLoadFailed] = None
         try:
             model, cfg = load_model(files.path, lazy=True, strict=False)
-            if not hasattr(model, "shard"):
-                raise ModelLoadFailed(
-                    f"model \"{name}\" ({cfg.get('model_type')}) cannot be split across ranks: mlx_lm has no "
-                    "tensor-parallel shard() for this architecture (pipeline-only models are not served distributed)")
             model.shard(ls.group)
             mx.eval(model.parameters())
         except ModelLoadFailed as exc:
