@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mlx_server.embedinfo import EmbeddingInfo, embedding_info
+from mlx_server.ollama import OllamaError
 from mlx_server.sources import Located
 
 
@@ -107,6 +108,31 @@ def _mtime(path: Path) -> dt.datetime:
 
 def _dir_info(path: Path, size: int) -> ModelInfo:
     cfg = json.loads((path / "config.json").read_text())
+    tok_cfg = path / "tokenizer_config.json"
+    template: Any = ""
+    if tok_cfg.is_file():
+        try:
+            template = json.loads(tok_cfg.read_text()).get("chat_template") or ""
+        except ValueError:
+            template = ""
+    jinja = path / "chat_template.jinja"
+    if not template and jinja.is_file():
+        template = jinja.read_text()
+    weights = sorted(path.glob("*.safetensors"))
+    return _config_info(cfg, template, size, _mtime(weights[0]) if weights else _mtime(path / "config.json"))
+
+
+def _ollama_mlx_info(manifest_path: Path, size: int) -> ModelInfo:
+    """An Ollama safetensors model, from its config and tokenizer_config layers (nothing assembled yet)."""
+    from mlx_server.ollama import read_manifest_file
+    from mlx_server.ollama_tensors import describe
+
+    found = describe(read_manifest_file(manifest_path))
+    return _config_info(found["config"], found["tokenizer_config"].get("chat_template") or "", size,
+                        _mtime(manifest_path))
+
+
+def _config_info(cfg: dict[str, Any], template: Any, size: int, modified: dt.datetime) -> ModelInfo:
     text = cfg.get("text_config", cfg)
     quant = cfg.get("quantization") or cfg.get("quantization_config") or {}
     bits = quant.get("bits")
@@ -118,22 +144,10 @@ def _dir_info(path: Path, size: int) -> ModelInfo:
         dtype = str(text.get("torch_dtype") or cfg.get("torch_dtype") or "float16")
         bits_per_param = 32 if "32" in dtype else 16
         quantization = {"float32": "F32", "bfloat16": "BF16"}.get(dtype, "F16")
-    template = ""
-    tok_cfg = path / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        try:
-            template = json.loads(tok_cfg.read_text()).get("chat_template") or ""
-        except ValueError:
-            template = ""
     if isinstance(template, list):  # some tokenizers ship named templates
         template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
-    jinja = path / "chat_template.jinja"
-    if not template and jinja.is_file():
-        template = jinja.read_text()
     family = str(cfg.get("model_type", "unknown"))
     ctx = native_context_length(cfg)
-    weights = sorted(path.glob("*.safetensors"))
-    modified = _mtime(weights[0]) if weights else _mtime(path / "config.json")
     arch = {f"{family}.context_length": ctx,
             f"{family}.embedding_length": text.get("hidden_size"),
             f"{family}.block_count": text.get("num_hidden_layers"),
@@ -179,8 +193,10 @@ def _gguf_info(path: Path) -> ModelInfo:
 
 def _read(path: Path, size: int, kind: str) -> Optional[ModelInfo]:
     try:
+        if kind == "ollama-mlx":
+            return _ollama_mlx_info(path, size)
         return _gguf_info(path) if kind in ("gguf", "package", "ollama") else _dir_info(path, size)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, OllamaError):
         return None
 
 

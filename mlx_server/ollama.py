@@ -71,10 +71,11 @@ class Layer:
     media_type: str
     digest: str
     size: int
+    name: str = ""  # tensor and json layers: the tensor's (or file's) name
 
     @property
     def kind(self) -> str:
-        return self.media_type.removeprefix(MEDIA_PREFIX)
+        return self.media_type.removeprefix(MEDIA_PREFIX).split(";")[0].strip()
 
     def path(self, root: Path) -> Path:
         return root / "blobs" / self.digest.replace(":", "-")
@@ -94,8 +95,10 @@ class Manifest:
         layer = self.layer("model")
         if layer is None:
             kinds = ", ".join(sorted({x.kind for x in self.layers})) or "none"
-            raise OllamaError(f"Ollama model {self.ref.display} has no GGUF model layer (layers: {kinds}); "
-                              "models in Ollama's safetensors (-mlx) format are not supported yet")
+            raise OllamaError(f"Ollama model {self.ref.display} has no GGUF model layer (layers: {kinds})")
+        return self.checked_blob(layer)
+
+    def checked_blob(self, layer: Layer) -> Path:
         path = layer.path(self.root)
         try:
             size = path.stat().st_size
@@ -139,10 +142,18 @@ def read_manifest(name: str, root: Optional[Path] = None) -> Manifest:
     except (OSError, ValueError) as exc:
         raise OllamaError(f"cannot read the Ollama manifest {path}: {exc}") from None
     try:
-        layers = tuple(Layer(str(x["mediaType"]), str(x["digest"]), int(x["size"])) for x in doc["layers"])
+        layers = tuple(Layer(str(x["mediaType"]), str(x["digest"]), int(x["size"]), str(x.get("name") or ""))
+                       for x in doc["layers"])
     except (KeyError, TypeError, ValueError):
         raise OllamaError(f"the Ollama manifest {path} is not a model manifest") from None
     return Manifest(ref, root, layers)
+
+
+def read_manifest_file(path: Path) -> Manifest:
+    """The manifest at `path` (…/manifests/<host>/<namespace>/<model>/<tag> inside a store)."""
+    root = path.parents[4]
+    host, namespace, model, tag = path.relative_to(root / "manifests").parts
+    return read_manifest(Ref(host, namespace, model, tag).display, root)
 
 
 def defaults(source: str) -> tuple[dict[str, Any], Optional[str]]:
@@ -168,4 +179,4 @@ def list_store(root: Optional[Path] = None) -> Iterator[Manifest]:
 
 
 __all__ = ["Layer", "Manifest", "OllamaError", "PREFIX", "Ref", "defaults", "list_store", "read_manifest",
-           "store_root"]
+           "read_manifest_file", "store_root"]

@@ -28,8 +28,9 @@ from typing import Literal, Optional
 
 from mlx_server.config import ModelConfig
 
-# "zip": a model dir extracted from a .zip; "ollama": a GGUF blob in the local Ollama store (mlx_server/ollama.py)
-SourceKind = Literal["hf", "dir", "gguf", "package", "zip", "ollama"]
+# "zip": a model dir extracted from a .zip; "ollama": a GGUF blob in the local Ollama store (mlx_server/ollama.py);
+# "ollama-mlx": an Ollama manifest of safetensors layers (path = the manifest; mlx_server/ollama_tensors.py)
+SourceKind = Literal["hf", "dir", "gguf", "package", "zip", "ollama", "ollama-mlx"]
 
 # Bump when the extracted layout or the marker changes, so old extractions are redone instead of reused.
 _EXTRACT_FORMAT = 1
@@ -235,9 +236,13 @@ def locate(model: ModelConfig, config_dir: Optional[Path] = None, cache_dir: Opt
     base = config_dir or Path.cwd()
     if source.startswith("ollama:"):
         from mlx_server.ollama import OllamaError, read_manifest
+        from mlx_server.ollama_tensors import files_size, is_tensor_model
 
         try:
-            blob = read_manifest(source).model_blob()
+            manifest = read_manifest(source)
+            if is_tensor_model(manifest):  # safetensors layers (-mlx tags): assembled into a model dir on first use
+                return Located("ollama-mlx", manifest.ref.manifest_path(manifest.root), files_size(manifest))
+            blob = manifest.model_blob()
         except OllamaError as exc:
             return Located("ollama", None, 0, str(exc))
         return Located("ollama", blob, blob.stat().st_size)

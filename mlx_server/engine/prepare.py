@@ -169,6 +169,8 @@ class Preparer:
         if not found.present:
             raise ModelNotFound(name, found.hint)
         assert found.path is not None
+        if found.kind == "ollama-mlx":
+            return self._assemble(name, model.source)
         if found.kind not in ("gguf", "package", "ollama"):  # "zip": locate already extracted it into a model dir
             return found.path
         try:
@@ -177,6 +179,17 @@ class Preparer:
             raise
         except Exception as exc:  # noqa: BLE001 - a bad GGUF fails this model only
             raise ModelLoadFailed(f"failed to import GGUF for model \"{name}\": {exc}") from exc
+
+    def _assemble(self, name: str, source: str) -> Path:
+        from mlx_server.ollama import OllamaError, read_manifest
+        from mlx_server.ollama_tensors import model_dir
+
+        try:
+            path = model_dir(read_manifest(source), self.config.server.cache_dir)
+        except (OllamaError, OSError, ValueError) as exc:
+            raise ModelLoadFailed(f"failed to assemble model \"{name}\" from the Ollama store: {exc}") from exc
+        log.info("model %s: Ollama safetensors layers assembled in %s", name, path)
+        return path
 
     # ---- requests (worker threads) ------------------------------------------------------------------------
 

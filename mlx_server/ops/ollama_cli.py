@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
-from mlx_server.ollama import PREFIX, OllamaError, list_store, read_manifest, store_root
+from mlx_server.ollama import PREFIX, Manifest, OllamaError, list_store, read_manifest, store_root
+from mlx_server.ollama_tensors import files_size, is_tensor_model
+from mlx_server.ollama_tensors import model_dir as assemble
 
 
 def _bar(label: str, err: TextIO) -> Callable[[int, int], None]:
@@ -43,6 +45,11 @@ def run_import(spec: str, cache: Path, name: Optional[str], out: Optional[TextIO
     if spec.startswith(PREFIX):
         try:
             manifest = read_manifest(spec)
+            if is_tensor_model(manifest):  # safetensors layers: assembled, never converted
+                assembled = assemble(manifest, cache, progress=_bar(f"assembling {manifest.ref.display}", err))
+                print(f"{assembled}\nadd to models.yaml:\n  {name or manifest.ref.display}:\n"
+                      f"    source: {PREFIX}{manifest.ref.display}", file=out)
+                return 0
             path = manifest.model_blob()
         except OllamaError as exc:
             print(f"Error: {exc}", file=err)
@@ -73,6 +80,11 @@ def run_list(store: Optional[Path] = None, out: Optional[TextIO] = None) -> int:
     rows, servable = [], []
     for manifest in list_store(root):
         name = manifest.ref.display
+        if is_tensor_model(manifest):
+            rows.append(_tensor_row(manifest))
+            if rows[-1][4] == "yes":
+                servable.append(name)
+            continue
         try:
             summary = summarize(manifest.model_blob())
         except OllamaError as exc:
@@ -99,6 +111,23 @@ def run_list(store: Optional[Path] = None, out: Optional[TextIO] = None) -> int:
         for name in servable:
             print(f"  {name}:\n    source: {PREFIX}{name}", file=out)
     return 0
+
+
+def _tensor_row(manifest: Manifest) -> tuple[str, str, str, str, str]:
+    """A safetensors (-mlx) model: its architecture from config.json, its quantization from the blob headers."""
+    from mlx_server.ollama_tensors import QUANT_TYPES, describe
+
+    name = manifest.ref.display
+    try:
+        found = describe(manifest)
+        size = files_size(manifest)
+    except (OllamaError, OSError, ValueError) as exc:
+        return (name, "-", "-", "-", f"no: {exc}")
+    cfg = found["config"]
+    quant = cfg.get("quantization")
+    kinds = next((k for k, v in QUANT_TYPES.items() if quant and (v[0], v[2]) == (quant["bits"], quant["mode"])),
+                 "unquantized")
+    return (name, str(cfg.get("model_type", "?")), f"{size / 1e9:.2f} GB", f"safetensors {kinds}", "yes")
 
 
 __all__ = ["run_import", "run_list"]
