@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -150,3 +151,12 @@ def test_dtype_cast(tmp_path: Path) -> None:
     ref = ReferenceEncoder(path)
     for i, row in enumerate(ids):
         assert cosine(np.array(out[i]), ref.embed(row)) >= 0.999  # float16 weights: looser
+
+
+def test_the_rational_erf_gelu_matches_mlx_exact_gelu() -> None:
+    from mlx_server.engine.embedders.activations import erf, gelu
+
+    x = mx.linspace(-10.0, 10.0, 200001)
+    assert mx.max(mx.abs(erf(x) - mx.erf(x))).item() < 1e-6
+    assert mx.max(mx.abs(gelu(x) - nn.gelu(x))).item() < 5e-6  # relative to |x| up to 10
+    assert mx.array_equal(gelu(mx.array([0.0])), mx.array([0.0]))

@@ -11,22 +11,14 @@ rows hold 512 tokens), and a single token type. Dropout is absent: inference onl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_server.engine.embedders.activations import ACTIVATIONS as _ACTIVATIONS
 from mlx_server.engine.embedders.names import encoder_tensors
 
-# HF `hidden_act` names → MLX functions. "gelu" is the exact (erf) GELU; the tanh approximation has its own names.
-_ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
-    "gelu": nn.gelu,
-    "gelu_new": nn.gelu_approx,
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-}
 
 
 @dataclass(frozen=True)

@@ -15,20 +15,14 @@ Configs written by transformers ≥ 5 say the same with `layer_types` and `rope_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_server.engine.embedders.activations import ACTIVATIONS as _ACTIVATIONS
 from mlx_server.engine.embedders.names import encoder_tensors
 
-_ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
-    "gelu": nn.gelu,  # exact (erf), as transformers' ACT2FN["gelu"]
-    "gelu_new": nn.gelu_approx,
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "silu": nn.silu,
-    "relu": nn.relu,
-}
 
 
 @dataclass(frozen=True)
