@@ -40,14 +40,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
+import queue
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -157,41 +158,69 @@ def embed(url: str, texts: list[str]) -> tuple[float, np.ndarray, int]:
     return seconds, np.array(body["embeddings"], dtype=np.float32), int(body["prompt_eval_count"])
 
 
-class Stream(threading.Thread):
+def _read_stream(url: str, out: Any, stop: Any) -> None:
+    """The stream reader's process: (monotonic time, tokens) per chunk into `out`; None when the server ended it."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "one two three"}], "stream": True,
+            "temperature": 0, "max_tokens": 60000, "logprobs": True}
+    with httpx.Client(timeout=None) as client, client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if stop.is_set():
+                return  # closing the response cancels the request on the server
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                out.put(None)
+                return
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            n = len(((choices[0].get("logprobs") or {}).get("content")) or [])
+            if n:
+                out.put((time.monotonic(), n))
+
+
+class Stream:
     """A greedy /v1/chat/completions stream on `tiny` with logprobs (one entry per token, so each chunk says how
     many tokens it carries), recording when each chunk arrives, until stopped.
 
+    It is read in a process of its own: in a thread here, this process's own work — decoding the embed answer's
+    1,000 × 384 floats takes a GIL-holding ~0.1 s — would delay the timestamps and show as gaps the server never
+    made. CLOCK_MONOTONIC is one clock for both processes.
+
     A random model's tokens are often bytes that do not yet form text: the server holds them (partial UTF-8) and
     sends them with the next chunk, so one chunk can carry several tokens. Alone, at ~2 ms a token, that is
-    invisible; while an embed takes ~80 ms slices it makes a chunk gap several slices long. Both are reported: the
+    invisible; while an embed takes ~50 ms slices it makes a chunk gap several slices long. Both are reported: the
     gap between chunks (what a client sees) and the gap per token (a chunk's gap ÷ the tokens in it)."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.times: list[float] = []
+        ctx = multiprocessing.get_context("spawn")
+        self._queue = ctx.Queue()
+        self._stop = ctx.Event()
+        self._proc = ctx.Process(target=_read_stream, args=(url, self._queue, self._stop), daemon=True)
+        self._times: list[float] = []
         self.tokens: list[int] = []
-        self.stop = threading.Event()
         self.ended_early = False
 
-    def run(self) -> None:
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "one two three"}], "stream": True,
-                "temperature": 0, "max_tokens": 60000, "logprobs": True}
-        with httpx.Client(timeout=None) as client, client.stream("POST", f"{self.url}/v1/chat/completions",
-                                                                json=body) as r:
-            for line in r.iter_lines():
-                if self.stop.is_set():
-                    return  # closing the response cancels the request on the server
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    self.ended_early = True
-                    return
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                n = len(((choices[0].get("logprobs") or {}).get("content")) or [])
-                if n:
-                    self.times.append(time.perf_counter())
-                    self.tokens.append(n)
+    def start(self) -> None:
+        self._proc.start()
+
+    @property
+    def times(self) -> list[float]:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return self._times
+            if item is None:
+                self.ended_early = True
+            else:
+                self._times.append(item[0])
+                self.tokens.append(item[1])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self.times  # noqa: B018 - collect what arrived before the stop
 
     def gaps(self, start: float, end: float) -> list[tuple[float, float, int]]:
         """(gap, when it began relative to `start`, tokens the later chunk carries) for every interval between
@@ -220,10 +249,10 @@ def run_server(work: Path, tiny: Path, short: list[str], long: list[str], env: d
             time.sleep(0.05)
         time.sleep(3.0)
         alone = [b - a for a, b in zip(stream.times, stream.times[1:])]
-        start = time.perf_counter()
+        start = time.monotonic()
         seconds, _, tokens = embed(url, short)
-        end = time.perf_counter()
-        stream.stop.set()
+        end = time.monotonic()
+        stream.stop()
         gaps = stream.gaps(start, end) or [(float("nan"), 0.0, 1)]
         worst, at, _ = max(gaps)
         out["stall"] = {"seconds": seconds, "texts": len(short), "worst_gap": worst, "worst_gap_at": at,

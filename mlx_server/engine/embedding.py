@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -47,6 +47,8 @@ class EmbedJob:
     logged: float = 0.0
     chunks: int = 0
     last_chunk: int = 0
+    # A pass holds whole inputs anyway: asking for fewer tokens than one input makes it one input, not two.
+    min_chunk: ClassVar[int] = 1
 
     @property
     def request_id(self) -> int:

@@ -135,8 +135,9 @@ class Prefiller:
         n = int(self.rate(job.model).tokens_per_second * min(seconds_left, self.slice_seconds / 2))
         # A rate measured on other prompts (short ones, early positions) overestimates a long prompt's: attention
         # grows with the position. So a prompt's chunks start small and at most double, each measured.
-        n = min(n, 2 * max(MIN_CHUNK, job.last_chunk))
-        return min(job.remaining, self.max_chunk, max(MIN_CHUNK, n))
+        floor = getattr(job, "min_chunk", MIN_CHUNK)
+        n = min(n, 2 * max(floor, job.last_chunk))
+        return min(job.remaining, self.max_chunk, max(floor, n))
 
     def plan(self, runners: list[Prefilling]) -> tuple[PrefillChunk, ...]:
         """Distributed: the next chunk, decided on rank 0 alone (rates and time differ per rank) and sent in the
