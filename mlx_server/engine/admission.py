@@ -12,8 +12,9 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
+from mlx_server.config import Config
 from mlx_server.engine.prepare import Prepared, PreparedEmbed
-from mlx_server.types import EmbedRequest, Event, GenerateRequest, LoadRequest, UnloadRequest
+from mlx_server.types import EmbedRequest, EngineRequest, Event, GenerateRequest, LoadRequest, UnloadRequest
 
 Sink = Callable[[Event], None]
 Job = Union[Prepared, PreparedEmbed, LoadRequest, UnloadRequest]
@@ -110,3 +111,9 @@ class WaitList:
         self._heap.clear()
         self._parked.clear()
         return everything
+
+
+def keep_alive_of(config: Config, req: EngineRequest) -> float:
+    """Ollama's order: the request's keep_alive, else the model's, else the server default."""
+    value = getattr(req, "keep_alive", None)
+    return value if value is not None else config.keep_alive_for(req.model)

@@ -18,14 +18,13 @@ import time
 from typing import Callable, Literal, Optional
 
 from mlx_server.config import Config
-from mlx_server.engine.admission import Waiting, WaitList
+from mlx_server.engine.admission import Waiting, WaitList, keep_alive_of
 from mlx_server.engine.commands import Admit, Cancel, Command, Control, Preload, Shutdown, Sink, deliver, fail_untaken
 from mlx_server.engine.intake import Intake
 from mlx_server.engine.lockstep import Lockstep, one_stream
-from mlx_server.engine.prefill import PrefillChunk
 from mlx_server.engine.loader import LoadedModel, ModelLoader
 from mlx_server.engine.pool import ModelPool
-from mlx_server.engine.prefill import Prefiller
+from mlx_server.engine.prefill import PrefillChunk, Prefiller
 from mlx_server.engine.prepare import Prepared, PreparedEmbed
 from mlx_server.engine.runner import kv_bound
 from mlx_server.engine.memory import available_memory, limit_metal_memory, trim_stored_caches
@@ -45,9 +44,7 @@ class Core:
                  lockstep: Optional[Lockstep] = None) -> None:
         self.config = config
         self.loader = loader
-        # Distributed, every time-based decision reads the step plan's clock (rank 0's), and admission checks the
-        # free memory of the tightest rank, so all ranks decide alike.
-        self.lockstep = lockstep
+        self.lockstep = lockstep  # distributed: time reads the plan's clock, free memory is the tightest rank's
         self._now = 0.0
         self._free = 0
         self._planned: tuple[PrefillChunk, ...] = ()
@@ -61,7 +58,7 @@ class Core:
             unloader=loader.unload, clock=clock,
             available=available_memory if lockstep is None else (lambda: self._free),
             held=lambda m: m.runner.kv_reserved + m.runner.stored_cache_bytes, trim=self._trim_caches)
-        self.intake = Intake(lockstep, loader.preparer)
+        self.intake = Intake(lockstep, loader.preparer, clock if lockstep is None else time.monotonic)
         self._waiting = WaitList()
         self.prefiller = Prefiller(s.prefill_slice, s.prefill_chunk, aging=self._waiting.aging, clock=clock)
         self._sinks: dict[int, Sink] = {}  # every accepted request until its terminal event
@@ -95,6 +92,11 @@ class Core:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self.intake.closed
 
+    @property
+    def fatal(self) -> Optional[str]:
+        """Why the thread died (set before it stops taking commands), or None."""
+        return self._fatal
+
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
@@ -124,7 +126,10 @@ class Core:
             while not self._stopping:
                 busy = (self.pool.loading is not None or bool(self._preloads) or self._waiting.ready()
                         or any(r.model.runner.has_work() for r in self.pool.residents()))
-                turn = self.intake.turn(not busy, self._idle_wait(), lambda: self.prefiller.plan(
+                # Idle, wait for a command: at most a second, or until a keep_alive expires.
+                expiry = self.pool.next_expiry()
+                wait = 1.0 if expiry is None else min(1.0, max(0.0, expiry - self.intake.clock()))
+                turn = self.intake.turn(not busy, wait, lambda: self.prefiller.plan(
                     [entry.model.runner for entry in self.pool.residents()]))
                 self._now, self._free, self._planned = turn.now, turn.free, turn.prefill
                 self._handle_all(turn.commands)
@@ -154,12 +159,6 @@ class Core:
         fail_untaken(self.intake.close(), error)
         for request_id in list(self._sinks):
             self._end(request_id, Failed(request_id, error))
-
-    def _idle_wait(self) -> float:
-        """How long an idle loop waits for a command: at most a second, or until a keep_alive expires."""
-        expiry = self.pool.next_expiry()
-        now = time.monotonic() if self.lockstep is not None else self.clock()
-        return 1.0 if expiry is None else min(1.0, max(0.0, expiry - now))
 
     def _handle_all(self, cmds: list[Command]) -> None:
         for i, cmd in enumerate(cmds):
@@ -202,7 +201,7 @@ class Core:
         try:
             name = self._owner.pop(request_id, None)
             if name is not None and req is not None:
-                self.pool.release(name, self._keep_alive(req))
+                self.pool.release(name, keep_alive_of(self.config, req))
         except Exception:  # noqa: BLE001 - e.g. an unload that failed; the request still gets its answer
             log.exception("releasing request %d", request_id)
         cancelled = isinstance(event, Done) and event.reason == "cancelled"
@@ -233,11 +232,6 @@ class Core:
                 self.observer(req, event)
             except Exception:  # noqa: BLE001 - observability must never break generation
                 log.exception("event observer failed")
-
-    def _keep_alive(self, req: EngineRequest) -> float:
-        """Ollama's order: the request's keep_alive, else the model's, else the server default."""
-        value = getattr(req, "keep_alive", None)
-        return value if value is not None else self.config.keep_alive_for(req.model)
 
     def _cancel(self, request_id: int) -> None:
         waiting = self._waiting.remove(request_id)
@@ -291,7 +285,7 @@ class Core:
             got = self.pool.request(name)
             if isinstance(got, str):
                 return "blocked" if got == "blocked" else "parked"
-            self.pool.set_keep_alive(name, self._keep_alive(job))
+            self.pool.set_keep_alive(name, keep_alive_of(self.config, job))
             self._end(job.request_id, Done(job.request_id, name, "load", Usage(
                 load_duration=w.load_seconds, total_duration=self._age(job))))
             return "started"

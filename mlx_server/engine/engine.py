@@ -86,14 +86,13 @@ class Engine:
         assert self.lockstep is not None
         while True:
             time.sleep(0.25)
-            if self._draining and not self.core.alive:
-                return  # an orderly shutdown
-            late = self.lockstep.stuck_for(time.monotonic())
-            if late > 0:
+            if not self.core.alive:
+                if self.core.fatal is None:
+                    return  # an orderly shutdown (the Shutdown command reached every rank)
+                why = f"the distributed group failed: {self.core.fatal}"
+            elif self.lockstep.stuck_for(time.monotonic()) > 0:
                 why = (f"rank {self.lockstep.rank} waited more than {self.lockstep.timeout:g}s on the other ranks "
                        "of the distributed group (a rank died or hangs)")
-            elif not self.core.alive and self.core.status.fatal:
-                why = f"the distributed group failed: {self.core.status.fatal}"
             else:
                 continue
             self._broken = why

@@ -29,8 +29,10 @@ class Turn:
 
 
 class Intake:
-    def __init__(self, lockstep: Optional[Lockstep] = None, preparer: Optional[Preparer] = None) -> None:
+    def __init__(self, lockstep: Optional[Lockstep] = None, preparer: Optional[Preparer] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.lockstep = lockstep
+        self.clock = clock  # the thread's own clock (distributed: rank 0's, before it goes into the plan)
         self._preparer = preparer
         self._queue: "queue.Queue[Command]" = queue.Queue()
         self._lock = threading.Lock()
