@@ -51,13 +51,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield s
 
 
-@pytest.fixture
-def engine(server: Server) -> FakeEngine:
-    fake: FakeEngine = server.engine
-    fake.reset()
-    return fake
-
-
 def post(server: Server, path: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{server.url}{path}", json=body, timeout=10)
 

@@ -79,13 +79,6 @@ def server(dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> I
         yield s
 
 
-@pytest.fixture
-def engine(server: Server) -> FakeEngine:
-    fake: FakeEngine = server.engine
-    fake.reset()
-    return fake
-
-
 def post(server: Server, path: str, body: Any, **kw: Any) -> httpx.Response:
     return httpx.post(f"{server.url}{path}", json=body, timeout=10, **kw)
 
