@@ -114,6 +114,7 @@ class ModelConfig:
     priority: int = 100  # preload / warm order; lower first
     kind: Optional[str] = None  # "embedding" or "generation"; None = inferred from the model's files
     system: Optional[str] = None  # default system prompt, for requests that send none
+    parallel: str = "auto"  # serve --distributed: "auto", "tensor" or "pipeline"
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def _model_config(name: str, m: Any) -> ModelConfig:
         system = system if system is not None else layer_system
     return ModelConfig(name=name, source=m.source, aliases=tuple(m.aliases), preload=m.preload,
                        keep_alive=m.keep_alive, context_length=m.context_length, options=options,
-                       priority=m.priority, kind=m.kind, system=system)
+                       priority=m.priority, kind=m.kind, system=system, parallel=m.parallel)
 
 
 def build_config(raw: Any, path: Optional[Path] = None, env: Optional[Mapping[str, str]] = None,

@@ -105,6 +105,9 @@ class ModelSection(_Section):
     kind: Optional[Literal["generation", "embedding"]] = Field(
         None, description="what the model does (default: inferred from its files, e.g. sentence-transformers "
                           "configs mean embedding)")
+    parallel: Literal["auto", "tensor", "pipeline"] = Field(
+        "auto", description="serve --distributed: how the model is split across ranks (auto: tensor parallel when "
+                            "its mlx_lm class has shard(), else pipeline when it has pipeline())")
 
 
 ModelName = Annotated[str, AfterValidator(_nonblank)]

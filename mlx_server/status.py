@@ -45,7 +45,8 @@ class ModelStatus:
     kv_reserved: int = 0  # bytes of KV reserved for its running sequences
     prompt_cache: int = 0  # bytes of stored prompt caches
     is_loading: bool = False
-    shards: int = 1  # ranks it is split across (tensor parallel) when served distributed
+    shards: int = 1  # ranks it is split across when served distributed
+    split: str = ""  # "tensor" or "pipeline"
 
 
 @dataclass(frozen=True)

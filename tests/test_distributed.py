@@ -19,21 +19,24 @@ import httpx
 import pytest
 
 from serving import start_group, start_process, stop_group
+from tinymodels import build_tiny_model
 
 GREEDY = {"temperature": 0, "num_predict": 24}
 PROMPTS = ["the river runs north", "seven green tables", "quiet paper storm", "light of the cloud"]
 
 
-def models(tiny_llama: Path, tiny_qwen2: Path, tiny_llama3: Path) -> dict[str, Any]:
+def models(tiny_llama: Path, tiny_qwen2: Path, tiny_llama3: Path, pipe: Path) -> dict[str, Any]:
     return {"llama": {"source": str(tiny_llama)}, "qwen": {"source": str(tiny_qwen2)},
-            "llama3": {"source": str(tiny_llama3)}}
+            "llama3": {"source": str(tiny_llama3)}, "pipe": {"source": str(pipe), "parallel": "pipeline"}}
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_llama: Path, tiny_qwen2: Path, tiny_llama3: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(2-rank group, single process) with the same models; at most two resident, so a third model evicts."""
-    spec = models(tiny_llama, tiny_qwen2, tiny_llama3)
+    """(2-rank group, single process) with the same models; at most two resident, so a third model evicts. `pipe`
+    is split by layers (3 of them: 2 on one rank, 1 on the other), the others tensor parallel."""
+    pipe = build_tiny_model(tmp_path_factory.mktemp("pipe"), arch="qwen2", num_layers=3, seed=5)
+    spec = models(tiny_llama, tiny_qwen2, tiny_llama3, pipe)
     group, group_url = start_group(tmp_path_factory.mktemp("group"), spec, max_loaded_models=2)
     try:
         single, single_url = start_process(tmp_path_factory.mktemp("single"), spec,
@@ -127,6 +130,28 @@ def test_ranks_stay_in_step_through_a_cancel_a_load_and_an_eviction(servers: tup
     assert mixed(group) == mixed(single)
     health = httpx.get(f"{group}/health", timeout=10).json()
     assert health["status"] == "healthy"
+
+
+def test_a_model_split_by_layers_answers_as_one_process(servers: tuple[str, str]) -> None:
+    group, single = servers
+    got: dict[str, list[str]] = {}
+    for url in (group, single):
+        out = [""] * 3
+
+        def one(i: int) -> None:
+            out[i] = (generate if i % 2 else chat)(url, "pipe", PROMPTS[i], bool(i % 2))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        # The same prompt again (no stored prompt cache when pipelined: every rank prefills it whole again).
+        got[url] = out + [chat(url, "pipe", PROMPTS[0], False),
+                          generate(url, "pipe", "tell me", True, temperature=0.9, seed=5, num_predict=16)]
+    assert got[group] == got[single] and all(got[group])
+    ps = {m["name"]: m for m in httpx.get(f"{group}/api/ps", timeout=10).json()["models"]}
+    assert ps["pipe"]["sharded"]["method"] == "pipeline"
 
 
 def rank_pid(url: str, rank: int) -> int:

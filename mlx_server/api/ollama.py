@@ -334,7 +334,7 @@ async def ps(request: Request) -> Response:
                 "digest": entry["digest"], "details": entry["details"], "expires_at": expires,
                 "context_length": r.context_length}  # what the loaded model really has
         if r.shards > 1:
-            item["sharded"] = {"ranks": r.shards, "method": "tensor", "size_per_rank": r.size}
+            item["sharded"] = {"ranks": r.shards, "method": r.split, "size_per_rank": r.size}
         models.append(item)
     return JSONResponse({"models": models})
 

@@ -201,6 +201,7 @@ class EmbedRunner:
         self.context_length = embedder.max_length
         self.joining = False  # no decode batch: never owes a first token
         self.shards = 1  # never split: distributed, every rank holds a whole copy
+        self.split = ""
         width = embedder.dimensions
         self.batcher = EmbedBatcher(name, lambda batch: embedder.embed(batch, normalize=False), width,
                                     per_token or ACTIVATION_FACTOR * 4 * width, clock)

@@ -68,19 +68,36 @@ class ModelLoader:
             return self._load_sharded(name)
         return self._load_slices(name)
 
-    def shard_problem(self, name: str) -> Optional[str]:
-        """Why `name` cannot be split across the group, or None. Reads config.json only: no weights, no MLX work."""
+    def split(self, name: str) -> tuple[str, Optional[str]]:
+        """How `name` is split across the group ("tensor", "pipeline", or "whole" for embedders), and why it cannot
+        be (None when it can). Reads config.json and mlx_lm's classes only: no weights, no MLX work."""
+        import sys
+
+        from mlx_lm.models.pipeline import PipelineMixin
         from mlx_lm.utils import _get_classes  # mlx_lm's own model_type → class mapping (mlx-lm is pinned)
 
         files = self.preparer.files(name)
-        if files.embedding is not None or hasattr(_get_classes(files.config)[0], "shard"):
-            return None
-        return (f"model \"{name}\" ({files.config.get('model_type')}) cannot be split across ranks: mlx_lm has no "
-                "tensor-parallel shard() for this architecture (pipeline-only models are not served distributed)")
+        if files.embedding is not None:
+            return "whole", None
+        model_class = _get_classes(files.config)[0]
+        module = vars(sys.modules[model_class.__module__]).values()
+        can = {"tensor": hasattr(model_class, "shard"),
+               "pipeline": any(isinstance(v, type) and issubclass(v, PipelineMixin) for v in module)}
+        wanted = self.config.models[name].parallel
+        method = wanted if wanted != "auto" else ("tensor" if can["tensor"] else "pipeline")
+        if can[method]:
+            return method, None
+        what = {"tensor": "a tensor-parallel shard()", "pipeline": "pipeline()"}
+        return method, (f"model \"{name}\" ({files.config.get('model_type')}) cannot be split across ranks: mlx_lm "
+                        f"has no {what[method] if wanted != 'auto' else 'shard() or pipeline()'} for this architecture")
+
+    def shard_problem(self, name: str) -> Optional[str]:
+        return self.split(name)[1]
 
     def _load_sharded(self, name: str) -> LoadedModel:
-        """Tensor parallel through mlx_lm's `Model.shard()`; every rank reports success before any goes on, so one
-        rank's failure fails the load on all of them instead of leaving the others waiting."""
+        """Tensor parallel through mlx_lm's `Model.shard()`, else pipeline through its `model.pipeline()` (as
+        mlx_lm's `sharded_load` chooses); every rank reports success before any goes on, so one rank's failure fails
+        the load on all of them instead of leaving the others waiting."""
         from mlx_lm.utils import load_model
 
         ls = self.lockstep
@@ -88,14 +105,17 @@ class ModelLoader:
         files = self.preparer.files(name)
         if files.embedding is not None:
             return self._load_embedder(name, files)  # small: a whole copy on every rank
-        problem = self.shard_problem(name)
+        method, problem = self.split(name)
         if problem is not None:
             raise ModelLoadFailed(problem)  # the same verdict on every rank, from the same config.json
         ls.loading = True
         error: Optional[ModelLoadFailed] = None
         try:
             model, cfg = load_model(files.path, lazy=True, strict=False)
-            model.shard(ls.group)
+            if method == "tensor":
+                model.shard(ls.group)
+            else:
+                model.model.pipeline(ls.group)  # this rank keeps its slice of the layers (rank 0 the last ones)
             mx.eval(model.parameters())
         except ModelLoadFailed as exc:
             error = exc
@@ -110,7 +130,14 @@ class ModelLoader:
             raise ModelLoadFailed(f"failed to load model \"{name}\" on {failed} other rank(s): see their logs")
         dtype = next((a.dtype for _, a in tree_flatten(model.parameters()) if mx.issubdtype(a.dtype, mx.floating)),
                      None)
-        return self._runner(name, files, model, cfg, dtype, shards=ls.size)
+        if method == "tensor":
+            return self._runner(name, files, model, cfg, dtype, shards=ls.size, split=method)
+        # Pipeline: a rank holds the KV of its own layers, at most ceil(layers / ranks) of them. Its prompt caches
+        # would be as uneven, and the LRU trims them by bytes, so ranks would keep (and find) different prefixes:
+        # no stored prompt caches for a pipelined model.
+        layers = int(cfg.get("num_hidden_layers") or len(model.layers) or 1)
+        return self._runner(name, files, model, cfg, dtype, shards=ls.size, split=method,
+                            kv_fraction=-(-layers // ls.size) / layers, prompt_cache_bytes=0)
 
     def _load_slices(self, name: str) -> Generator[None, None, LoadedModel]:
         """A load in slices: weights are evaluated a few at a time, yielding so other models keep decoding."""
@@ -137,14 +164,17 @@ class ModelLoader:
             raise ModelLoadFailed(f"failed to load model \"{name}\" from {files.path}: {exc}") from exc
         return self._runner(name, files, model, cfg, dtype)
 
-    def _runner(self, name: str, files: ModelFiles, model: Any, cfg: dict[str, Any], dtype: Any,
-                shards: int = 1) -> LoadedModel:
-        # modelinfo counts 2 bytes per element; scale to the real float type. A shard holds its share of the heads.
+    def _runner(self, name: str, files: ModelFiles, model: Any, cfg: dict[str, Any], dtype: Any, shards: int = 1,
+                split: str = "", kv_fraction: Optional[float] = None,
+                prompt_cache_bytes: Optional[int] = None) -> LoadedModel:
+        # modelinfo counts 2 bytes per element; scale to the real float type. A tensor shard holds its share of the
+        # heads; a pipeline stage its share of the layers (kv_fraction).
         per_token = kv_bytes_per_token(cfg) // 2 * (dtype.size if dtype is not None else 2)
-        kv_per_token = -(-per_token // shards)
+        kv_per_token = int(-(-per_token * kv_fraction // 1)) if kv_fraction is not None else -(-per_token // shards)
+        cache_bytes = self.config.server.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
         runner = ModelRunner(name, model, files.tokenizer, files.context_length, kv_per_token=kv_per_token,
-                             max_batch=self.max_batch, prompt_cache_bytes=self.config.server.prompt_cache_bytes)
-        runner.shards = shards
+                             max_batch=self.max_batch, prompt_cache_bytes=cache_bytes)
+        runner.shards, runner.split = shards, split
         return LoadedModel(runner=runner, path=files.path, config=cfg)
 
     def _load_embedder(self, name: str, files: ModelFiles) -> LoadedModel:

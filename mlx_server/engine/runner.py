@@ -76,7 +76,8 @@ class ModelRunner:
         self.context_length = context_length
         self.clock = clock
         self.max_batch = max_batch
-        self.shards = 1  # ranks this model is split across (distributed, tensor parallel)
+        self.shards = 1  # ranks this model is split across (distributed)
+        self.split = ""  # how: "tensor" or "pipeline"
         self.generator = self._new_generator()
         # KV caches of recent prompts (and their answers) by token prefix; a follow-up turn reuses the shared part.
         self.prompt_cache = LRUPromptCache(max_size=1 << 30, max_bytes=prompt_cache_bytes)
@@ -250,7 +251,7 @@ class ModelRunner:
         return cache, len(tokens) - len(rest)
 
     def _keep_cache(self, tokens: Optional[list[int]], cache: Optional[list[Any]]) -> None:
-        if tokens and cache:
+        if tokens and cache and self.prompt_cache_bytes > 0:
             # Extracted caches are lazy slices of the whole batch's KV buffers; left unevaluated, each stored
             # entry would keep those buffers alive (measured: 12x its counted bytes). Materialize it now.
             mx.eval([c.state for c in cache])

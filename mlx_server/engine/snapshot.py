@@ -21,7 +21,7 @@ def resident_status(pool: ModelPool[LoadedModel]) -> tuple[list[ModelStatus], Me
             name=r.name, size=r.size, context_length=runner.context_length, loaded_at=r.loaded_at,
             load_seconds=r.load_seconds, last_used=r.last_used, expires_at=r.expires_at, active=r.active,
             use_count=r.use_count, kv_reserved=runner.kv_reserved, prompt_cache=runner.stored_cache_bytes,
-            shards=runner.shards))
+            shards=runner.shards, split=runner.split))
     if pool.loading is not None:
         models.append(ModelStatus(name=pool.loading, size=pool.loading_size, context_length=0, loaded_at=0.0,
                                   load_seconds=0.0, last_used=0.0, expires_at=None, active=0, use_count=0,
