@@ -126,10 +126,8 @@ class Core:
             while not self._stopping:
                 busy = (self.pool.loading is not None or bool(self._preloads) or self._waiting.ready()
                         or any(r.model.runner.has_work() for r in self.pool.residents()))
-                # Idle, wait for a command: at most a second, or until a keep_alive expires.
-                expiry = self.pool.next_expiry()
-                wait = 1.0 if expiry is None else min(1.0, max(0.0, expiry - self.intake.clock()))
-                turn = self.intake.turn(not busy, wait, lambda: self.prefiller.plan(
+                expiry = None if busy else self.pool.next_expiry()  # an idle wait ends when a keep_alive does
+                turn = self.intake.turn(not busy, expiry, lambda: self.prefiller.plan(
                     [entry.model.runner for entry in self.pool.residents()]))
                 self._now, self._free, self._planned = turn.now, turn.free, turn.prefill
                 self._handle_all(turn.commands)

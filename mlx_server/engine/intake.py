@@ -37,7 +37,6 @@ class Intake:
         self._queue: "queue.Queue[Command]" = queue.Queue()
         self._lock = threading.Lock()
         self.closed = False  # set once, under _lock, when the thread stops taking commands
-        self._plans = 0
 
     def post(self, cmd: Command) -> None:
         """Queue a command; raises ServiceUnavailable once the thread has stopped (nothing is left behind)."""
@@ -50,45 +49,48 @@ class Intake:
         """Take no more commands; returns those never taken, for the caller to end."""
         with self._lock:
             self.closed = True
-        left = []
-        while True:
-            try:
-                left.append(self._queue.get_nowait())
-            except queue.Empty:
-                return left
+        return self._rest([])
 
     def empty(self) -> bool:
         return self._queue.empty()
 
-    def turn(self, block: bool, timeout: Optional[float],
+    def turn(self, block: bool, expiry: Optional[float],
              plan_prefill: Callable[[], tuple[PrefillChunk, ...]]) -> Turn:
-        """The commands that arrived; when `block`, wait up to `timeout` for the first. Distributed, rank 0 sends
-        them in this iteration's step plan and the other ranks take theirs from it."""
+        """The commands that arrived; when `block` (idle), wait for the first: at most a second, or until `expiry`
+        (the next keep_alive to run out). Distributed, rank 0 sends them in this iteration's step plan and the
+        other ranks take theirs from it."""
         ls = self.lockstep
         if ls is None:
-            return Turn(self._take(block, timeout))
+            return Turn(self._take(block, expiry))
         cmds: list[Command] = []
         plan: Optional[StepPlan] = None
         if ls.leader:
             ls.busy_since = None  # an idle wait for requests is not a stuck group
-            cmds = self._take(block, timeout)
+            cmds = self._take(block, expiry)
             ls.busy_since = time.monotonic()
-            plan = StepPlan(seq=self._plans, now=time.monotonic(), commands=tuple(to_wire(c) for c in cmds),
-                            prefill=plan_prefill(), seed=ls.new_seed() if self._plans == 0 else None)
+            plan = StepPlan(seq=ls.plans, now=time.monotonic(), commands=tuple(to_wire(c) for c in cmds),
+                            prefill=plan_prefill(), seed=ls.new_seed() if ls.plans == 0 else None)
         else:
             ls.busy_since = time.monotonic()
         got, frees = ls.exchange(plan, available_memory(), os.getpid())
-        self._plans += 1
         if not ls.leader:
             assert self._preparer is not None
             cmds = [from_wire(c, self._preparer) for c in got.commands]
         return Turn(cmds, got.now, min(frees), got.prefill)
 
-    def _take(self, block: bool, timeout: Optional[float]) -> list[Command]:
+    def _take(self, block: bool, expiry: Optional[float]) -> list[Command]:
         try:
-            cmds = [self._queue.get(block=block, timeout=timeout) if block else self._queue.get_nowait()]
+            if block:
+                timeout = 1.0 if expiry is None else min(1.0, max(0.0, expiry - self.clock()))
+                first = self._queue.get(timeout=timeout)
+            else:
+                first = self._queue.get_nowait()
         except queue.Empty:
             return []
+        return self._rest([first])
+
+    def _rest(self, cmds: list[Command]) -> list[Command]:
+        """`cmds` and every command queued behind them, without waiting."""
         while True:
             try:
                 cmds.append(self._queue.get_nowait())

@@ -34,7 +34,7 @@ from mlx_server.types import Event
 
 PLAN_VERSION = 1
 INLINE = 4096  # plan bytes carried in the iteration's one collective; a larger plan takes a second one
-RANK_FIELDS = 2  # per rank in the header: free memory bytes, pid
+REPORT = struct.Struct("<qq")  # each rank's region of the header: its free memory bytes, its pid
 HEADER = struct.Struct("<qq")  # plan length, plan version
 
 
@@ -105,19 +105,19 @@ class Lockstep:
         """Rank 0 passes its plan, the others None; every rank gets the plan and every rank's free memory."""
         tic = time.perf_counter()
         size = self.size
-        head = HEADER.size + 8 * RANK_FIELDS * size
+        head = HEADER.size + REPORT.size * size
         payload = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL) if self.leader else b""
         buf = bytearray(head + INLINE)
         if self.leader:
             HEADER.pack_into(buf, 0, len(payload), PLAN_VERSION)
             buf[head:head + min(len(payload), INLINE)] = payload[:INLINE]
-        struct.pack_into("<qq", buf, HEADER.size + 8 * RANK_FIELDS * self.rank, free, pid)
+        REPORT.pack_into(buf, HEADER.size + REPORT.size * self.rank, free, pid)
         summed = self._sum(buf)
         length, version = HEADER.unpack_from(summed, 0)
         if version != PLAN_VERSION:
             raise RuntimeError(f"rank 0 speaks step plan version {version}, this rank {PLAN_VERSION}: "
                                "run the same mlx-server on every rank")
-        reports = [struct.unpack_from("<qq", summed, HEADER.size + 8 * RANK_FIELDS * r) for r in range(size)]
+        reports = [REPORT.unpack_from(summed, HEADER.size + REPORT.size * r) for r in range(size)]
         body = bytes(summed[head:head + min(length, INLINE)])
         if length > INLINE:  # rare: many requests admitted at once
             rest = bytearray(length - INLINE)
