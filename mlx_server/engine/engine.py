@@ -69,7 +69,7 @@ class Engine:
         """At start, say which configured models a distributed group cannot serve (in the log and in /health)."""
         for name in self.config.models:
             try:
-                problem = self.loader.shard_problem(name)
+                problem = self.loader.split(name)[1]
             except MlxServerError:
                 continue  # missing or broken files: /health reports those already
             except Exception:  # noqa: BLE001 - an unknown architecture fails its load later, with its own message

@@ -91,9 +91,6 @@ class ModelLoader:
         return method, (f"model \"{name}\" ({files.config.get('model_type')}) cannot be split across ranks: mlx_lm "
                         f"has no {what[method] if wanted != 'auto' else 'shard() or pipeline()'} for this architecture")
 
-    def shard_problem(self, name: str) -> Optional[str]:
-        return self.split(name)[1]
-
     def _load_sharded(self, name: str) -> LoadedModel:
         """Tensor parallel through mlx_lm's `Model.shard()`, else pipeline through its `model.pipeline()` (as
         mlx_lm's `sharded_load` chooses); every rank reports success before any goes on, so one rank's failure fails
@@ -130,14 +127,14 @@ class ModelLoader:
             raise ModelLoadFailed(f"failed to load model \"{name}\" on {failed} other rank(s): see their logs")
         dtype = next((a.dtype for _, a in tree_flatten(model.parameters()) if mx.issubdtype(a.dtype, mx.floating)),
                      None)
-        if method == "tensor":
-            return self._runner(name, files, model, cfg, dtype, shards=ls.size, split=method)
+        if method == "tensor":  # a rank holds its share of the heads
+            return self._runner(name, files, model, cfg, dtype, shards=ls.size, split=method, kv_share=(1, ls.size))
         # Pipeline: a rank holds the KV of its own layers, at most ceil(layers / ranks) of them. Its prompt caches
         # would be as uneven, and the LRU trims them by bytes, so ranks would keep (and find) different prefixes:
         # no stored prompt caches for a pipelined model.
         layers = int(cfg.get("num_hidden_layers") or len(model.layers) or 1)
         return self._runner(name, files, model, cfg, dtype, shards=ls.size, split=method,
-                            kv_fraction=-(-layers // ls.size) / layers, prompt_cache_bytes=0)
+                            kv_share=(-(-layers // ls.size), layers), prompt_cache_bytes=0)
 
     def _load_slices(self, name: str) -> Generator[None, None, LoadedModel]:
         """A load in slices: weights are evaluated a few at a time, yielding so other models keep decoding."""
@@ -165,12 +162,11 @@ class ModelLoader:
         return self._runner(name, files, model, cfg, dtype)
 
     def _runner(self, name: str, files: ModelFiles, model: Any, cfg: dict[str, Any], dtype: Any, shards: int = 1,
-                split: str = "", kv_fraction: Optional[float] = None,
+                split: str = "", kv_share: tuple[int, int] = (1, 1),
                 prompt_cache_bytes: Optional[int] = None) -> LoadedModel:
-        # modelinfo counts 2 bytes per element; scale to the real float type. A tensor shard holds its share of the
-        # heads; a pipeline stage its share of the layers (kv_fraction).
+        # modelinfo counts 2 bytes per element; scale to the real float type, then to this rank's share (rounded up).
         per_token = kv_bytes_per_token(cfg) // 2 * (dtype.size if dtype is not None else 2)
-        kv_per_token = int(-(-per_token * kv_fraction // 1)) if kv_fraction is not None else -(-per_token // shards)
+        kv_per_token = -(-per_token * kv_share[0] // kv_share[1])
         cache_bytes = self.config.server.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
         runner = ModelRunner(name, model, files.tokenizer, files.context_length, kv_per_token=kv_per_token,
                              max_batch=self.max_batch, prompt_cache_bytes=cache_bytes)
