@@ -16,9 +16,8 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import greedy_sampler
 
-from mlx_server.engine.sampling import make_processors, make_sampler
+from mlx_server.engine.sampling import guard_processors, guard_sampler, make_processors, make_sampler
 from mlx_server.engine.output import SequenceOutput, make_output
 from mlx_server.engine.embedding import ACTIVATION_FACTOR, EmbedBatcher, EmbedJob, decoder_forward
 from mlx_server.engine.prefill import PrefillJob
@@ -189,46 +188,13 @@ class ModelRunner:
         tokens = job.tokens
         [uid] = self.generator.insert(
             [tokens[-1:]], max_tokens=[seq.max_tokens], caches=[job.cache], all_tokens=[tokens[:-1]],
-            samplers=[self._guard_sampler(make_sampler(req.sampling), req.request_id)],
-            logits_processors=[self._guard_processors(seq.processors, req.request_id)])
+            samplers=[guard_sampler(make_sampler(req.sampling), req.request_id, self.faults)],
+            logits_processors=[guard_processors(seq.processors, req.request_id, self.faults)])
         del self.prefilling[req.request_id]
         seq.uid, seq.job = uid, None
         self.fresh = 2  # BatchGenerator returns a new sequence's first token on the second step after it joins
         self.sequences[uid] = seq
         self.by_request[req.request_id] = uid
-
-    def _guard_processors(self, chain: list[Any], request_id: int) -> list[Any]:
-        """One request's processors, isolated: if they raise, that request fails and the batch goes on."""
-        if not chain:
-            return []  # no per-sequence work at all keeps BatchGenerator on its all-batched path
-
-        def guarded(tokens: mx.array, logits: mx.array) -> mx.array:
-            if request_id in self.faults:
-                return logits
-            try:
-                out = logits
-                for processor in chain:
-                    out = processor(tokens, out)
-                return out
-            except Exception as exc:  # noqa: BLE001 - contained to this request, reported by _fail_faulted
-                self.faults[request_id] = exc
-                return logits
-
-        return [guarded]
-
-    def _guard_sampler(self, sampler: Callable[[mx.array], mx.array], request_id: int
-                       ) -> Callable[[mx.array], mx.array]:
-        if sampler is greedy_sampler:
-            return sampler  # mlx_lm's own argmax, shared so greedy sequences sample in one batched call
-
-        def guarded(logprobs: mx.array) -> mx.array:
-            try:
-                return sampler(logprobs)
-            except Exception as exc:  # noqa: BLE001 - contained to this request
-                self.faults[request_id] = exc
-                return greedy_sampler(logprobs)
-
-        return guarded
 
     def _fail_faulted(self) -> None:
         for request_id, exc in list(self.faults.items()):

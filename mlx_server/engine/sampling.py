@@ -9,7 +9,7 @@ function that shares the global random state, breaking sampling for everyone aft
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.sample_utils import greedy_sampler, make_logits_processors
@@ -95,3 +95,40 @@ def make_processors(params: SamplingParams, num_ctx: int) -> list[Callable[[mx.a
         frequency_penalty=params.frequency_penalty or None,
         frequency_context_size=window,
     )
+
+
+# One request's sampler and processors run inside the whole batch's step; these wrappers keep a failure its own:
+# what they raise is recorded in `faults` (request_id → exception) for the runner to fail that request alone.
+
+def guard_processors(chain: list[Any], request_id: int, faults: dict[int, Exception]) -> list[Any]:
+    """One request's processors, isolated: if they raise, that request fails and the batch goes on."""
+    if not chain:
+        return []  # no per-sequence work at all keeps BatchGenerator on its all-batched path
+
+    def guarded(tokens: mx.array, logits: mx.array) -> mx.array:
+        if request_id in faults:
+            return logits
+        try:
+            out = logits
+            for processor in chain:
+                out = processor(tokens, out)
+            return out
+        except Exception as exc:  # noqa: BLE001 - contained to this request, reported by the runner
+            faults[request_id] = exc
+            return logits
+
+    return [guarded]
+
+
+def guard_sampler(sampler: Filter, request_id: int, faults: dict[int, Exception]) -> Filter:
+    if sampler is greedy_sampler:
+        return sampler  # mlx_lm's own argmax, shared so greedy sequences sample in one batched call
+
+    def guarded(logprobs: mx.array) -> mx.array:
+        try:
+            return sampler(logprobs)
+        except Exception as exc:  # noqa: BLE001 - contained to this request
+            faults[request_id] = exc
+            return greedy_sampler(logprobs)
+
+    return guarded
