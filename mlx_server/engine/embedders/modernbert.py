@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_server.engine.embedders.activations import ACTIVATIONS as _ACTIVATIONS
+from mlx_server.engine.embedders.fused import split_qkv
 from mlx_server.engine.embedders.names import encoder_tensors
 
 
@@ -94,8 +95,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
         batch, length, width = x.shape
         head_dim = width // self.heads
-        qkv = self.Wqkv(x).reshape(batch, length, 3, self.heads, head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (batch, heads, length, head_dim)
+        q, k, v = split_qkv(self.Wqkv(x), self.heads)
         # Right padding: every real token sits at its own index, so offset 0 is each row's own positions.
         q = mx.fast.rope(q, head_dim, traditional=False, base=self.theta, scale=1.0, offset=0)
         k = mx.fast.rope(k, head_dim, traditional=False, base=self.theta, scale=1.0, offset=0)

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_server.engine.embedders.fused import split_qkv
 from mlx_server.engine.embedders.names import encoder_tensors
 
 # activation_function → the gate's activation, as the reference's NomciBertGatedMLP applies it to fc12's output.
@@ -110,9 +111,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
         batch, length, width = x.shape
         head_dim = width // self.heads
-        # (q | k | v), each heads × head_dim: the reference's rearrange "... (three h d) -> ... three h d".
-        qkv = self.Wqkv(x).reshape(batch, length, 3, self.heads, head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (batch, heads, length, head_dim)
+        q, k, v = split_qkv(self.Wqkv(x), self.heads)
         # Right padding: real tokens sit at positions 0..n-1 of their row, so offset 0 is every row's own rope.
         rope = dict(dims=self.cfg.rotary_dims, traditional=self.cfg.rope_interleaved, base=self.cfg.rope_base,
                     scale=1.0, offset=0)
