@@ -137,8 +137,7 @@ def _assemble(manifest: Manifest, tmp: Path, tensors: list[Layer], jsons: list[L
         _copy(layer, manifest.checked_blob(layer), tmp / name.name, None, 0, {})
     config = json.loads((tmp / "config.json").read_text())
     if quantization:
-        common = collections.Counter(json.dumps(q, sort_keys=True) for q in quantization.values()).most_common(1)
-        config["quantization"] = {**json.loads(common[0][0]), **quantization}
+        config["quantization"] = {**_most_common(quantization), **quantization}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     (tmp / COMPLETE).write_text(manifest.ref.display)
 
@@ -175,8 +174,14 @@ def describe(manifest: Manifest) -> dict[str, Any]:
         if layer.kind == "tensor":
             quants.update(mlx_names(read_header(manifest.checked_blob(layer))[0])[1])
     if quants:
-        config["quantization"] = next(iter(quants.values()))
+        config["quantization"] = _most_common(quants)
     return {"config": config, "tokenizer_config": docs.get("tokenizer_config.json") or {}}
+
+
+def _most_common(quants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The quantization most modules share: config.json's default (the others get entries of their own)."""
+    common = collections.Counter(json.dumps(q, sort_keys=True) for q in quants.values()).most_common(1)
+    return dict(json.loads(common[0][0]))
 
 
 __all__ = ["QUANT_TYPES", "describe", "files_size", "is_tensor_model", "mlx_names", "model_dir", "read_header"]
