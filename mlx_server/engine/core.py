@@ -60,7 +60,8 @@ class Core:
             held=lambda m: m.runner.kv_reserved + m.runner.stored_cache_bytes, trim=self._trim_caches)
         self.intake = Intake(lockstep, loader.preparer, clock if lockstep is None else time.monotonic)
         self._waiting = WaitList()
-        self.prefiller = Prefiller(s.prefill_slice, s.prefill_chunk, aging=self._waiting.aging, clock=clock)
+        self.prefiller = Prefiller(s.prefill_slice, s.prefill_chunk, self._waiting.aging, clock,
+                                   contained=lockstep is None)
         self._sinks: dict[int, Sink] = {}  # every accepted request until its terminal event
         self._requests: dict[int, EngineRequest] = {}
         self._owner: dict[int, str] = {}  # request_id → model, for requests admitted into a runner
@@ -70,7 +71,7 @@ class Core:
         self.observer: Optional[Observer] = None
         self.status = EngineStatus(memory=MemoryStatus(budget=s.memory_budget))
         self._counters = EngineCounters()
-        self._fatal: Optional[str] = None
+        self.fatal: Optional[str] = None  # why the thread died (set before it stops taking commands)
         self.load_errors: dict[str, str] = {}  # model → its last load failure, until it loads (read by Engine)
 
     # ---- any thread ---------------------------------------------------------------------------------------
@@ -92,11 +93,6 @@ class Core:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self.intake.closed
 
-    @property
-    def fatal(self) -> Optional[str]:
-        """Why the thread died (set before it stops taking commands), or None."""
-        return self._fatal
-
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
@@ -104,7 +100,7 @@ class Core:
     def abort(self, error: MlxServerError) -> None:
         """From the watchdog, while the inference thread is stuck waiting on a rank: end every request now (the
         façade lets only the first terminal event of each reach its client) and refuse the rest."""
-        self._fatal = self._fatal or error.message
+        self.fatal = self.fatal or error.message
         fail_untaken(self.intake.close(), error)
         for request_id, sink in list(self._sinks.items()):
             deliver(sink, Failed(request_id, error))
@@ -143,7 +139,7 @@ class Core:
         except BaseException as exc:  # noqa: BLE001 - record why the thread died so /health can say so
             log.exception("inference thread died")
             error = ServiceUnavailable(f"inference engine failed: {exc}")
-            self._fatal = repr(exc)
+            self.fatal = repr(exc)
         finally:
             self._close(error)
         try:
@@ -355,6 +351,8 @@ class Core:
             try:
                 generated += runner.step(self._monotonic())
             except Exception as exc:  # noqa: BLE001 - a bad step fails that batch, never the thread
+                if self.lockstep is not None:
+                    raise  # a group whose step failed (a lost rank, most often) no longer agrees: it must restart
                 log.exception("decode step failed for %s", entry.name)
                 runner.fail_all(InternalError(f"generation failed: {exc}"))
         self._trim_caches(0)
@@ -391,7 +389,7 @@ class Core:
         self._counters = EngineCounters(**{**self._counters.__dict__, "active_requests": now_active,
                                            "queue_size": len(self._waiting) - self._waiting.parked})
         models, memory = resident_status(self.pool)
-        self.status = EngineStatus(alive=self._fatal is None and not self.intake.closed, fatal=self._fatal,
+        self.status = EngineStatus(alive=self.fatal is None and not self.intake.closed, fatal=self.fatal,
                                    counters=self._counters, world=self.lockstep.status() if self.lockstep else None,
                                    models=tuple(models), pool=self.pool.stats, memory=memory,
                                    prefill=prefill_status(self.pool))

@@ -190,5 +190,5 @@ def all_failed(group: mx.distributed.Group, failed: bool) -> int:
     return int(total.item()) - int(failed)
 
 
-__all__ = ["Lockstep", "PLAN_VERSION", "PrefillChunk", "StepPlan", "all_failed", "from_wire", "init_group", "no_sink", "one_stream",
-           "to_wire"]
+__all__ = ["Lockstep", "PLAN_VERSION", "PrefillChunk", "StepPlan", "all_failed", "from_wire", "init_group", "no_sink",
+           "one_stream", "to_wire"]

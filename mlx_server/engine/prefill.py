@@ -118,6 +118,7 @@ class Prefiller:
     aging: float = 30.0
     clock: Callable[[], float] = time.monotonic
     rates: dict[str, Rate] = field(default_factory=dict)
+    contained: bool = True  # a failed chunk fails its request only; distributed, it breaks the group (as a step)
 
     def rank(self, job: PrefillJob, now: float) -> tuple[float, float, float]:
         waited = max(0.0, now - job.enqueued)
@@ -169,6 +170,8 @@ class Prefiller:
         try:
             n = runner.prefill(job, n)
         except Exception as exc:  # noqa: BLE001 - one prompt's failure fails it, never the batch or thread
+            if not self.contained:
+                raise
             log.exception("prefill of request %d failed", job.request_id)
             runner.fail_prefill(job, exc)
             return False
