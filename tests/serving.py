@@ -15,7 +15,7 @@ import httpx
 import uvicorn
 import yaml
 
-from mlx_server.config import Config, build_config
+from mlx_server.config.load import Config, build_config
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlx_server.config import Config, ConfigError, build_config, load_config, parse_duration, parse_size
+from mlx_server.config.load import Config, ConfigError, build_config, load_config, parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,10 +165,10 @@ def test_empty_sections_mean_defaults() -> None:
 
 
 def test_committed_json_schema_is_what_the_code_generates() -> None:
-    from mlx_server.config_schema import json_schema_text
+    from mlx_server.config.schema import json_schema_text
 
     committed = (REPO / "docs" / "models.schema.json").read_text()
-    assert committed == json_schema_text(), "regenerate: python -m mlx_server.config_schema > docs/models.schema.json"
+    assert committed == json_schema_text(), "regenerate: python -m mlx_server.config.schema > docs/models.schema.json"
 
 
 def test_json_schema_accepts_the_shipped_file_and_rejects_mistakes() -> None:

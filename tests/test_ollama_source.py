@@ -11,11 +11,11 @@ import pytest
 
 from gguf_builders import random_blocks, tiny_llama_gguf
 from mlx_server.cli import main
-from mlx_server.config import ModelConfig, build_config
-from mlx_server.diagnose import where_looked
-from mlx_server.engine import gguf_import
-from mlx_server.ollama import OllamaError, Ref, list_store, read_manifest
-from mlx_server.sources import locate
+from mlx_server.config.load import ModelConfig, build_config
+from mlx_server.models.diagnose import where_looked
+from mlx_server.convert import gguf as gguf_import
+from mlx_server.models.ollama_store import OllamaError, Ref, list_store, read_manifest
+from mlx_server.models.sources import locate
 from ollama_store import add_model
 
 

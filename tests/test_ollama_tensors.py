@@ -16,8 +16,8 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 
-from mlx_server.ollama import OllamaError, read_manifest
-from mlx_server.ollama_tensors import model_dir
+from mlx_server.models.ollama_store import OllamaError, read_manifest
+from mlx_server.models.ollama_tensors import model_dir
 from mlx_server.ops.ollama_cli import run_import, run_list
 from ollama_store import MEDIA, add_blob
 from serving import make_config, serve

@@ -77,7 +77,7 @@ def test_in_flight_request_finishes_within_grace(tiny_llama: Path, tmp_path: Pat
 
 
 def test_binding_beyond_loopback_without_key_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from mlx_server.config import build_config
+    from mlx_server.config.load import build_config
     from mlx_server.serve import startup_report
 
     exposed = build_config({"server": {"host": "0.0.0.0", "memory_budget": "1GB"}, "models": {}}, env={})

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from mlx_server import sources
-from mlx_server.config import ModelConfig
-from mlx_server.modelinfo import InfoCache
-from mlx_server.sources import default_cache_dir, extract_zip, locate, resolve_package_file, zip_extract_dir
+from mlx_server.models import sources
+from mlx_server.config.load import ModelConfig
+from mlx_server.models.info import InfoCache
+from mlx_server.models.sources import default_cache_dir, extract_zip, locate, resolve_package_file, zip_extract_dir
 
 MINILM = "package:all_minilm_l6_v2/model.zip"
 MODEL_FILES = {
@@ -206,8 +206,8 @@ def test_preparer_and_catalog_see_the_configured_cache_dir(tmp_path: Path) -> No
     import asyncio
 
     from mlx_server.api.catalog import Catalog
-    from mlx_server.config import build_config
-    from mlx_server.engine.prepare import Preparer
+    from mlx_server.config.load import build_config
+    from mlx_server.engine.prepare.stage import Preparer
 
     cache = tmp_path / "cache"
     config = build_config({"server": {"cache_dir": str(cache)},

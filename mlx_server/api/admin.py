@@ -11,8 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from mlx_server.api.common import ctx_of
-from mlx_server.status import WorldStatus
+from mlx_server.api.context import ctx_of
+from mlx_server.contract.status import WorldStatus
 
 GB = 1e9
 

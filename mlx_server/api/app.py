@@ -14,17 +14,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_server.api import dialects, openapi
+from mlx_server.api import openapi
+from mlx_server.api import routes as dialects
 from mlx_server.api.catalog import Catalog
-from mlx_server.api.common import AppContext
+from mlx_server.api.context import AppContext
 from mlx_server.api.errors_shape import error_response, http_error_payload
 from mlx_server.api.limits import RateLimit
 from mlx_server.api.security import Security
-from mlx_server.config import Config
-from mlx_server.diagnose import ProblemCache
-from mlx_server.errors import InternalError, MlxServerError
-from mlx_server.metrics import Metrics
-from mlx_server.status import EngineClient
+from mlx_server.config.load import Config
+from mlx_server.models.diagnose import ProblemCache
+from mlx_server.contract.errors import InternalError, MlxServerError
+from mlx_server.api.metrics import Metrics
+from mlx_server.contract.status import EngineClient
 
 log = logging.getLogger("mlx_server.api")
 

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from mlx_server.config import Config
-from mlx_server.errors import ModelNotFound
-from mlx_server.modelinfo import InfoCache, ModelInfo, with_embedding
-from mlx_server.sources import Located, locate
+from mlx_server.config.load import Config
+from mlx_server.contract.errors import ModelNotFound
+from mlx_server.models.info import InfoCache, ModelInfo, with_embedding
+from mlx_server.models.sources import Located, locate
 
 Describe = Callable[[Located], Optional[ModelInfo]]
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from mlx_server.api.dialects import dialect_for
-from mlx_server.errors import MlxServerError
+from mlx_server.api.routes import dialect_for
+from mlx_server.contract.errors import MlxServerError
 
 
 def dialect_of(path: str) -> str:

@@ -23,10 +23,10 @@ import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from mlx_server.api.dialects import paths
+from mlx_server.api.routes import paths
 from mlx_server.api.errors_shape import error_payload, stream_error
-from mlx_server.config import Config
-from mlx_server.errors import MlxServerError, PayloadTooLarge, UpstreamUnavailable
+from mlx_server.config.load import Config
+from mlx_server.contract.errors import MlxServerError, PayloadTooLarge, UpstreamUnavailable
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

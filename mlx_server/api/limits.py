@@ -12,7 +12,7 @@ from typing import Callable, Collection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_server.api.errors_shape import error_response
-from mlx_server.errors import RateLimited
+from mlx_server.contract.errors import RateLimited
 
 
 class RateLimit:

@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlx_server.api.dialect import Endpoint
-from mlx_server.api.dialects import ENDPOINTS, dialect_for
+from mlx_server.api.dialects.base import Endpoint
+from mlx_server.api.routes import ENDPOINTS, dialect_for
 
 JSON = dict[str, Any]
 

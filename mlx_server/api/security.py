@@ -17,8 +17,8 @@ from typing import Optional
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_server.api.errors_shape import error_response
-from mlx_server.config import ServerConfig
-from mlx_server.errors import Forbidden, MlxServerError, PayloadTooLarge, Unauthorized
+from mlx_server.config.load import ServerConfig
+from mlx_server.contract.errors import Forbidden, MlxServerError, PayloadTooLarge, Unauthorized
 
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 OPEN_PATHS = {"/health"}

@@ -16,22 +16,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Callable, Optional, Sequence
 
-from mlx_server.config import Config
-from mlx_server.engine.commands import Admit, Cancel, Control, Preload, Sink
-from mlx_server.engine.core import Core
-from mlx_server.engine.loader import ModelLoader
-from mlx_server.engine.lockstep import Lockstep
-from mlx_server.engine.prepare import Prepared, PreparedEmbed, Preparer
-from mlx_server.errors import InternalError, MlxServerError, ModelLoadFailed, ServerBusy, ServiceUnavailable
-from mlx_server.status import EngineStatus, Observer
-from mlx_server.types import (CountTokensRequest, Done, EmbedRequest, EngineRequest, Event, Failed, GenerateRequest,
-                              LoadRequest, Started, UnloadRequest, Usage)
+from mlx_server.config.load import Config
+from mlx_server.engine.loop.commands import Admit, Cancel, Control, Preload, Sink
+from mlx_server.engine.loop.core import Core
+from mlx_server.engine.model.loader import ModelLoader
+from mlx_server.engine.distributed.lockstep import Lockstep
+from mlx_server.engine.prepare.stage import Prepared, PreparedEmbed, Preparer
+from mlx_server.contract.errors import InternalError, MlxServerError, ModelLoadFailed, ServerBusy, ServiceUnavailable
+from mlx_server.contract.status import EngineStatus, Observer
+from mlx_server.contract.events import Done, Event, Failed, Started, Usage
+from mlx_server.contract.requests import CountTokensRequest, EmbedRequest, EngineRequest, GenerateRequest, LoadRequest, UnloadRequest
 
 log = logging.getLogger("mlx_server.engine")
 
 
 class Engine:
-    """Implements mlx_server.status.EngineClient."""
+    """Implements mlx_server.contract.status.EngineClient."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
                  importer: Optional[Callable[[Path, Path], Path]] = None, load_slice: float = 0.05,

@@ -42,9 +42,9 @@ def device() -> dict[str, Any]:
 def load(config_path: str, name: str) -> dict[str, Any]:
     import mlx.core as mx
 
-    from mlx_server.config import load_config
-    from mlx_server.engine.loader import ModelLoader
-    from mlx_server.engine.prepare import Preparer
+    from mlx_server.config.load import load_config
+    from mlx_server.engine.model.loader import ModelLoader
+    from mlx_server.engine.prepare.stage import Preparer
 
     config = load_config(Path(config_path))
     preparer = Preparer(config, workers=1)

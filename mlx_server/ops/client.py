@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from mlx_server.config import DEFAULT_PORT, Config
-from mlx_server.modelinfo import InfoCache
-from mlx_server.sources import locate
+from mlx_server.config.load import DEFAULT_PORT, Config
+from mlx_server.models.info import InfoCache
+from mlx_server.models.sources import locate
 
 ReadLine = Callable[[str], Optional[str]]
 

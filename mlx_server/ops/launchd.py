@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, TextIO
 
-from mlx_server.config import ConfigError
+from mlx_server.config.load import ConfigError
 from mlx_server.ops.client import ClientError, get_json, http_client, human_size
 
 DEFAULT_LABEL = "com.mlx-server"

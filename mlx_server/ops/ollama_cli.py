@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
-from mlx_server.ollama import PREFIX, Manifest, OllamaError, list_store, read_manifest, store_root
-from mlx_server.ollama_tensors import files_size, is_tensor_model
-from mlx_server.ollama_tensors import model_dir as assemble
+from mlx_server.models.ollama_store import PREFIX, Manifest, OllamaError, list_store, read_manifest, store_root
+from mlx_server.models.ollama_tensors import files_size, is_tensor_model
+from mlx_server.models.ollama_tensors import model_dir as assemble
 
 
 def _bar(label: str, err: TextIO) -> Callable[[int, int], None]:
@@ -39,7 +39,7 @@ def _bar(label: str, err: TextIO) -> Callable[[int, int], None]:
 def run_import(spec: str, cache: Path, name: Optional[str], out: Optional[TextIO] = None,
                err: Optional[TextIO] = None) -> int:
     """Import a .gguf path or an `ollama:NAME` into the cache; print the model dir, the report, a models.yaml entry."""
-    from mlx_server.engine.gguf_import import import_gguf, import_report, report_lines
+    from mlx_server.convert.gguf import import_gguf, import_report, report_lines
 
     out, err = out or sys.stdout, err or sys.stderr
     if spec.startswith(PREFIX):
@@ -73,7 +73,7 @@ def run_import(spec: str, cache: Path, name: Optional[str], out: Optional[TextIO
 
 def run_list(store: Optional[Path] = None, out: Optional[TextIO] = None) -> int:
     """The store's models as a table, then the models.yaml entries for those that can be served."""
-    from mlx_server.gguf_file import summarize
+    from mlx_server.models.gguf_file import summarize
 
     out = out or sys.stdout
     root = store or store_root()
@@ -115,7 +115,7 @@ def run_list(store: Optional[Path] = None, out: Optional[TextIO] = None) -> int:
 
 def _tensor_row(manifest: Manifest) -> tuple[str, str, str, str, str]:
     """A safetensors (-mlx) model: its architecture from config.json, its quantization from the blob headers."""
-    from mlx_server.ollama_tensors import QUANT_TYPES, describe
+    from mlx_server.models.ollama_tensors import QUANT_TYPES, describe
 
     name = manifest.ref.display
     try:

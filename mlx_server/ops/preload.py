@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
-from mlx_server.config import Config, ModelConfig
+from mlx_server.config.load import Config, ModelConfig
 from mlx_server.ops.client import ClientError, error_text, format_table, get_json, http_client, human_size
 from mlx_server.ops.pull import ensure_local
-from mlx_server.sources import Located, locate
+from mlx_server.models.sources import Located, locate
 
 
 @dataclass

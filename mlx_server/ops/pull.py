@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from mlx_server.config import ModelConfig
-from mlx_server.sources import Located, SourceKind, complete_model_dir, locate
+from mlx_server.config.load import ModelConfig
+from mlx_server.models.sources import Located, SourceKind, complete_model_dir, locate
 
 # What mlx_lm.load reads from a checkpoint folder. Sub-folders never count (repos ship PyTorch or GGUF copies
 # there), and *.bin / *.pth are never needed.

@@ -16,9 +16,9 @@ from gguf import GGUFWriter
 
 from mlx_server.api.app import create_app
 from mlx_server.api.catalog import Catalog
-from mlx_server.errors import ModelNotFound
-from mlx_server.modelinfo import InfoCache, ModelInfo
-from mlx_server.sources import Located
+from mlx_server.contract.errors import ModelNotFound
+from mlx_server.models.info import InfoCache, ModelInfo
+from mlx_server.models.sources import Located
 from serving import Server, free_port, make_config, serve
 
 HEALTH_LIMIT = 0.5  # seconds: far below the seconds a GGUF header takes, far above a loaded machine's jitter

@@ -20,9 +20,9 @@ import openai
 import pytest
 
 from fakeengine import FakeEngine
-from mlx_server.errors import ServerBusy
-from mlx_server.types import (CountTokensRequest, Delta, EmbedRequest, EngineRequest, Event, Failed, GenerateRequest,
-                              LoadRequest, Started, UnloadRequest)
+from mlx_server.contract.errors import ServerBusy
+from mlx_server.contract.events import Delta, Event, Failed, Started
+from mlx_server.contract.requests import CountTokensRequest, EmbedRequest, EngineRequest, GenerateRequest, LoadRequest, UnloadRequest
 from serving import Server, make_config, serve
 
 HI = [{"role": "user", "content": "one two three four five six seven"}]

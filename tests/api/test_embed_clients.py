@@ -22,7 +22,7 @@ from langchain_ollama import OllamaEmbeddings
 from tokenizers import Tokenizer
 
 from embed_reference import ReferenceEncoder, cosine
-from mlx_server.sources import extract_zip, resolve_package_file
+from mlx_server.models.sources import extract_zip, resolve_package_file
 from serving import Server, make_config, serve
 
 MINILM = "package:all_minilm_l6_v2/model.zip"

@@ -21,9 +21,9 @@ import openai
 import pytest
 
 from fakeengine import FAKE_CONTEXT, FAKE_WIDTH, FakeEngine, fake_vectors
-from mlx_server.api.embeddings import dumps
-from mlx_server.errors import ServerBusy
-from mlx_server.types import EmbedRequest, LoadRequest, Priority, UnloadRequest
+from mlx_server.api.dialects.embeddings import dumps
+from mlx_server.contract.errors import ServerBusy
+from mlx_server.contract.requests import EmbedRequest, LoadRequest, Priority, UnloadRequest
 from serving import Server, make_config, serve
 
 MAX_BODY = 64 * 1024

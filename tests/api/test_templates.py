@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_server.api.templates import render_go_template
-from mlx_server.errors import BadRequest
+from mlx_server.api.dialects.templates import render_go_template
+from mlx_server.contract.errors import BadRequest
 
 
 def test_prompt_and_system() -> None:

@@ -6,10 +6,11 @@ import queue
 import time
 from typing import Any
 
-from mlx_server.engine.prefill import Prefiller
-from mlx_server.engine.prepare import prepare_request
-from mlx_server.engine.runner import ModelRunner
-from mlx_server.types import Delta, Done, Event, Failed, GenerateRequest
+from mlx_server.engine.loop.prefill import Prefiller
+from mlx_server.engine.prepare.stage import prepare_request
+from mlx_server.engine.model.runner import ModelRunner
+from mlx_server.contract.events import Delta, Done, Event, Failed
+from mlx_server.contract.requests import GenerateRequest
 
 
 class Waiter:

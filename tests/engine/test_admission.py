@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mlx_server.engine.admission import Waiting, WaitList
-from mlx_server.types import GenerateRequest, Priority
+from mlx_server.engine.loop.admission import Waiting, WaitList
+from mlx_server.contract.requests import GenerateRequest, Priority
 
 
 def waiting(priority: Priority, at: float) -> Waiting:

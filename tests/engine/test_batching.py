@@ -11,9 +11,10 @@ from mlx_lm import load
 
 from enginetools import add, submit, until
 from mlx_server.engine.engine import Engine
-from mlx_server.engine.runner import ModelRunner
-from mlx_server.errors import RequestTimeout, ServerBusy
-from mlx_server.types import Delta, Done, Failed, GenerateRequest, Priority, SamplingParams
+from mlx_server.engine.model.runner import ModelRunner
+from mlx_server.contract.errors import RequestTimeout, ServerBusy
+from mlx_server.contract.events import Delta, Done, Failed
+from mlx_server.contract.requests import GenerateRequest, Priority, SamplingParams
 from serving import make_config, serve
 
 GREEDY = SamplingParams(temperature=0.0)

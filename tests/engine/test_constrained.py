@@ -19,10 +19,10 @@ import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from mlx_server.engine.engine import Engine
-from mlx_server.errors import BadRequest
-from mlx_server.types import (ChatMessage, CountTokensRequest, Delta, Done, Event, Failed, GenerateRequest, SamplingParams, Started,
-                              ToolChoice)
-from mlx_server.engine.prompt import render
+from mlx_server.contract.errors import BadRequest
+from mlx_server.contract.events import Delta, Done, Event, Failed, Started
+from mlx_server.contract.requests import ChatMessage, CountTokensRequest, GenerateRequest, SamplingParams, ToolChoice
+from mlx_server.engine.prepare.prompt import render
 from serving import Server, make_config, serve
 from tinymodels import build_tiny_model
 

@@ -10,8 +10,9 @@ import pytest
 
 from enginetools import control, submit, until
 from mlx_server.engine.engine import Engine
-from mlx_server.errors import ServiceUnavailable
-from mlx_server.types import CountTokensRequest, Done, Failed, GenerateRequest, LoadRequest, SamplingParams
+from mlx_server.contract.errors import ServiceUnavailable
+from mlx_server.contract.events import Done, Failed
+from mlx_server.contract.requests import CountTokensRequest, GenerateRequest, LoadRequest, SamplingParams
 from serving import make_config
 
 GREEDY = SamplingParams(temperature=0.0)

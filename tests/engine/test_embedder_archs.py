@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from embed_reference import ModernBertReference, NomicReference, cosine
-from mlx_server.embedinfo import embedding_info
-from mlx_server.engine.embedders import Embedder, load_embedder
+from mlx_server.models.embedinfo import embedding_info
+from mlx_server.engine.model.embedders import Embedder, load_embedder
 from tinyembedders import (HIDDEN, MAX_TOKENS, build_tiny_modernbert, build_tiny_nomic,
                            build_tiny_qwen3_embedder)
 
@@ -165,7 +165,8 @@ def test_nomic_and_qwen3_embedding_through_the_engine(tmp_path: Path) -> None:
     two concurrent requests give the vectors the embedder gives alone."""
     from enginetools import Waiter
     from mlx_server.engine.engine import Engine
-    from mlx_server.types import Done, EmbedRequest, Embeddings
+    from mlx_server.contract.events import Done, Embeddings
+    from mlx_server.contract.requests import EmbedRequest
     from serving import make_config
 
     paths = {"nomic": build_tiny_nomic(tmp_path / "nomic", seed=5),

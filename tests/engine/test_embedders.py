@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from embed_reference import ReferenceEncoder, cosine
-from mlx_server.engine.embedders import Embedder, load_embedder
-from mlx_server.sources import extract_zip, resolve_package_file
+from mlx_server.engine.model.embedders import Embedder, load_embedder
+from mlx_server.models.sources import extract_zip, resolve_package_file
 from tinyembedders import MAX_TOKENS, build_tiny_encoder
 
 MINILM = "package:all_minilm_l6_v2/model.zip"
@@ -154,7 +154,7 @@ def test_dtype_cast(tmp_path: Path) -> None:
 
 
 def test_the_rational_erf_gelu_matches_mlx_exact_gelu() -> None:
-    from mlx_server.engine.embedders.activations import erf, gelu
+    from mlx_server.engine.model.embedders.activations import erf, gelu
 
     x = mx.linspace(-10.0, 10.0, 200001)
     assert mx.max(mx.abs(erf(x) - mx.erf(x))).item() < 1e-6

@@ -14,9 +14,10 @@ from mlx_lm import load
 from embed_reference import ReferenceEncoder, cosine
 from enginetools import Waiter, submit, tokens_so_far
 from mlx_server.engine.engine import Engine
-from mlx_server.engine.runner import kv_bound
-from mlx_server.errors import BadRequest
-from mlx_server.types import Done, EmbedRequest, Embeddings, Failed, SamplingParams, Started
+from mlx_server.engine.model.runner import kv_bound
+from mlx_server.contract.errors import BadRequest
+from mlx_server.contract.events import Done, Embeddings, Failed, Started
+from mlx_server.contract.requests import EmbedRequest, SamplingParams
 from serving import make_config
 from tinyembedders import MAX_TOKENS, build_tiny_encoder
 from tinymodels import build_tiny_model

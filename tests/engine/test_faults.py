@@ -14,9 +14,10 @@ import mlx.core as mx
 from mlx_lm import load
 
 from enginetools import add, until
-from mlx_server.engine.runner import ModelRunner
-from mlx_server.errors import InternalError
-from mlx_server.types import Done, Failed, GenerateRequest, SamplingParams
+from mlx_server.engine.model.runner import ModelRunner
+from mlx_server.contract.errors import InternalError
+from mlx_server.contract.events import Done, Failed
+from mlx_server.contract.requests import GenerateRequest, SamplingParams
 from serving import make_config, serve
 
 

@@ -20,9 +20,9 @@ from mlx_lm.utils import load_model
 
 from gguf_builders import byte_level_vocab, gguf_dequant, logits, random_blocks, reference_dir, unpermute_rows, \
     write_gguf
-from mlx_server.engine.gguf_arch import ARCHS, Meta
-from mlx_server.engine.gguf_import import import_gguf, import_report
-from mlx_server.gguf_file import SUPPORTED_ARCHS
+from mlx_server.convert.gguf_arch import ARCHS, Meta
+from mlx_server.convert.gguf import import_gguf, import_report
+from mlx_server.models.gguf_file import SUPPORTED_ARCHS
 
 LOSSLESS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K")
 BASE = {"hidden_size": 256, "num_hidden_layers": 2, "intermediate_size": 512, "num_attention_heads": 4,

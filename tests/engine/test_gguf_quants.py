@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from mlx_server.engine import gguf_quants as gq
-from mlx_server.engine.gguf_import import import_gguf
-from mlx_server.gguf_file import LOSSLESS_BITS, REQUANT_BITS, meta, open_gguf, summarize
+from mlx_server.convert import gguf_quants as gq
+from mlx_server.convert.gguf import import_gguf
+from mlx_server.models.gguf_file import LOSSLESS_BITS, REQUANT_BITS, meta, open_gguf, summarize
 from gguf_builders import gguf_dequant, random_blocks, tiny_llama_gguf
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_server.engine.commands import Admit, Cancel, Preload
-from mlx_server.engine.lockstep import INLINE, Lockstep, StepPlan, from_wire, no_sink, to_wire
-from mlx_server.engine.prefill import PrefillChunk
-from mlx_server.engine.prepare import Preparer
-from mlx_server.types import GenerateRequest
+from mlx_server.engine.loop.commands import Admit, Cancel, Preload
+from mlx_server.engine.distributed.lockstep import INLINE, Lockstep, StepPlan, from_wire, no_sink, to_wire
+from mlx_server.engine.loop.prefill import PrefillChunk
+from mlx_server.engine.prepare.stage import Preparer
+from mlx_server.contract.requests import GenerateRequest
 from serving import make_config
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from mlx_server.engine.output import OutputStream, StopMatcher
+from mlx_server.engine.model.output import OutputStream, StopMatcher
 
 
 @pytest.mark.parametrize("chunks,stops,want", [

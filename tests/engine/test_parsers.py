@@ -12,13 +12,12 @@ import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 from mlx_lm.tool_parsers import json_tools, mistral
 
-from mlx_server.engine.output import LogprobReader, OutputStream, SequenceOutput, make_output
-from mlx_server.engine.parsers import (GENERIC_JSON, OutputSplitter, Parts, ToolFormat, forced_tool_format,
-                                       parse_llama3_json, request_tool_format, starts_in_thinking, think_markers,
-                                       tool_format_for)
+from mlx_server.engine.model.output import LogprobReader, OutputStream, SequenceOutput, make_output
+from mlx_server.engine.model.parsers import (GENERIC_JSON, OutputSplitter, Parts, ToolFormat, forced_tool_format, parse_llama3_json, request_tool_format, starts_in_thinking, think_markers, tool_format_for)
 from mlx_server.engine.engine import Engine
-from mlx_server.engine.prompt import render
-from mlx_server.types import ChatMessage, Event, GenerateRequest, ToolChoice
+from mlx_server.engine.prepare.prompt import render
+from mlx_server.contract.events import Event
+from mlx_server.contract.requests import ChatMessage, GenerateRequest, ToolChoice
 from serving import Server, make_config, serve
 from thinking_model import build_thinking_model
 

@@ -13,8 +13,9 @@ import pytest
 
 from enginetools import control, submit, until
 from mlx_server.engine.engine import Engine
-from mlx_server.errors import InsufficientMemory, ModelLoadFailed
-from mlx_server.types import Done, Failed, LoadRequest, Priority, SamplingParams, UnloadRequest
+from mlx_server.contract.errors import InsufficientMemory, ModelLoadFailed
+from mlx_server.contract.events import Done, Failed
+from mlx_server.contract.requests import LoadRequest, Priority, SamplingParams, UnloadRequest
 from serving import make_config
 from tinymodels import build_tiny_model
 

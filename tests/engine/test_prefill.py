@@ -13,11 +13,12 @@ from mlx_lm import load
 
 from enginetools import Waiter, submit, until
 from mlx_server.engine.engine import Engine
-from mlx_server.engine.prefill import Prefiller
-from mlx_server.engine.prepare import prepare_request
-from mlx_server.engine.runner import ModelRunner
-from mlx_server.errors import RequestTimeout
-from mlx_server.types import Delta, Done, Failed, GenerateRequest, Priority, SamplingParams, Started
+from mlx_server.engine.loop.prefill import Prefiller
+from mlx_server.engine.prepare.stage import prepare_request
+from mlx_server.engine.model.runner import ModelRunner
+from mlx_server.contract.errors import RequestTimeout
+from mlx_server.contract.events import Delta, Done, Failed, Started
+from mlx_server.contract.requests import GenerateRequest, Priority, SamplingParams
 from serving import make_config
 from tinymodels import build_tiny_model, reference_greedy
 

@@ -10,8 +10,9 @@ from mlx_lm import generate as mlx_generate
 from mlx_lm import load
 
 from enginetools import add
-from mlx_server.engine.runner import ModelRunner
-from mlx_server.types import ChatMessage, Delta, Done, Event, GenerateRequest, SamplingParams, Started
+from mlx_server.engine.model.runner import ModelRunner
+from mlx_server.contract.events import Delta, Done, Event, Started
+from mlx_server.contract.requests import ChatMessage, GenerateRequest, SamplingParams
 from tinymodels import reference_greedy
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -6,8 +6,8 @@ import mlx.core as mx
 import pytest
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from mlx_server.engine.sampling import make_sampler, min_p_filter, top_k_filter, top_p_filter
-from mlx_server.types import SamplingParams
+from mlx_server.engine.model.sampling import make_sampler, min_p_filter, top_k_filter, top_p_filter
+from mlx_server.contract.requests import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,13 @@ from typing import Any, Iterator, Sequence
 import jsonschema
 import pytest
 
-from mlx_server.api.ollama import OLLAMA_VERSION
+from mlx_server.api.dialects.ollama import OLLAMA_VERSION
 from mlx_server.cli import main
-from mlx_server.diagnose import ProblemCache, locate_quick, model_problems
-from mlx_server.ops.doctor import Machine, mlx_check, platform_checks
-from mlx_server.ops.doctor_server import launchd_checks
+from mlx_server.models.diagnose import ProblemCache, locate_quick, model_problems
+from mlx_server.ops.doctor.checks import Machine, mlx_check, platform_checks
+from mlx_server.ops.doctor.server import launchd_checks
 from mlx_server.ops.launchd import Agent, Host, Launchctl
-from mlx_server.ops.probes import Platform, sysctl_flag
+from mlx_server.ops.doctor.probes import Platform, sysctl_flag
 from serving import free_port, make_config, serve
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "docs" / "doctor.schema.json").read_text())

@@ -18,7 +18,7 @@ from typing import Sequence
 import pytest
 
 from mlx_server.cli import main
-from mlx_server.config import ConfigError
+from mlx_server.config.load import ConfigError
 from mlx_server.ops.launchd import TEMPLATE, Agent, Group, Host, Launchctl
 from serving import free_port, make_config, serve
 

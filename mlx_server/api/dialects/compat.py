@@ -1,0 +1,36 @@
+"""Small translations shared by the OpenAI and Anthropic dialects (their fields' types and ranges: api/bodies.py)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from mlx_server.contract.errors import BadRequest
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+def arguments_object(raw: Any, where: str) -> dict[str, Any]:
+    """Tool-call arguments from history (a JSON string in OpenAI, an object elsewhere) as the object templates want."""
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, dict):
+        return raw
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise BadRequest(f"{where}: arguments must be a JSON object") from None
+        if isinstance(value, dict):
+            return value
+    raise BadRequest(f"{where}: arguments must be a JSON object")
+
+
+def json_dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+__all__ = ["arguments_object", "json_dumps", "new_id"]

@@ -1,0 +1,90 @@
+"""What the engine sends back for a request: Started, Delta, Embeddings, then one Done or Failed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional, Union
+
+from mlx_server.contract.errors import MlxServerError
+
+
+@dataclass(frozen=True)
+class Started:
+    """The prompt is tokenized and admitted; counts are known before any token is generated."""
+
+    request_id: int
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+    load_duration: float  # seconds spent loading the model for this request (0 when resident)
+    truncated: int = 0  # prompt tokens dropped from the left to fit num_ctx
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Newly decoded output. `content` and `thinking` never contain stop strings or partial UTF-8."""
+
+    request_id: int
+    content: str = ""
+    thinking: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tokens: int = 0  # generated tokens this delta accounts for
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+DoneReason = Literal["stop", "length", "load", "unload", "cancelled", "timeout", "tool_calls"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    load_duration: float = 0.0
+    prompt_eval_duration: float = 0.0
+    eval_duration: float = 0.0
+    total_duration: float = 0.0
+
+    @property
+    def evaluated_prompt_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
+@dataclass(frozen=True)
+class Done:
+    request_id: int
+    model: str
+    reason: DoneReason
+    usage: Usage
+    stop_sequence: Optional[str] = None  # the stop string that ended the output, when one did
+
+
+@dataclass(frozen=True, eq=False)
+class Embeddings:
+    """An EmbedRequest's result, one row per input in input order: float32, shape (inputs, dimensions)."""
+
+    request_id: int
+    model: str
+    vectors: Any  # numpy.ndarray: kept as one array so 1,000 vectors cross threads without 384,000 floats
+    prompt_tokens: int  # tokens embedded, after truncation
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request ended with an error; after Started this becomes an in-stream error line."""
+
+    request_id: int
+    error: MlxServerError
+
+
+Event = Union[Started, Delta, Embeddings, Done, Failed]
+
+Sink = Callable[[Event], None]
+"""Where a request's events go; the engine calls it from its own threads."""

@@ -1,0 +1,193 @@
+"""Turns a configured model name into a ModelRunner (mlx_lm load in slices) and back.
+
+The preparation stage has already found (and, for a GGUF, imported) the model's files and loaded its tokenizer,
+so a load here only evaluates weights, a few at a time between decode steps. Footprints are weights on disk;
+KV is reserved per sequence at admission (core.py, runner.kv_bytes), never guessed per model.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generator, Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_server.config.load import Config
+from mlx_server.engine.prepare.stage import ModelFiles, Preparer
+from mlx_server.engine.kinds.embed import EmbedRunner
+from mlx_server.engine.distributed.lockstep import Lockstep, all_failed
+from mlx_server.engine.model.runner import ModelRunner
+from mlx_server.contract.errors import ModelLoadFailed
+from mlx_server.models.info import kv_bytes_per_token
+
+log = logging.getLogger("mlx_server.loader")
+
+
+@dataclass
+class LoadedModel:
+    runner: ModelRunner | EmbedRunner
+    path: Path
+    config: dict[str, Any]
+
+
+class ModelLoader:
+    def __init__(self, config: Config, preparer: Preparer, *, slice_seconds: float = 0.05,
+                 lockstep: Optional[Lockstep] = None) -> None:
+        self.config = config
+        self.lockstep = lockstep
+        self.preparer = preparer
+        self.max_batch = config.server.max_concurrent
+        self.slice_seconds = slice_seconds
+
+    def _files(self, name: str) -> Generator[None, None, ModelFiles]:
+        """The model's files from the preparation stage, waiting in slices if they are still being made."""
+        future: Future[ModelFiles] = self.preparer.executor.submit(self.preparer.files, name)
+        while True:
+            try:
+                return future.result(timeout=self.slice_seconds)
+            except FuturesTimeout:
+                yield
+
+    def estimate(self, name: str) -> int:
+        """Bytes of weights (this rank's share, distributed); only called once the preparation stage saw the model."""
+        files = self.preparer.files(name)
+        if self.lockstep is not None and files.embedding is None:
+            return -(-files.weights // self.lockstep.size)
+        return files.weights
+
+    def load(self, name: str) -> Generator[None, None, LoadedModel] | LoadedModel:
+        """In slices (a generator), or distributed in one go: every rank loads in the same iteration."""
+        if self.lockstep is not None:
+            return self._load_sharded(name)
+        return self._load_slices(name)
+
+    def split(self, name: str) -> tuple[str, Optional[str]]:
+        """How `name` is split across the group ("tensor", "pipeline", or "whole" for embedders), and why it cannot
+        be (None when it can). Reads config.json and mlx_lm's classes only: no weights, no MLX work."""
+        import sys
+
+        from mlx_lm.models.pipeline import PipelineMixin
+        from mlx_lm.utils import _get_classes  # mlx_lm's own model_type → class mapping (mlx-lm is pinned)
+
+        files = self.preparer.files(name)
+        if files.embedding is not None:
+            return "whole", None
+        model_class = _get_classes(files.config)[0]
+        module = vars(sys.modules[model_class.__module__]).values()
+        can = {"tensor": hasattr(model_class, "shard"),
+               "pipeline": any(isinstance(v, type) and issubclass(v, PipelineMixin) for v in module)}
+        wanted = self.config.models[name].parallel
+        method = wanted if wanted != "auto" else ("tensor" if can["tensor"] else "pipeline")
+        if can[method]:
+            return method, None
+        what = {"tensor": "a tensor-parallel shard()", "pipeline": "pipeline()"}
+        return method, (f"model \"{name}\" ({files.config.get('model_type')}) cannot be split across ranks: mlx_lm "
+                        f"has no {what[method] if wanted != 'auto' else 'shard() or pipeline()'} for this architecture")
+
+    def _load_sharded(self, name: str) -> LoadedModel:
+        """Tensor parallel through mlx_lm's `Model.shard()`, else pipeline through its `model.pipeline()` (as
+        mlx_lm's `sharded_load` chooses); every rank reports success before any goes on, so one rank's failure fails
+        the load on all of them instead of leaving the others waiting."""
+        from mlx_lm.utils import load_model
+
+        ls = self.lockstep
+        assert ls is not None
+        files = self.preparer.files(name)
+        if files.embedding is not None:
+            return self._load_embedder(name, files)  # small: a whole copy on every rank
+        method, problem = self.split(name)
+        if problem is not None:
+            raise ModelLoadFailed(problem)  # the same verdict on every rank, from the same config.json
+        ls.loading = True
+        error: Optional[ModelLoadFailed] = None
+        try:
+            model, cfg = load_model(files.path, lazy=True, strict=False)
+            if method == "tensor":
+                model.shard(ls.group)
+            else:
+                model.model.pipeline(ls.group)  # this rank keeps its slice of the layers (rank 0 the last ones)
+            mx.eval(model.parameters())
+        except ModelLoadFailed as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = ModelLoadFailed(f"failed to load model \"{name}\" on rank {ls.rank}: {exc}")
+        finally:
+            failed = all_failed(ls.group, error is not None)
+            ls.loading = False
+        if error is not None:
+            raise error
+        if failed:
+            raise ModelLoadFailed(f"failed to load model \"{name}\" on {failed} other rank(s): see their logs")
+        dtype = next((a.dtype for _, a in tree_flatten(model.parameters()) if mx.issubdtype(a.dtype, mx.floating)),
+                     None)
+        if method == "tensor":  # a rank holds its share of the heads
+            return self._runner(name, files, model, cfg, dtype, shards=ls.size, split=method, kv_share=(1, ls.size))
+        # Pipeline: a rank holds the KV of its own layers, at most ceil(layers / ranks) of them. Its prompt caches
+        # would be as uneven, and the LRU trims them by bytes, so ranks would keep (and find) different prefixes:
+        # no stored prompt caches for a pipelined model.
+        layers = int(cfg.get("num_hidden_layers") or len(model.layers) or 1)
+        return self._runner(name, files, model, cfg, dtype, shards=ls.size, split=method,
+                            kv_share=(-(-layers // ls.size), layers), prompt_cache_bytes=0)
+
+    def _load_slices(self, name: str) -> Generator[None, None, LoadedModel]:
+        """A load in slices: weights are evaluated a few at a time, yielding so other models keep decoding."""
+        from mlx_lm.utils import load_model  # deferred: importing mlx_lm pulls in transformers
+
+        files = yield from self._files(name)
+        if files.embedding is not None:
+            return self._load_embedder(name, files)
+        try:
+            model, cfg = load_model(files.path, lazy=True)
+            yield
+            deadline = time.perf_counter() + self.slice_seconds
+            dtype = None
+            for _, array in tree_flatten(model.parameters()):
+                mx.eval(array)
+                if dtype is None and mx.issubdtype(array.dtype, mx.floating):
+                    dtype = array.dtype  # activations, and so the KV cache, take the weights' float type
+                if time.perf_counter() >= deadline:
+                    yield
+                    deadline = time.perf_counter() + self.slice_seconds
+        except ModelLoadFailed:
+            raise
+        except Exception as exc:
+            raise ModelLoadFailed(f"failed to load model \"{name}\" from {files.path}: {exc}") from exc
+        return self._runner(name, files, model, cfg, dtype)
+
+    def _runner(self, name: str, files: ModelFiles, model: Any, cfg: dict[str, Any], dtype: Any, shards: int = 1,
+                split: str = "", kv_share: tuple[int, int] = (1, 1),
+                prompt_cache_bytes: Optional[int] = None) -> LoadedModel:
+        # modelinfo counts 2 bytes per element; scale to the real float type, then to this rank's share (rounded up).
+        per_token = kv_bytes_per_token(cfg) // 2 * (dtype.size if dtype is not None else 2)
+        kv_per_token = -(-per_token * kv_share[0] // kv_share[1])
+        cache_bytes = self.config.server.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
+        runner = ModelRunner(name, model, files.tokenizer, files.context_length, kv_per_token=kv_per_token,
+                             max_batch=self.max_batch, prompt_cache_bytes=cache_bytes)
+        runner.shards, runner.split = shards, split
+        return LoadedModel(runner=runner, path=files.path, config=cfg)
+
+    def _load_embedder(self, name: str, files: ModelFiles) -> LoadedModel:
+        """Embedding models are small (tens to hundreds of MB): loaded in one go."""
+        from mlx_server.engine.model.embedders import load_embedder
+
+        try:
+            embedder = load_embedder(files.path, kind=self.config.models[name].kind)
+        except Exception as exc:
+            raise ModelLoadFailed(f"failed to load embedding model \"{name}\" from {files.path}: {exc}") from exc
+        # kv_per_token is in kv_bound's units (it doubles them), so the runner reserves twice it per token.
+        runner = EmbedRunner(name, embedder, per_token=2 * files.kv_per_token)
+        return LoadedModel(runner=runner, path=files.path, config=files.config)
+
+    def unload(self, loaded: LoadedModel) -> None:
+        loaded.runner.close()
+        del loaded
+        # Drop every reference first, then let MLX return the buffers, so active memory really falls.
+        gc.collect()
+        mx.clear_cache()

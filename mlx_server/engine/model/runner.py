@@ -1,0 +1,369 @@
+"""One loaded model: its BatchGenerator, per-sequence sampling and stop handling, and the events it publishes.
+
+Only the inference thread calls into a runner. Every decoding sequence of the model shares one BatchGenerator, so
+concurrent requests share decode steps; a sequence joins between steps and leaves without draining the batch.
+A new prompt is first prefilled in chunks into a cache of its own (engine/prefill.py schedules the chunks between
+decode steps) and joins the batch when only its last token is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+from mlx_server.engine.model.sampling import guard_processors, guard_sampler, make_processors, make_sampler
+from mlx_server.engine.model.output import SequenceOutput, make_output
+from mlx_server.engine.kinds.embed import ACTIVATION_FACTOR, EmbedBatcher, EmbedJob, decoder_forward
+from mlx_server.engine.loop.prefill import PrefillJob
+from mlx_server.engine.prepare.stage import Prepared, PreparedEmbed
+from mlx_server.contract.errors import BadRequest, InternalError, MlxServerError, RequestTimeout
+from mlx_server.contract.events import Delta, Done, Event, Failed, Started, Usage
+from mlx_server.contract.requests import GenerateRequest
+
+log = logging.getLogger("mlx_server.engine")
+
+Sink = Callable[[Event], None]
+Clock = Callable[[], float]
+KV_STEP = 256  # mlx_lm's KVCache grows its buffers in steps of this many tokens
+
+
+def kv_bound(lengths: list[int], kv_per_token: int) -> int:
+    """The most memory the KV of a batch of sequences that may grow to `lengths` tokens can take.
+
+    BatchGenerator keeps one cache per batch, every row padded to the longest and grown in steps of KV_STEP
+    tokens: rows × the longest rounded up, not the sum of the lengths. Growing, joining and leaving the batch
+    copy that cache (old and new buffers live at once), so the peak is twice that (measured: MLX's peak
+    exceeded weights + KV by one whole batch cache). Also used before a model is loaded, from config.json.
+    """
+    if not lengths:
+        return 0
+    longest = -(-max(lengths) // KV_STEP) * KV_STEP
+    return 2 * len(lengths) * longest * kv_per_token
+
+
+@dataclass
+class Sequence:
+    request: GenerateRequest
+    sink: Sink
+    uid: Optional[int]  # its BatchGenerator uid once it joined the batch; None while its prompt is prefilled
+    out: SequenceOutput
+    prompt_tokens: int
+    cached_tokens: int
+    load_duration: float
+    admitted_at: float
+    first_token_at: Optional[float] = None
+    generated: int = 0
+    deadline: Optional[float] = None
+    processors: list[Any] = field(default_factory=list)  # this sequence's logits processors, run under a guard
+    kv_tokens: int = 0  # the most KV it can hold (prompt + budget, within num_ctx): its memory reservation
+    max_tokens: int = 0
+    job: Optional[PrefillJob] = None  # its prompt's prefill, until it joins the batch
+
+
+class ModelRunner:
+    def __init__(self, name: str, model: Any, tokenizer: Any, context_length: int, *, kv_per_token: int = 0,
+                 max_batch: int = 16, prompt_cache_bytes: int = 2**30, clock: Clock = time.monotonic) -> None:
+        self.name = name
+        self.kv_per_token = kv_per_token
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.clock = clock
+        self.max_batch = max_batch
+        self.shards = 1  # ranks this model is split across (distributed)
+        self.split = ""  # how: "tensor" or "pipeline"
+        self.generator = self._new_generator()
+        # KV caches of recent prompts (and their answers) by token prefix; a follow-up turn reuses the shared part.
+        self.prompt_cache = LRUPromptCache(max_size=1 << 30, max_bytes=prompt_cache_bytes)
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self.sequences: dict[int, Sequence] = {}  # decoding, by BatchGenerator uid
+        self.prefilling: dict[int, Sequence] = {}  # by request_id: prompts not yet in the batch
+        self.fresh = 0  # decode steps still owed to sequences that just joined: their first token comes before prefill
+        self.by_request: dict[int, int] = {}  # request_id → uid
+        self.faults: dict[int, Exception] = {}  # request_id → what its own sampler / processors raised this step
+        # Generation models embed too (Ollama's behaviour): mean-pooled final hidden states.
+        forward, width = decoder_forward(model), int(getattr(getattr(model, "args", None), "hidden_size", 0) or 0)
+        self.embeds = EmbedBatcher(name, forward, width, ACTIVATION_FACTOR * 4 * width, clock) \
+            if forward is not None and width else None
+
+    def _new_generator(self) -> BatchGenerator:
+        eos = sorted(self.tokenizer.eos_token_ids)
+        return BatchGenerator(self.model, stop_tokens=[[t] for t in eos], completion_batch_size=self.max_batch,
+                              prefill_batch_size=min(8, self.max_batch))
+
+    def reset(self) -> None:
+        """After a failed step the batch state is unknown: start a fresh generator (sequences already failed)."""
+        old, self.generator = self.generator, self._new_generator()
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001 - the broken batch is dropped either way
+            log.exception("closing a failed batch of %s", self.name)
+
+    # ---- memory -------------------------------------------------------------------------------------------
+
+    def kv_bytes(self, lengths: list[int]) -> int:
+        return kv_bound(lengths, self.kv_per_token)
+
+    def _reservations(self) -> list[int]:
+        return [s.kv_tokens for s in (*self.sequences.values(), *self.prefilling.values())]
+
+    @property
+    def kv_reserved(self) -> int:
+        return self.kv_bytes(self._reservations()) + (self.embeds.reserved() if self.embeds else 0)
+
+    def kv_needed(self, prepared: Prepared | PreparedEmbed) -> int:
+        """How much the reservation grows if `prepared` joins."""
+        if isinstance(prepared, PreparedEmbed):
+            return self.embeds.reserved(prepared.kv_tokens) - self.embeds.reserved() if self.embeds else 0
+        return self.kv_bytes([*self._reservations(), prepared.kv_tokens]) - self.kv_bytes(self._reservations())
+
+    def footprint(self, prepared: Prepared | PreparedEmbed) -> int:
+        """What `prepared` alone would hold beside the weights."""
+        if isinstance(prepared, PreparedEmbed):
+            return self.embeds.per_token * prepared.kv_tokens if self.embeds else 0
+        return self.kv_bytes([prepared.kv_tokens])
+
+    @property
+    def stored_cache_bytes(self) -> int:
+        return self.prompt_cache.nbytes
+
+    # ---- admission ----------------------------------------------------------------------------------------
+
+    def add(self, prepared: Prepared | PreparedEmbed, sink: Sink, load_duration: float = 0.0) -> None:
+        """Admit a request (its prompt already tokenized and fitted): its prefill starts from the longest cached
+        prefix, and it joins the batch once prefilled. Raises MlxServerError for the caller."""
+        if isinstance(prepared, PreparedEmbed):
+            if self.embeds is None:
+                raise BadRequest(f"\"{self.name}\" does not support embeddings")
+            self.embeds.add(prepared, sink, load_duration)
+            return
+        req, tokens = prepared.request, prepared.tokens
+        now = self.clock()
+        cache, cached = self._cached_prefix(tokens)
+        chain = make_processors(req.sampling, prepared.num_ctx) + list(prepared.grammar)
+        seq = Sequence(
+            request=req, sink=sink, uid=None, out=make_output(req, self.tokenizer, tokens),
+            prompt_tokens=len(tokens), cached_tokens=cached, load_duration=load_duration, admitted_at=now,
+            deadline=(req.created + req.timeout) if req.timeout else None, processors=chain,
+            kv_tokens=prepared.kv_tokens, max_tokens=prepared.max_tokens,
+            job=PrefillJob(req.request_id, self.name, int(req.priority), list(tokens), cache, cached, now,
+                           cached=cached))
+        self.prefilling[req.request_id] = seq
+        if cached == len(tokens) - 1:
+            try:
+                self._join(seq)  # nothing left to prefill
+            except BaseException:
+                self.prefilling.pop(req.request_id, None)
+                raise
+        sink(Started(req.request_id, self.name, len(tokens), cached, load_duration, prepared.truncated))
+
+    # ---- prefill (scheduled by engine/prefill.py) -----------------------------------------------------------
+
+    def prefill_jobs(self) -> list[PrefillJob]:
+        prompts = [s.job for s in self.prefilling.values() if s.job is not None and s.job.remaining > 0]
+        return prompts + (self.embeds.pending() if self.embeds else [])  # type: ignore[operator]
+
+    def prefill(self, job: PrefillJob | EmbedJob, n: int) -> int:
+        """Prefill the next `n` tokens of `job`'s prompt (when only its last token is left, it joins the batch), or
+        embed about `n` tokens of inputs; returns the tokens run."""
+        if isinstance(job, EmbedJob):
+            assert self.embeds is not None
+            return self.embeds.run(job, n)
+        job.advance(self.model, n)
+        if job.remaining == 0:
+            self._join(self.prefilling[job.request_id])
+        return n
+
+    def fail_prefill(self, job: PrefillJob | EmbedJob, exc: Exception) -> None:
+        self.fail(job.request_id, InternalError(f"prompt processing failed for this request: {exc}"))
+
+    def _join(self, seq: Sequence) -> None:
+        job, req = seq.job, seq.request
+        assert job is not None
+        tokens = job.tokens
+        [uid] = self.generator.insert(
+            [tokens[-1:]], max_tokens=[seq.max_tokens], caches=[job.cache], all_tokens=[tokens[:-1]],
+            samplers=[guard_sampler(make_sampler(req.sampling), req.request_id, self.faults)],
+            logits_processors=[guard_processors(seq.processors, req.request_id, self.faults)])
+        del self.prefilling[req.request_id]
+        seq.uid, seq.job = uid, None
+        self.fresh = 2  # BatchGenerator returns a new sequence's first token on the second step after it joins
+        self.sequences[uid] = seq
+        self.by_request[req.request_id] = uid
+
+    def _fail_faulted(self) -> None:
+        for request_id, exc in list(self.faults.items()):
+            log.error("request %d failed inside a decode step: %r", request_id, exc)
+            self.fail(request_id, InternalError(f"generation failed for this request: {exc}"))
+        self.faults.clear()
+
+    def _cached_prefix(self, tokens: list[int]) -> tuple[list[Any], int]:
+        """A private copy of the longest cached KV prefix (or a fresh cache), and how many tokens it holds: never
+        the whole prompt, since the last token must go through the model to give the next logits."""
+        cache, rest = self.prompt_cache.fetch_nearest_cache(self.name, tokens)
+        if cache is not None and not rest:
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = tokens[-1:]
+            else:
+                cache = None
+        if cache is None:
+            return make_prompt_cache(self.model), 0
+        return cache, len(tokens) - len(rest)
+
+    def _keep_cache(self, tokens: Optional[list[int]], cache: Optional[list[Any]]) -> None:
+        if tokens and cache and self.prompt_cache_bytes > 0:
+            # Extracted caches are lazy slices of the whole batch's KV buffers; left unevaluated, each stored
+            # entry would keep those buffers alive (measured: 12x its counted bytes). Materialize it now.
+            mx.eval([c.state for c in cache])
+            self.prompt_cache.insert_cache(self.name, list(tokens), cache)
+            # The cap counts the KV the running batch holds too, so stored caches give way to live ones.
+            self.prompt_cache.trim_to(n_bytes=max(0, self.prompt_cache_bytes - self.generator.prompt_cache_nbytes))
+
+    def trim_prompt_cache(self, limit: int) -> None:
+        """Hold the stored caches to `limit` bytes (least recently used go first)."""
+        self.prompt_cache.trim_to(n_bytes=max(0, limit))
+
+    def _remove(self, uids: list[int]) -> None:
+        """Take sequences out of the batch, keeping their KV caches for later prompts that share a prefix."""
+        for cache, tokens in self.generator.remove(uids, return_prompt_caches=True).values():
+            self._keep_cache(tokens, cache)
+
+    @property
+    def joining(self) -> bool:
+        """A sequence that just joined is still owed its first token (which comes before more prefill). Derived
+        from the sequences themselves, so one that left early (a client that hung up) owes nothing."""
+        return self.fresh > 0 and any(s.first_token_at is None for s in self.sequences.values())
+
+    def has_work(self) -> bool:
+        return bool(self.sequences or self.prefilling or (self.embeds and self.embeds.jobs))
+
+    # ---- stepping -----------------------------------------------------------------------------------------
+
+    def step(self, now: Optional[float] = None) -> int:
+        """One BatchGenerator step for every decoding sequence of this model; returns tokens generated. `now`
+        (time.monotonic's, the default) decides timeouts: distributed, it is the step plan's, the same on all ranks."""
+        self._expire_deadlines(time.monotonic() if now is None else now)
+        self.fresh = max(0, self.fresh - 1) if self.sequences else 0
+        if not self.sequences:
+            return 0
+        _, responses = self.generator.next()
+        now = self.clock()
+        if self.faults:
+            self._fail_faulted()
+        finished: list[int] = []
+        for r in responses:
+            seq = self.sequences.get(r.uid)
+            if seq is None:
+                continue
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            seq.generated += 1
+            eos = r.finish_reason == "stop"  # BatchGenerator only stops on our eos stop tokens
+            delta = seq.out.add(r.token, r.logprobs, eos=eos)
+            if seq.out.stopped:
+                finished.append(r.uid)
+                self._emit(seq, delta)
+                self._finish(seq, "stop", now)
+            elif r.finish_reason is not None:
+                self._keep_cache(r.all_tokens, r.prompt_cache)
+                self._emit(seq, seq.out.finish(delta))
+                self._finish(seq, "stop" if eos else "length", now)
+            else:
+                self._emit(seq, delta)
+        if finished:
+            self._remove(finished)
+        return len(responses)
+
+    def _emit(self, seq: Sequence, delta: Optional[Delta]) -> None:
+        if delta is not None:
+            seq.sink(delta)
+
+    def _usage(self, seq: Sequence, now: float) -> Usage:
+        # Ollama's clock: total from the request's arrival (queueing and loading included), prompt eval from
+        # admission to the first token, eval from there on.
+        first = seq.first_token_at or now
+        return Usage(prompt_tokens=seq.prompt_tokens, cached_tokens=seq.cached_tokens,
+                     completion_tokens=seq.generated, load_duration=seq.load_duration,
+                     prompt_eval_duration=first - seq.admitted_at, eval_duration=now - first,
+                     total_duration=max(now - seq.request.created, seq.load_duration + (now - seq.admitted_at)))
+
+    def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+        self.sequences.pop(seq.uid, None)
+        self.by_request.pop(seq.request.request_id, None)
+        if reason == "stop" and seq.out.made_tool_calls:
+            reason = "tool_calls"
+        seq.sink(Done(seq.request.request_id, self.name, reason, self._usage(seq, now),  # type: ignore[arg-type]
+                      stop_sequence=seq.out.stop_sequence))
+
+    def _expire_deadlines(self, now: float) -> None:
+        if self.embeds:
+            self.embeds.expire(now)
+        late = [s for s in (*self.sequences.values(), *self.prefilling.values())
+                if s.deadline is not None and now >= s.deadline]
+        for seq in late:
+            self.fail(seq.request.request_id,
+                      RequestTimeout(f"request timed out after {seq.request.timeout:g}s"))
+
+    # ---- leaving early ------------------------------------------------------------------------------------
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a sequence (client gone); takes effect before the next step or prefill chunk."""
+        if self.embeds and self.embeds.end(request_id, None):
+            return True
+        seq = self.prefilling.pop(request_id, None)
+        if seq is not None:
+            if seq.job is not None and seq.job.done > 0:
+                self._keep_cache(seq.job.tokens[:seq.job.done], seq.job.cache)  # a retry resumes from here
+            seq.sink(Done(request_id, self.name, "cancelled", self._usage(seq, self.clock())))
+            return True
+        uid = self.by_request.pop(request_id, None)
+        if uid is None:
+            return False
+        seq = self.sequences.pop(uid)
+        seq.sink(Done(request_id, self.name, "cancelled", self._usage(seq, self.clock())))
+        self._remove([uid])
+        return True
+
+    def fail(self, request_id: int, error: MlxServerError) -> bool:
+        """End one sequence with an error. Its Failed goes out before the batch cleanup, which may raise."""
+        if self.embeds and self.embeds.end(request_id, Failed(request_id, error)):
+            return True
+        seq = self.prefilling.pop(request_id, None)
+        if seq is not None:
+            seq.sink(Failed(request_id, error))
+            return True
+        uid = self.by_request.pop(request_id, None)
+        if uid is None:
+            return False
+        seq = self.sequences.pop(uid)
+        seq.sink(Failed(request_id, error))
+        self.generator.remove([uid])
+        return True
+
+    def fail_all(self, error: MlxServerError) -> None:
+        """End every sequence: all are told first; then the batch is replaced, since its state is unknown."""
+        failed = [*self.sequences.values(), *self.prefilling.values()]
+        self.sequences.clear()
+        self.prefilling.clear()
+        self.by_request.clear()
+        self.faults.clear()
+        for seq in failed:
+            seq.sink(Failed(seq.request.request_id, error))
+        if self.embeds:
+            self.embeds.fail_all(error)
+        self.reset()
+
+    def close(self) -> None:
+        if self.has_work():
+            self.fail_all(MlxServerError(f"model \"{self.name}\" was unloaded"))
+        self.generator.close()
+        # The pool drops its entry after this returns; clearing here lets gc free the weights right away.
+        self.generator = None  # type: ignore[assignment]
+        self.model = None

@@ -1,0 +1,132 @@
+"""Prompt preparation: chat template, tokenization and fitting into the context window.
+
+Pure Python over the tokenizer (no MLX arrays), so it runs in the preparation workers, never on the inference
+thread: a 30,000-token prompt tokenizes without holding up anyone's decode step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+from mlx_server.engine.model.parsers import function_defs, template_text
+from mlx_server.contract.errors import BadRequest
+from mlx_server.contract.requests import GenerateRequest
+
+log = logging.getLogger("mlx_server.engine")
+
+
+def render(req: GenerateRequest, tokenizer: Any, model: str) -> list[int]:
+    """The request's prompt as token ids, through the model's chat template unless `raw`."""
+    tok = tokenizer
+    if req.prompt is not None and req.raw:
+        return list(tok.encode(req.prompt))
+    if req.suffix:
+        raise BadRequest(f"model \"{model}\" does not support insert (suffix)")
+    messages = [m.to_template() for m in (req.messages or [])]
+    if req.prompt is not None:
+        messages = [{"role": "user", "content": req.prompt}]
+    if req.system is not None:
+        messages = [m for m in messages if m["role"] != "system"]
+        messages.insert(0, {"role": "system", "content": req.system})
+    block = forced_tool_block(req, tok)
+    if not getattr(tok, "has_chat_template", False):
+        turns = _with_block(messages, block, "system") if block else messages
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in turns) + "assistant: "
+        return list(tok.encode(text))
+    kwargs: dict[str, Any] = {}
+    if req.tools:
+        kwargs["tools"] = req.tools
+    if req.think is not None:
+        kwargs["enable_thinking"] = req.think
+    # Some templates (Gemma's) refuse a system turn: the tool instructions then go into the first user turn.
+    attempts = [_with_block(messages, block, role) for role in ("system", "user")] if block else [messages]
+    for i, turns in enumerate(attempts):
+        try:
+            text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False, **kwargs)
+            break
+        except Exception as exc:  # jinja errors name the template problem; the client sent the messages
+            if i == len(attempts) - 1:
+                raise BadRequest(f"chat template failed for these messages: {exc}") from None
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def with_default_system(req: GenerateRequest, system: Optional[str]) -> GenerateRequest:
+    """`req` with the model's default system prompt (models.yaml `system`, an Ollama system layer) when it brings
+    none of its own, as Ollama does; raw prompts are left alone (they skip the template)."""
+    if not system or req.system is not None or req.raw or any(m.role == "system" for m in req.messages or ()):
+        return req
+    return replace(req, system=system)
+
+
+def template_shows_tools(tokenizer: Any) -> bool:
+    """Whether the chat template puts `tools` into the prompt. A Python renderer (no Jinja text) is trusted to."""
+    if not getattr(tokenizer, "has_chat_template", False):
+        return False
+    text = template_text(tokenizer)
+    return not text or "tools" in text
+
+
+def forced_tool_block(req: GenerateRequest, tokenizer: Any) -> Optional[str]:
+    """System-prompt text describing the tools and the generic JSON call, for a required call the template
+    cannot describe (None otherwise). The grammar forces the call either way; this is what lets the model fill
+    it with sensible arguments. Tools with tool_choice auto get nothing: without a format such a model answers
+    in text, which is what clients that attach tools to every chat (Open WebUI) rely on."""
+    if req.force_tool is None or not req.tools or template_shows_tools(tokenizer):
+        return None
+    return tool_instructions(req.tools, req.force_tool.name)
+
+
+def tool_instructions(tools: list[dict[str, Any]], name: Optional[str]) -> str:
+    lines = []
+    for d in function_defs(tools, name):
+        entry = {"name": d.get("name"), "description": d.get("description") or None,
+                 "parameters": d.get("parameters") or {"type": "object"}}
+        lines.append(json.dumps({k: v for k, v in entry.items() if v is not None}, ensure_ascii=False))
+    which = f"the tool \"{name}\"" if name is not None else "exactly one of these tools"
+    return (f"Answer by calling {which}. Reply with only a JSON object of the form "
+            "{\"name\": <tool name>, \"arguments\": <object of argument values>}.\n\n"
+            "Tools:\n" + "\n".join(lines))
+
+
+def _with_block(messages: list[dict[str, Any]], block: str, role: str) -> list[dict[str, Any]]:
+    """`messages` with `block` added to the first turn of `role` (a new turn at the start if there is none)."""
+    out = [dict(m) for m in messages]
+    for m in out:
+        if m["role"] == role:
+            m["content"] = f"{m['content']}\n\n{block}" if role == "system" else f"{block}\n\n{m['content']}"
+            return out
+    return [{"role": role, "content": block}, *out]
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A prompt cut to the request's context window, and the generation budget that is left."""
+
+    tokens: list[int]
+    num_ctx: int
+    max_tokens: int
+    truncated: int  # tokens dropped from the left
+
+
+def fit(tokens: list[int], req: GenerateRequest, context_length: int, model: str) -> Fitted:
+    num_ctx = min(req.num_ctx or context_length, context_length)
+    truncated = 0
+    if len(tokens) >= num_ctx:
+        # Like Ollama: keep the most recent tokens, leaving room to answer.
+        room = min(req.max_tokens or num_ctx // 2, num_ctx // 2)
+        keep = max(1, num_ctx - max(room, 1))
+        truncated = len(tokens) - keep
+        tokens = tokens[-keep:]
+        log.warning("prompt for %s truncated: %d tokens dropped to fit num_ctx=%d", model, truncated, num_ctx)
+    if not tokens:
+        raise BadRequest("prompt is empty after tokenization")
+    max_tokens = num_ctx - len(tokens)
+    if req.max_tokens is not None and req.max_tokens > 0:
+        max_tokens = min(max_tokens, req.max_tokens)
+    return Fitted(tokens=tokens, num_ctx=num_ctx, max_tokens=max_tokens, truncated=truncated)
+
+
+__all__ = ["Fitted", "fit", "forced_tool_block", "render", "template_shows_tools", "tool_instructions"]
