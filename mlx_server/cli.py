@@ -16,12 +16,14 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlx_server.config.load import Config, ConfigError, default_config_path, load_config
+from mlx_server.config.load import Config, ConfigError, default_config_path
+from mlx_server.models.config import load_config
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # httpx logs every request at INFO; the client commands' output is their tables, not a request log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -118,11 +120,19 @@ def cmd_launchd(args: argparse.Namespace) -> int:
         load_config(config_path)  # a broken models.yaml would make the agent crash-loop; refuse it now
         if args.distributed:  # so would a missing or malformed hostfile
             group = Group.load(args.hostfile, args.backend or "ring")
-    agent = Agent(label=args.label, config=config_path, host=Host.current(),
-                  template=Path(args.template).expanduser().resolve() if args.template else TEMPLATE, group=group)
+    agent = Agent(
+        label=args.label,
+        config=config_path,
+        host=Host.current(),
+        template=Path(args.template).expanduser().resolve() if args.template else TEMPLATE,
+        group=group,
+    )
     if group is not None and not agent.launcher.is_file():
-        raise ConfigError(agent.launcher, "", "not found: the distributed agent starts the group with it "
-                                              "(install mlx into this environment)")
+        raise ConfigError(
+            agent.launcher,
+            "",
+            "not found: the distributed agent starts the group with it (install mlx into this environment)",
+        )
     ctl = Launchctl(agent)
     if args.dry_run:
         return ctl.dry_run(args.action, sys.stdout)
@@ -141,15 +151,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     name = config.resolve(args.name)
     if name is None:
-        print(f"Error: model \"{args.name}\" not found in {config.path}", file=sys.stderr)
+        print(f'Error: model "{args.name}" not found in {config.path}', file=sys.stderr)
         return 1
-    result = ensure_local(config.models[name], config.path.parent if config.path else None, update=True,
-                          cache_dir=config.server.cache_dir)
+    result = ensure_local(
+        config.models[name], config.path.parent if config.path else None, update=True, cache_dir=config.server.cache_dir
+    )
     if not result.ok:
         print(f"Error: pulling {name} failed: {result.error}", file=sys.stderr)
         return 1
-    print(f"{name}: {result.path} ({human_size(result.size)}, "
-          f"{'downloaded' if result.downloaded else 'up to date'})")
+    print(f"{name}: {result.path} ({human_size(result.size)}, {'downloaded' if result.downloaded else 'up to date'})")
     print("success")
     return 0
 
@@ -158,8 +168,16 @@ def cmd_preload(args: argparse.Namespace) -> int:
     from mlx_server.ops.preload import preload
 
     config = load_config(args.config)
-    return preload(config, args.names, preload_only=args.preload_only, url=_url(args, config),
-                   key=_key(config), do_warm=not args.no_warm, out=sys.stdout, err=sys.stderr)
+    return preload(
+        config,
+        args.names,
+        preload_only=args.preload_only,
+        url=_url(args, config),
+        key=_key(config),
+        do_warm=not args.no_warm,
+        out=sys.stdout,
+        err=sys.stderr,
+    )
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -188,44 +206,60 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None,
-                        help="models.yaml (default: $MLX_SERVER_CONFIG or ./models.yaml)")
+    parser = argparse.ArgumentParser(
+        prog="mlx-server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None, help="models.yaml (default: $MLX_SERVER_CONFIG or ./models.yaml)"
+    )
     parser.add_argument("--log-level", default="info")
     # Every subcommand also takes --config (`mlx-server serve --config X`, what the launchd plist runs).
     # SUPPRESS keeps an absent sub-option from overwriting a top-level --config.
     config_opt = argparse.ArgumentParser(add_help=False)
     config_opt.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="models.yaml")
     server_opt = argparse.ArgumentParser(add_help=False)
-    server_opt.add_argument("--server", default=None,
-                            help="server URL (default: $MLX_SERVER_URL, else the config's host:port)")
+    server_opt.add_argument(
+        "--server", default=None, help="server URL (default: $MLX_SERVER_URL, else the config's host:port)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", parents=[config_opt], help="run the server")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--log-format", choices=["text", "json"], default=None, help="json: one object per line")
-    serve.add_argument("--distributed", action="store_true",
-                       help="one rank of a group started by mlx.launch: rank 0 serves HTTP, the others follow it")
+    serve.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one rank of a group started by mlx.launch: rank 0 serves HTTP, the others follow it",
+    )
     serve.add_argument("--backend", default="any", help="distributed backend: any | ring | jaccl | mpi")
-    serve.add_argument("--rank-timeout", type=float, default=20.0,
-                       help="seconds a rank may wait on the others before the group counts as broken")
+    serve.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=20.0,
+        help="seconds a rank may wait on the others before the group counts as broken",
+    )
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check-config", parents=[config_opt], help="validate models.yaml and exit (2 on error)")
     check.add_argument("path", nargs="?", type=Path, default=None)
     check.set_defaults(func=cmd_check_config)
 
-    doctor = sub.add_parser("doctor", parents=[config_opt],
-                            help="check Python, MLX, memory, models.yaml, the models, the port, launchd and the "
-                                 "fallback; exit 1 when something stops serving")
+    doctor = sub.add_parser(
+        "doctor",
+        parents=[config_opt],
+        help="check Python, MLX, memory, models.yaml, the models, the port, launchd and the "
+        "fallback; exit 1 when something stops serving",
+    )
     doctor.add_argument("--json", action="store_true", help="one JSON object (docs/doctor.schema.json)")
     doctor.add_argument("--load", action="store_true", help="also load each model in turn (in a child process)")
     doctor.set_defaults(func=cmd_doctor)
 
-    imp = sub.add_parser("import", parents=[config_opt],
-                         help="convert a GGUF file or an Ollama model (ollama:NAME[:TAG]) into an MLX model dir")
+    imp = sub.add_parser(
+        "import",
+        parents=[config_opt],
+        help="convert a GGUF file or an Ollama model (ollama:NAME[:TAG]) into an MLX model dir",
+    )
     imp.add_argument("file", help="FILE.gguf or ollama:NAME[:TAG]")
     imp.add_argument("--name", default=None)
     imp.add_argument("--cache-dir", default=None)
@@ -236,25 +270,33 @@ def build_parser() -> argparse.ArgumentParser:
     oll.add_argument("--store", default=None, help="the store (default: $OLLAMA_MODELS or ~/.ollama/models)")
     oll.set_defaults(func=cmd_ollama)
 
-    launchd = sub.add_parser("launchd", parents=[config_opt, server_opt],
-                             help="run the server as a launchd agent (macOS)")
+    launchd = sub.add_parser(
+        "launchd", parents=[config_opt, server_opt], help="run the server as a launchd agent (macOS)"
+    )
     launchd.add_argument("action", choices=["install", "uninstall", "status"])
     launchd.add_argument("--label", default="com.mlx-server")
     launchd.add_argument("--template", default=None, help="plist template (default: launchd/ in the checkout)")
     launchd.add_argument("--dry-run", action="store_true", help="print the plist and commands, change nothing")
-    launchd.add_argument("--distributed", action="store_true",
-                         help="install: start a distributed group with mlx.launch (rank 0 serves HTTP)")
+    launchd.add_argument(
+        "--distributed",
+        action="store_true",
+        help="install: start a distributed group with mlx.launch (rank 0 serves HTTP)",
+    )
     launchd.add_argument("--hostfile", type=Path, default=None, help="the mlx.launch hostfile (with --distributed)")
-    launchd.add_argument("--backend", choices=["ring", "jaccl"], default=None,
-                         help="distributed backend (default: ring)")
+    launchd.add_argument(
+        "--backend", choices=["ring", "jaccl"], default=None, help="distributed backend (default: ring)"
+    )
     launchd.set_defaults(func=cmd_launchd)
 
     pull = sub.add_parser("pull", parents=[config_opt], help="download a configured model's weights")
     pull.add_argument("name")
     pull.set_defaults(func=cmd_pull)
 
-    pre = sub.add_parser("preload", parents=[config_opt, server_opt],
-                         help="download missing models, then load them into the running server")
+    pre = sub.add_parser(
+        "preload",
+        parents=[config_opt, server_opt],
+        help="download missing models, then load them into the running server",
+    )
     pre.add_argument("names", nargs="*", help="models to preload (default: all configured)")
     pre.add_argument("--preload-only", action="store_true", help="only models with preload: true")
     pre.add_argument("--no-warm", action="store_true", help="only download and verify; do not load")
@@ -266,8 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("ps", parents=[config_opt, server_opt], help="list loaded models")
     ps.set_defaults(func=cmd_ps)
 
-    run = sub.add_parser("run", parents=[config_opt, server_opt],
-                         help="chat with a model (one-shot with PROMPT or piped stdin, else interactive)")
+    run = sub.add_parser(
+        "run",
+        parents=[config_opt, server_opt],
+        help="chat with a model (one-shot with PROMPT or piped stdin, else interactive)",
+    )
     run.add_argument("model")
     run.add_argument("prompt", nargs="*")
     run.set_defaults(func=cmd_run)

@@ -17,10 +17,13 @@ from types import FrameType
 from typing import Any, Optional
 
 import uvicorn
+from starlette.applications import Starlette
 
+from mlx_server.api.app import create_app
+from mlx_server.api.catalog import Catalog
 from mlx_server.config.load import Config
-from mlx_server.models.sources import locate
 from mlx_server.contract.status import EngineClient
+from mlx_server.models.sources import locate
 
 log = logging.getLogger("mlx_server")
 
@@ -33,7 +36,10 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             out.update(fields)
@@ -55,19 +61,30 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 
 def startup_report(config: Config) -> None:
     s = config.server
-    log.info("config %s; listening on %s:%d; memory budget %.1f GB (%s); up to %d models resident",
-             config.path, s.host, s.port, s.memory_budget / 1e9, s.memory_budget_spec, s.max_loaded_models)
+    log.info(
+        "config %s; listening on %s:%d; memory budget %.1f GB (%s); up to %d models resident",
+        config.path,
+        s.host,
+        s.port,
+        s.memory_budget / 1e9,
+        s.memory_budget_spec,
+        s.max_loaded_models,
+    )
     cfg_dir = config.path.parent if config.path else None
     for model in config.models.values():
         found = locate(model, cfg_dir)
         if found.present:
-            log.info("model %s: present (%s, %.2f GB)%s", model.name, found.kind, found.size / 1e9,
-                     " [preload]" if model.preload else "")
+            log.info(
+                "model %s: present (%s, %.2f GB)%s",
+                model.name,
+                found.kind,
+                found.size / 1e9,
+                " [preload]" if model.preload else "",
+            )
         else:
             log.info("model %s: missing (%s)", model.name, found.hint)
     if s.host not in ("127.0.0.1", "localhost", "::1") and not s.api_key:
-        log.warning("listening on %s without an API key: anyone who can reach this address can use the server",
-                    s.host)
+        log.warning("listening on %s without an API key: anyone who can reach this address can use the server", s.host)
 
 
 class GracefulServer(uvicorn.Server):
@@ -84,8 +101,12 @@ class GracefulServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             self.force_exit = True
             return
-        log.info("signal %d: refusing new requests; %d in flight get %.0fs to finish", sig,
-                 self.engine.status().in_flight, self.grace)
+        log.info(
+            "signal %d: refusing new requests; %d in flight get %.0fs to finish",
+            sig,
+            self.engine.status().in_flight,
+            self.grace,
+        )
         self.engine.drain()
         self._draining = threading.Thread(target=self._drain, name="shutdown-drain", daemon=True)
         self._draining.start()
@@ -102,14 +123,32 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run(config: Config, log_level: str = "info", engine: Optional[EngineClient] = None, linger: float = 0.0) -> int:
-    from mlx_server.api.app import create_app
+def build_app(config: Config, engine: Optional[EngineClient] = None, catalog: Optional[Catalog] = None) -> Starlette:
+    """Where the API and the engine meet: the API holds the engine only as an `EngineClient`."""
+    if engine is None:
+        from mlx_server.engine.engine import Engine  # MLX is imported here, not by the API
 
-    app = create_app(config, engine)
+        engine = checked(Engine(config))
+    return create_app(config, engine, catalog)
+
+
+def checked(engine: EngineClient) -> EngineClient:
+    """The type checker holds Engine to the contract here (and tests/support/fakeengine.py holds the fake)."""
+    return engine
+
+
+def run(config: Config, log_level: str = "info", engine: Optional[EngineClient] = None, linger: float = 0.0) -> int:
+    app = build_app(config, engine)
     engine = app.state.ctx.engine
     startup_report(config)
-    uv_config = uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level=log_level.lower(),
-                               access_log=False, log_config=None)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.server.host,
+        port=config.server.port,
+        log_level=log_level.lower(),
+        access_log=False,
+        log_config=None,
+    )
     server = GracefulServer(uv_config, engine, config.server.shutdown_grace, linger)
     server.run()
     return 0
@@ -121,8 +160,8 @@ def run_distributed(config: Config, log_level: str, backend: str, rank_timeout: 
     A broken group (a rank died or hangs) ends every request with an error, and this process exits 1 a few
     seconds later (time for /health to say unhealthy and for late clients to get a 503), so the launcher exits
     and launchd restarts the whole group."""
-    from mlx_server.engine.engine import Engine
     from mlx_server.engine.distributed.lockstep import Lockstep, init_group
+    from mlx_server.engine.engine import Engine
 
     group = init_group(backend)
     lockstep = Lockstep(group, backend_name(backend), timeout=rank_timeout)
@@ -132,11 +171,17 @@ def run_distributed(config: Config, log_level: str, backend: str, rank_timeout: 
         threading.Timer(BROKEN_LINGER if leader else 0.0, os._exit, (1,)).start()
 
     engine = Engine(config, lockstep=lockstep, on_broken=on_broken)
-    log.info("rank %d of %d (%s backend)%s", lockstep.rank, lockstep.size, lockstep.backend,
-             "" if leader else ": following rank 0, no HTTP")
+    log.info(
+        "rank %d of %d (%s backend)%s",
+        lockstep.rank,
+        lockstep.size,
+        lockstep.backend,
+        "" if leader else ": following rank 0, no HTTP",
+    )
     if leader:
         code = run(config, log_level, engine, linger=BROKEN_LINGER)
-        return 1 if engine.status().world and engine.status().world.broken else code
+        world = engine.status().world
+        return 1 if world is not None and world.broken else code
     engine.start()
     engine.core.join()
     return 1 if engine.status().fatal else 0

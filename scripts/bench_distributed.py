@@ -115,7 +115,7 @@ def raw_ratio(model: Path, tokens: int, work: Path) -> tuple[float, float]:
     """(1 rank, 2 ranks) per-token seconds of mlx_lm's decode."""
     import subprocess
 
-    from serving import free_port_pair
+    from support.serving import free_port_pair
 
     single = raw_decode(str(model), tokens)
     out = work / "raw.json"
@@ -146,8 +146,8 @@ def main() -> int:
         return 0
     if args.quick:
         args.streams, args.tokens, args.repeats = 2, 32, 1
-    from serving import start_group, start_process, stop_group
-    from tinymodels import build_tiny_model
+    from support.serving import start_group, start_process, stop_group
+    from support.tinymodels import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -3,7 +3,7 @@
 and the worst inter-token gap of a running stream while 1,000 texts are embedded.
 
 One server process (`python -m mlx_server --config … serve`) serves the embedded all-MiniLM-L6-v2
-(`package:all_minilm_l6_v2/model.zip`, as `all-minilm`) and a tiny random llama (tests/tinymodels.py, as `tiny`).
+(`package:all_minilm_l6_v2/model.zip`, as `all-minilm`) and a tiny random llama (tests/support/tinymodels.py, as `tiny`).
 After a warm-up request to each model:
 
   1. short: 1,000 short texts (~9 tokens each) in one /api/embed request → embeddings/s;
@@ -366,7 +366,7 @@ def main() -> None:
         variants.append((f"OpenBLAS ({blas.name})", {"LD_PRELOAD": str(blas)}, 1.0))
 
     from mlx_server.models.sources import extract_zip, resolve_package_file
-    from tinymodels import build_tiny_model
+    from support.tinymodels import build_tiny_model
 
     started = time.perf_counter()
     ours: dict[str, dict[str, Any]] = {}

@@ -603,7 +603,7 @@ def main() -> int:
         path = Path(args.model).resolve()
         model_desc: dict[str, Any] = {"path": str(path)}
     else:
-        from tinymodels import build_tiny_model
+        from support.tinymodels import build_tiny_model
 
         path = build_tiny_model(work / "tiny", arch="llama", hidden_size=args.hidden, num_layers=args.layers,
                                 num_heads=4, num_kv_heads=2, max_position_embeddings=ctx, seed=0)

@@ -23,11 +23,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tiny-model builder
 
-from mlx_server.config.load.load import build_config  # noqa: E402
+from mlx_server.config.load import build_config  # noqa: E402
 from mlx_server.engine.engine import Engine  # noqa: E402
-from mlx_server.contract.events import Delta, Done
+from mlx_server.contract.events import Delta, Done  # noqa: E402
 from mlx_server.contract.requests import GenerateRequest, LoadRequest, SamplingParams  # noqa: E402
-from tinymodels import build_tiny_model  # noqa: E402
+from support.tinymodels import build_tiny_model  # noqa: E402
 
 
 def measure(work: Path, small: Path, big: Path, slice_seconds: float) -> dict[str, float]:

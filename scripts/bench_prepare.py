@@ -23,11 +23,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tiny-model builder
 
-from mlx_server.config.load.load import build_config  # noqa: E402
+from mlx_server.config.load import build_config  # noqa: E402
 from mlx_server.engine.engine import Engine  # noqa: E402
-from mlx_server.contract.events import Delta, Done, Event, Failed
-from mlx_server.contract.requests import CountTokensRequest, GenerateRequest  # noqa: E402                               LoadRequest, SamplingParams
-from tinymodels import build_tiny_model  # noqa: E402
+from mlx_server.contract.events import Delta, Done, Event, Failed  # noqa: E402
+from mlx_server.contract.requests import CountTokensRequest, GenerateRequest, LoadRequest, SamplingParams  # noqa: E402
+from support.tinymodels import build_tiny_model  # noqa: E402
 
 SLICE = 0.05
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},

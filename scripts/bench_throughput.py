@@ -78,7 +78,7 @@ def long_prefix(tok: Any, run: int, target: int) -> str:
 def model_dir(spec: str, cache: Path, work: Path) -> Path:
     if spec == "tiny":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from tinymodels import build_tiny_model
+        from support.tinymodels import build_tiny_model
 
         # 4096 positions so the 2,000-token prefix plus suffix stays inside any context-length check.
         return build_tiny_model(work / "tiny", hidden_size=256, num_layers=4, max_position_embeddings=4096, seed=0)

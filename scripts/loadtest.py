@@ -9,7 +9,7 @@ Every request ends in exactly one bucket:
   disconnected  we hung up on purpose (mid-stream, or while a non-streaming request waited)
 Afterwards the server must drain to zero active and queued requests (else: stuck), and the resident model bytes
 seen in /health and /api/ps must never exceed the memory budget. Exit status 1 on any lost, unexpected, stuck
-or over-budget. By default it builds three tiny models (tests/tinymodels.py) and starts its own server.
+or over-budget. By default it builds three tiny models (tests/support/tinymodels.py) and starts its own server.
 
   .venv/bin/python scripts/loadtest.py                       # 64 clients, 30 s, three tiny models
   .venv/bin/python scripts/loadtest.py --config models.yaml  # your models, own server subprocess
@@ -322,7 +322,7 @@ def free_port() -> int:
 def build_tiny_models(where: Path) -> dict[str, dict[str, Any]]:
     """Three tiny checkpoints (three architectures / templates), built once and reused from `where`."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from tinymodels import build_tiny_model  # noqa: PLC0415 - test helper, only needed here
+    from support.tinymodels import build_tiny_model  # noqa: PLC0415 - test helper, only needed here
 
     specs = [("tiny-llama", dict(arch="llama", seed=0)), ("tiny-qwen2", dict(arch="qwen2", seed=1)),
              ("tiny-llama3", dict(arch="llama", template="llama3", seed=2))]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tinymodels import build_tiny_model
+from support.tinymodels import build_tiny_model
 
 
 @pytest.fixture(scope="session")

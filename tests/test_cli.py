@@ -12,7 +12,7 @@ import pytest
 from mlx_server.cli import build_parser, main
 from mlx_server.config.load import DEFAULT_PORT
 from mlx_server.ops.client import chat_loop, cmd_run, http_client, human_size, relative_time, server_url
-from serving import Server, free_port, make_config, serve
+from support.serving import Server, free_port, make_config, serve
 
 
 @pytest.fixture(scope="module")

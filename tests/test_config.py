@@ -182,3 +182,65 @@ def test_json_schema_accepts_the_shipped_file_and_rejects_mistakes() -> None:
             jsonschema.validate(bad, schema)
         with pytest.raises(ConfigError):
             cfg(bad)  # the schema and the validator agree on these
+
+
+def test_keep_alive_order_is_request_then_model_then_server() -> None:
+    config = cfg({"server": {"keep_alive": "10m"}, "models": {"a": {"source": "x/y", "keep_alive": "1m"},
+                                                              "b": {"source": "z/w"}}})
+    assert config.keep_alive_for("a", 5.0) == 5.0 and config.keep_alive_for("a", 0.0) == 0.0
+    assert config.keep_alive_for("a") == 60.0 and config.keep_alive_for("a", None) == 60.0
+    assert config.keep_alive_for("b") == 600.0 and config.keep_alive_for("ghost") == 600.0
+
+
+@pytest.mark.parametrize("doc,key", [
+    ({"models": {"a": {"source": "x/y", "name": "b"}}}, "models.a.name"),
+    ({"server": {"memory_budget_spec": "1GB"}}, "server.memory_budget_spec"),
+    ({"path": "/elsewhere.yaml"}, "path"),
+])
+def test_derived_attributes_are_not_keys_of_the_file(doc: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match="unknown key") as err:
+        cfg(doc)
+    assert err.value.key == key
+
+
+def test_the_tree_reads_as_the_dataclasses_did() -> None:
+    from dataclasses import FrozenInstanceError
+
+    from mlx_server.config.load import ModelConfig, ServerConfig
+
+    config = cfg({"server": {"memory_budget": "25%", "cache_dir": "~/models", "origins": ["http://x"]},
+                  "models": {"a": {"source": "x/y", "aliases": ["b"]}}})
+    server, model = config.server, config.models["a"]
+    assert (server.memory_budget, server.memory_budget_spec) == (16 * 10**9, "25%")
+    assert server.cache_dir == Path("~/models").expanduser() and server.origins == ("http://x",)
+    assert (model.name, model.aliases, config.path) == ("a", ("b",), Path("/etc/models.yaml"))
+    assert hash(server) == hash(cfg({"server": {"memory_budget": "25%", "cache_dir": "~/models",
+                                                "origins": ["http://x"]}}).server)
+    for obj, attr in ((server, "port"), (server, "_memory_budget_spec"), (model, "name"), (model, "_name")):
+        with pytest.raises((FrozenInstanceError, AttributeError)):
+            setattr(obj, attr, "changed")
+    built = Config(server=ServerConfig(memory_budget="1GB"), models={"m": ModelConfig(name="m", source="x/y")},
+                   path=Path("/p.yaml"))
+    assert (built.path, built.models["m"].name, built.server.memory_budget, built.server.memory_budget_spec) == (
+        Path("/p.yaml"), "m", 10**9, "1GB")
+    assert ModelConfig(name="m", source="x/y") != ModelConfig(name="n", source="x/y")
+
+
+def test_ollama_layers_come_from_the_callers_hook_and_the_file_wins() -> None:
+    def layers(source: str) -> tuple[dict, str]:
+        return {"temperature": 0.3, "stop": ["<eot>"]}, f"system of {source}"
+
+    doc = {"models": {"a": {"source": "ollama:tiny:1b", "options": {"temperature": 0.9}},
+                      "b": {"source": "ollama:tiny:1b", "system": "mine"}, "c": {"source": "x/y"}}}
+    a, b, c = (cfg(doc, layers=layers).models[k] for k in "abc")
+    assert a.options == {"temperature": 0.9, "stop": ["<eot>"]} and a.system == "system of ollama:tiny:1b"
+    assert b.system == "mine" and c.options == {} and c.system is None
+    assert cfg(doc).models["a"].options == {"temperature": 0.9}  # no hook, no layers
+
+
+def test_config_package_imports_nothing_above_it() -> None:
+    code = ("import sys, mlx_server.config.load, mlx_server.config.schema; "
+            "print(sorted(m for m in sys.modules if m.startswith('mlx_server') and not m.startswith("
+            "('mlx_server.config', 'mlx_server.contract')) and m != 'mlx_server'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

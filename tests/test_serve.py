@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving import start_process as start
+from support.serving import start_process as start
 
 
 def test_sigterm_drains_then_exits_0(tiny_llama: Path, tmp_path: Path) -> None:

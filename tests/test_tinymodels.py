@@ -11,7 +11,7 @@ import pytest
 from mlx_lm import load
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 
-from tinymodels import build_tiny_model, reference_greedy
+from support.tinymodels import build_tiny_model, reference_greedy
 
 PROMPTS = ["Hello, how are you?", "The weather in Paris is", "1 2 3 4 5", "def add(a, b):"]
 

@@ -20,12 +20,12 @@ from mlx_server.api.catalog import Catalog
 from mlx_server.api.context import AppContext
 from mlx_server.api.errors_shape import error_response, http_error_payload
 from mlx_server.api.limits import RateLimit
+from mlx_server.api.metrics import Metrics
 from mlx_server.api.security import Security
 from mlx_server.config.load import Config
-from mlx_server.models.diagnose import ProblemCache
 from mlx_server.contract.errors import InternalError, MlxServerError
-from mlx_server.api.metrics import Metrics
 from mlx_server.contract.status import EngineClient
+from mlx_server.models.diagnose import ProblemCache
 
 log = logging.getLogger("mlx_server.api")
 
@@ -69,21 +69,23 @@ LOCAL_ORIGINS = r"^(https?|app|tauri)://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$
 def cors(config: Config) -> Middleware:
     """Browsers may call us from the configured origins, else from local pages only (as Ollama allows)."""
     origins = list(config.server.origins)
-    return Middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=None if origins else LOCAL_ORIGINS,
-                      allow_methods=["*"], allow_headers=["*"])
+    return Middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_origin_regex=None if origins else LOCAL_ORIGINS,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
 
 
-def create_app(config: Config, engine: Optional[EngineClient] = None, catalog: Optional[Catalog] = None) -> Starlette:
-    """Build the ASGI app. The engine (and with it MLX) and the model catalog are created here unless a test hands
-    them in."""
-    if engine is None:
-        from mlx_server.engine.engine import Engine  # the only place the API side pulls in the engine
-
-        engine = Engine(config)
+def create_app(config: Config, engine: EngineClient, catalog: Optional[Catalog] = None) -> Starlette:
+    """Build the ASGI app around an engine (serve.py wires in the real one; route tests hand in a fake). The model
+    catalog is created here unless a test hands one in."""
     metrics = Metrics(engine)
     engine.observe(metrics.observe)
-    ctx = AppContext(config=config, engine=engine, metrics=metrics, catalog=catalog or Catalog(config),
-                     problems=ProblemCache(config))
+    ctx = AppContext(
+        config=config, engine=engine, metrics=metrics, catalog=catalog or Catalog(config), problems=ProblemCache(config)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -104,22 +106,36 @@ def create_app(config: Config, engine: Optional[EngineClient] = None, catalog: O
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return JSONResponse(http_error_payload(request.url.path, exc.status_code, exc.detail),
-                            status_code=exc.status_code)
+        return JSONResponse(
+            http_error_payload(request.url.path, exc.status_code, exc.detail), status_code=exc.status_code
+        )
 
     async def on_bug(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(request.url.path, InternalError(f"internal error: {type(exc).__name__}"))
 
     # Every route comes from the dialect registry; GET /openapi.json documents them all.
-    app = Starlette(routes=[*dialects.routes(), *openapi.routes],
-                    lifespan=lifespan,
-                    exception_handlers={MlxServerError: on_error, HTTPException: on_http, Exception: on_bug},
-                    middleware=[Middleware(RequestMetrics, metrics=metrics), cors(config),
-                                Middleware(Security, server=config.server),
-                                *([Middleware(RateLimit, per_minute=config.server.rate_limit_per_minute,
-                                               paths=dialects.paths(lambda e: e.rate_limited))]
-                                  if config.server.rate_limit_per_minute else [])])
+    app = Starlette(
+        routes=[*dialects.routes(), *openapi.routes],
+        lifespan=lifespan,
+        exception_handlers={MlxServerError: on_error, HTTPException: on_http, Exception: on_bug},
+        middleware=[
+            Middleware(RequestMetrics, metrics=metrics),
+            cors(config),
+            Middleware(Security, server=config.server),
+            *(
+                [
+                    Middleware(
+                        RateLimit,
+                        per_minute=config.server.rate_limit_per_minute,
+                        paths=dialects.paths(lambda e: e.rate_limited),
+                    )
+                ]
+                if config.server.rate_limit_per_minute
+                else []
+            ),
+        ],
+    )
     app.state.ctx = ctx
     from mlx_server.api import fallback  # installed innermost, so every other middleware sees proxied requests
 

@@ -33,8 +33,15 @@ class Entry:
 class Catalog:
     """Located + ModelInfo per configured model, off the event loop. One per app."""
 
-    def __init__(self, config: Config, describe: Optional[Describe] = None, *, refresh_after: float = 10.0,
-                 workers: int = 2, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: Config,
+        describe: Optional[Describe] = None,
+        *,
+        refresh_after: float = 10.0,
+        workers: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.refresh_after = refresh_after
         # `describe` is a seam for tests that need a computation to take as long as they say.
@@ -92,7 +99,7 @@ class Catalog:
         """Every configured model's entry, computed concurrently (the first listing after start-up waits here)."""
         names = list(self.config.models)
         found = await asyncio.gather(*(self.entry(n) for n in names))
-        return dict(zip(names, found))
+        return dict(zip(names, found, strict=True))
 
     async def resolve(self, requested: str) -> str:
         """The configured name for a requested one; 404 when unknown or not on disk (with how to get it)."""

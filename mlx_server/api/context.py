@@ -8,18 +8,18 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from starlette.requests import Request
 
-from mlx_server.config.load import Config
 from mlx_server.api.catalog import Catalog
+from mlx_server.config.load import Config
 from mlx_server.contract.errors import BadRequest, MlxServerError
-from mlx_server.models.info import ModelInfo
-from mlx_server.models.sources import Located
-from mlx_server.contract.status import EngineClient
 from mlx_server.contract.events import Delta, Done, Event, Failed, Started, TokenLogprob, Usage
 from mlx_server.contract.requests import EngineRequest, GenerateRequest
+from mlx_server.contract.status import EngineClient
+from mlx_server.models.info import ModelInfo
+from mlx_server.models.sources import Located
 
 log = logging.getLogger("mlx_server.api")
 
@@ -30,7 +30,7 @@ class AppContext:
     engine: EngineClient  # a protocol: the API never imports MLX, and tests hand in a FakeEngine
     catalog: Catalog  # model files and info, read off the event loop
     metrics: Any = None  # mlx_server.api.metrics.Metrics
-    problems: Any = None  # mlx_server.models.diagnose.ProblemCache: why configured models cannot be served (for /health)
+    problems: Any = None  # mlx_server.models.diagnose.ProblemCache: why configured models cannot serve (/health)
     started: float = field(default_factory=time.time)
 
     # Disk work (locate, GGUF headers) runs in the catalog's workers: handlers await, the loop never blocks.
@@ -107,7 +107,7 @@ def field_type(data: dict[str, Any], key: str, kind: type | tuple[type, ...], wh
         return None
     bad_bool = isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
     if bad_bool or not isinstance(value, kind):
-        raise BadRequest(f"invalid value for field \"{key}\": expected {what}")
+        raise BadRequest(f'invalid value for field "{key}": expected {what}')
     return value
 
 
@@ -181,8 +181,9 @@ async def begin(request: Request, req: EngineRequest) -> tuple[AsyncIterator[Eve
     return events, first
 
 
-async def follow(events: AsyncIterator[Event], first: Event, dialect: str, model: str,
-                 started_at: float) -> AsyncIterator[Event]:
+async def follow(
+    events: AsyncIterator[Event], first: Event, dialect: str, model: str, started_at: float
+) -> AsyncGenerator[Event, None]:
     """A streaming request's events from `first` through Done or Failed.
 
     Whatever ends it (its end, an error, the client going away), the engine stream is closed, which cancels
@@ -224,14 +225,43 @@ def error_body(exc: MlxServerError) -> dict[str, Any]:
 def request_log(dialect: str, model: str, status: str, usage: Usage, started_at: float) -> None:
     elapsed = time.perf_counter() - started_at
     tps = usage.completion_tokens / usage.eval_duration if usage.eval_duration > 0 else 0.0
-    fields = {"dialect": dialect, "model": model, "served_by": "mlx-server", "prompt_tokens": usage.prompt_tokens,
-              "cached_tokens": usage.cached_tokens, "generated_tokens": usage.completion_tokens,
-              "ttft_s": round(usage.prompt_eval_duration, 4), "tokens_per_s": round(tps, 2),
-              "total_s": round(elapsed, 4), "status": status}
-    log.info("%s model=%s served_by=mlx-server prompt=%d cached=%d generated=%d ttft=%.3fs tok/s=%.1f "
-             "total=%.3fs status=%s", dialect, model, usage.prompt_tokens, usage.cached_tokens,
-             usage.completion_tokens, usage.prompt_eval_duration, tps, elapsed, status, extra={"fields": fields})
+    fields = {
+        "dialect": dialect,
+        "model": model,
+        "served_by": "mlx-server",
+        "prompt_tokens": usage.prompt_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "generated_tokens": usage.completion_tokens,
+        "ttft_s": round(usage.prompt_eval_duration, 4),
+        "tokens_per_s": round(tps, 2),
+        "total_s": round(elapsed, 4),
+        "status": status,
+    }
+    log.info(
+        "%s model=%s served_by=mlx-server prompt=%d cached=%d generated=%d ttft=%.3fs tok/s=%.1f total=%.3fs status=%s",
+        dialect,
+        model,
+        usage.prompt_tokens,
+        usage.cached_tokens,
+        usage.completion_tokens,
+        usage.prompt_eval_duration,
+        tps,
+        elapsed,
+        status,
+        extra={"fields": fields},
+    )
 
 
-__all__ = ["AppContext", "Collected", "GenerateRequest", "collect", "ctx_of", "error_body", "field_type",
-           "first_event", "ns", "read_json", "rfc3339"]
+__all__ = [
+    "AppContext",
+    "Collected",
+    "GenerateRequest",
+    "collect",
+    "ctx_of",
+    "error_body",
+    "field_type",
+    "first_event",
+    "ns",
+    "read_json",
+    "rfc3339",
+]

@@ -1,6 +1,6 @@
 """One error, three body shapes: each dialect's clients parse only their own.
 
-The path decides, through the dialect registry (api/dialects.py): /v1/messages… is Anthropic, any other /v1/… is
+The path decides, through the dialect registry (api/routes.py): /v1/messages… is Anthropic, any other /v1/… is
 OpenAI, everything else Ollama. The outer layers (host check, API key, rate limit, fallback) use this too.
 """
 
@@ -12,10 +12,6 @@ from starlette.responses import JSONResponse
 
 from mlx_server.api.routes import dialect_for
 from mlx_server.contract.errors import MlxServerError
-
-
-def dialect_of(path: str) -> str:
-    return dialect_for(path).name
 
 
 def error_payload(path: str, exc: MlxServerError) -> dict[str, Any]:
@@ -36,4 +32,4 @@ def stream_error(path: str, exc: MlxServerError) -> bytes:
     return dialect_for(path).error_frame(exc)
 
 
-__all__ = ["dialect_of", "error_payload", "error_response", "http_error_payload", "stream_error"]
+__all__ = ["error_payload", "error_response", "http_error_payload", "stream_error"]

@@ -23,8 +23,8 @@ import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from mlx_server.api.routes import paths
 from mlx_server.api.errors_shape import error_payload, stream_error
+from mlx_server.api.routes import paths
 from mlx_server.config.load import Config
 from mlx_server.contract.errors import MlxServerError, PayloadTooLarge, UpstreamUnavailable
 
@@ -39,8 +39,19 @@ log = logging.getLogger("mlx_server.fallback")
 US, UPSTREAM = "mlx-server", "ollama"
 MODEL_PATHS = paths(lambda e: e.names_model)  # POSTs naming a model: proxied when the model is not ours
 LISTING_PATHS = paths(lambda e: e.listing)  # merged with the upstream's listing
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
-                        b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization"})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
 # Credentials authenticate the client to us, not to the upstream; our origin policy already ran, and Ollama
 # would refuse origins it wasn't told about; httpx sets host and length itself.
 NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"x-api-key", b"cookie", b"origin"}
@@ -83,8 +94,9 @@ def requested_model(path: str, body: bytes) -> Optional[str]:
     return model if isinstance(model, str) and model else None
 
 
-def merge_models(ours: list[Any], theirs: list[Any], fields: tuple[str, ...],
-                 served_here: Callable[[str], bool]) -> list[Any]:
+def merge_models(
+    ours: list[Any], theirs: list[Any], fields: tuple[str, ...], served_here: Callable[[str], bool]
+) -> list[Any]:
     """Ours, then the upstream's that are neither listed by us nor would resolve here (requests for those
     never reach the upstream, so listing them as its models would mislead)."""
     taken = {m.get(f) for m in ours if isinstance(m, dict) for f in fields}
@@ -111,9 +123,12 @@ def _tagging(send: Send, ex: _Exchange) -> Send:
     async def tagged(message: Message) -> None:
         if message["type"] == "http.response.start":
             ex.status = message["status"]
-            message = {**message, "headers": _with_header(list(message.get("headers", [])), b"x-served-by",
-                                                          ex.served_by.encode())}
+            message = {
+                **message,
+                "headers": _with_header(list(message.get("headers", [])), b"x-served-by", ex.served_by.encode()),
+            }
         await send(message)
+
     return tagged
 
 
@@ -130,6 +145,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         if pending:
             return {"type": "http.request", "body": pending.pop(), "more_body": False}
         return await receive()
+
     return replayed
 
 
@@ -157,7 +173,8 @@ class FallbackMiddleware:
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(connect=CONNECT_TIMEOUT, read=self.read_timeout, write=30.0, pool=None),
                 trust_env=False,  # a proxy from the environment must not sit between us and a local Ollama
-                follow_redirects=False)
+                follow_redirects=False,
+            )
         return self._client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -173,9 +190,17 @@ class FallbackMiddleware:
         finally:
             path = scope["path"]
             quiet = path in ("/health", "/metrics") or (path == "/" and scope["method"] == "HEAD")
-            log.log(logging.DEBUG if quiet else logging.INFO, "%s %s model=%s served_by=%s status=%s total=%.3fs%s",
-                    scope["method"], path, ex.model or "-", ex.served_by, ex.status or "-",
-                    time.perf_counter() - ex.started, f" ({ex.note})" if ex.note else "")
+            log.log(
+                logging.DEBUG if quiet else logging.INFO,
+                "%s %s model=%s served_by=%s status=%s total=%.3fs%s",
+                scope["method"],
+                path,
+                ex.model or "-",
+                ex.served_by,
+                ex.status or "-",
+                time.perf_counter() - ex.started,
+                f" ({ex.note})" if ex.note else "",
+            )
 
     def _closing(self, send: Send) -> Send:
         async def closing(message: Message) -> None:
@@ -183,6 +208,7 @@ class FallbackMiddleware:
                 client, self._client = self._client, None
                 await client.aclose()
             await send(message)
+
         return closing
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send, ex: _Exchange) -> None:
@@ -236,8 +262,9 @@ class FallbackMiddleware:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _run_unless_refused(self, scope: Scope, body: bytes, receive: Receive, send: Send,
-                                  ex: _Exchange) -> Optional[list[Message]]:
+    async def _run_unless_refused(
+        self, scope: Scope, body: bytes, receive: Receive, send: Send, ex: _Exchange
+    ) -> Optional[list[Message]]:
         """Run the app; if it refuses with 503 (always before any body), keep that response instead of sending it
         and return it, so it can still be sent should the upstream be unreachable too."""
         tagged = _tagging(send, ex)
@@ -254,10 +281,12 @@ class FallbackMiddleware:
         await self.app(scope, _replay(body, receive), watch)
         return held or None
 
-    async def _proxy(self, scope: Scope, body: bytes, receive: Receive, send: Send, ex: _Exchange,
-                     refusal: Optional[list[Message]]) -> None:
+    async def _proxy(
+        self, scope: Scope, body: bytes, receive: Receive, send: Send, ex: _Exchange, refusal: Optional[list[Message]]
+    ) -> None:
         try:
             async with anyio.create_task_group() as tg:
+
                 async def watch_disconnect() -> None:
                     # Noticing the client leave lets us close the upstream connection, which stops its generation.
                     while (await receive())["type"] != "http.disconnect":
@@ -275,8 +304,9 @@ class FallbackMiddleware:
                 raise inner[0] from None
             raise
 
-    async def _relay(self, scope: Scope, body: bytes, send: Send, ex: _Exchange,
-                     refusal: Optional[list[Message]]) -> None:
+    async def _relay(
+        self, scope: Scope, body: bytes, send: Send, ex: _Exchange, refusal: Optional[list[Message]]
+    ) -> None:
         query = scope.get("query_string", b"")
         url = f"{self.url}{scope['path']}" + (f"?{query.decode('latin-1')}" if query else "")
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in NOT_FORWARDED]
@@ -292,8 +322,14 @@ class FallbackMiddleware:
                 ex.note = f"refused here with 503; fallback unreachable: {exc!r}"
                 await _send_all(refusal, _tagging(send, ex))
                 return
-            await self._send_error(scope, send, ex, UpstreamUnavailable(
-                f"model \"{ex.model}\" is not served here and the fallback at {self.url} is unreachable"))
+            await self._send_error(
+                scope,
+                send,
+                ex,
+                UpstreamUnavailable(
+                    f'model "{ex.model}" is not served here and the fallback at {self.url} is unreachable'
+                ),
+            )
             return
         try:
             if refusal is not None and response.status_code >= 400:
@@ -309,8 +345,7 @@ class FallbackMiddleware:
     async def _stream_back(self, path: str, response: httpx.Response, send: Send, ex: _Exchange) -> None:
         ex.served_by = UPSTREAM
         raw = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in NOT_RETURNED]
-        await _tagging(send, ex)({"type": "http.response.start", "status": response.status_code,
-                                  "headers": raw})
+        await _tagging(send, ex)({"type": "http.response.start", "status": response.status_code, "headers": raw})
         sized = any(k == b"content-length" for k, _ in raw)
         ctype = response.headers.get("content-type", "")
         ndjson, sse = ctype.startswith("application/x-ndjson"), ctype.startswith("text/event-stream")
@@ -328,8 +363,9 @@ class FallbackMiddleware:
             if ndjson or sse:
                 # Clients raise on the dialect's error frame (an NDJSON line with "error", an SSE error event);
                 # a stream cut short would look like a normal end. A partial line or event is ended first.
-                frame = stream_error(path, UpstreamUnavailable(
-                    f"the fallback at {self.url} failed mid-stream: {exc!r}"))
+                frame = stream_error(
+                    path, UpstreamUnavailable(f"the fallback at {self.url} failed mid-stream: {exc!r}")
+                )
                 ended = last.endswith((b"\n\n", b"\r\n\r\n")) if sse else last.endswith(b"\n")
                 prefix = b"" if ended else b"\n\n" if sse else b"\n"
                 await send({"type": "http.response.body", "body": prefix + frame, "more_body": True})
@@ -337,8 +373,13 @@ class FallbackMiddleware:
 
     async def _send_error(self, scope: Scope, send: Send, ex: _Exchange, exc: MlxServerError) -> None:
         body = _json(error_payload(scope["path"], exc))
-        await _tagging(send, ex)({"type": "http.response.start", "status": exc.status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await _tagging(send, ex)(
+            {
+                "type": "http.response.start",
+                "status": exc.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     # ---- listings -----------------------------------------------------------------------------------------

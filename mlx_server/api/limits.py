@@ -18,8 +18,9 @@ from mlx_server.contract.errors import RateLimited
 class RateLimit:
     """A token bucket per client address: `per_minute` requests, refilled continuously."""
 
-    def __init__(self, app: ASGIApp, per_minute: int, paths: Collection[str],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, app: ASGIApp, per_minute: int, paths: Collection[str], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.app = app
         self.paths = frozenset(paths)
         self.rate = per_minute / 60.0

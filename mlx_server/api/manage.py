@@ -1,7 +1,7 @@
 """/api/pull and /api/delete: get a configured model's weights onto disk, or remove them, in Ollama's shapes.
 
 Only configured models can be pulled (models.yaml is the catalogue). Downloads run in a worker thread via
-mlx_server.ops.pull and never touch MLX; progress crosses back to the event loop as queued dicts.
+mlx_server.models.pull and never touch MLX; progress crosses back to the event loop as queued dicts.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from mlx_server.api.context import AppContext, ctx_of, field_type, read_json
 from mlx_server.api.dialects.ollama import line
 from mlx_server.contract.errors import BadRequest, ModelBusy, ModelNotFound, PullFailed
-from mlx_server.ops.pull import FileProgress, NotManaged, PullResult, check_managed, delete_local, ensure_local
 from mlx_server.contract.events import Done, Failed
 from mlx_server.contract.requests import UnloadRequest
+from mlx_server.models.pull import FileProgress, NotManaged, PullResult, check_managed, delete_local, ensure_local
 
 log = logging.getLogger("mlx_server.api.manage")
 
@@ -45,8 +45,12 @@ def _config_dir(ctx: AppContext) -> Optional[Path]:
 
 def _progress_line(p: FileProgress) -> dict[str, Any]:
     # Ollama names a layer by the first 12 hex digits of its digest in the status text.
-    return {"status": f"pulling {p.digest.removeprefix('sha256:')[:12]}", "digest": p.digest,
-            "total": p.total, "completed": p.completed}
+    return {
+        "status": f"pulling {p.digest.removeprefix('sha256:')[:12]}",
+        "digest": p.digest,
+        "total": p.total,
+        "completed": p.completed,
+    }
 
 
 async def pull(request: Request) -> Response:
@@ -56,7 +60,7 @@ async def pull(request: Request) -> Response:
     name = _configured(ctx, requested)
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
-        raise BadRequest("invalid value for field \"stream\": expected a boolean")
+        raise BadRequest('invalid value for field "stream": expected a boolean')
     loop = asyncio.get_running_loop()
     progress: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     cancel = threading.Event()
@@ -67,22 +71,34 @@ async def pull(request: Request) -> Response:
         except RuntimeError:  # the loop is gone (server stopping); the download result is all that matters
             pass
 
-    task = asyncio.ensure_future(asyncio.to_thread(
-        ensure_local, ctx.config.models[name], _config_dir(ctx), update=True, progress=report, cancel=cancel,
-        cache_dir=ctx.config.server.cache_dir))
+    task = asyncio.ensure_future(
+        asyncio.to_thread(
+            ensure_local,
+            ctx.config.models[name],
+            _config_dir(ctx),
+            update=True,
+            progress=report,
+            cancel=cancel,
+            cache_dir=ctx.config.server.cache_dir,
+        )
+    )
     # Whatever the outcome (done, failed, cancelled half-way) the files may have changed: look again next time.
     task.add_done_callback(lambda _: ctx.catalog.invalidate(name))
     if not stream:
         result = await task
         _log_result(result)
         if not result.ok:
-            raise PullFailed(f"pulling model \"{requested}\" failed: {result.error}")
+            raise PullFailed(f'pulling model "{requested}" failed: {result.error}')
         return JSONResponse({"status": "success"})
     return StreamingResponse(_stream(task, progress, cancel, requested), media_type="application/x-ndjson")
 
 
-async def _stream(task: "asyncio.Future[PullResult]", progress: "asyncio.Queue[dict[str, Any]]",
-                  cancel: threading.Event, requested: str) -> AsyncIterator[bytes]:
+async def _stream(
+    task: "asyncio.Future[PullResult]",
+    progress: "asyncio.Queue[dict[str, Any]]",
+    cancel: threading.Event,
+    requested: str,
+) -> AsyncIterator[bytes]:
     try:
         yield line({"status": "pulling manifest"})
         while not task.done():
@@ -102,7 +118,7 @@ async def _stream(task: "asyncio.Future[PullResult]", progress: "asyncio.Queue[d
             yield line({"status": "verifying sha256 digest"})
             yield line({"status": "success"})
         else:
-            yield line({"error": f"pulling model \"{requested}\" failed: {result.error}"})
+            yield line({"error": f'pulling model "{requested}" failed: {result.error}'})
     finally:
         # A client that hangs up stops the download at its next chunk; finished pulls ignore this.
         cancel.set()
@@ -129,7 +145,7 @@ async def _unload(ctx: AppContext, name: str) -> None:
     finally:
         await events.aclose()  # type: ignore[attr-defined]
     if any(r.name == name for r in ctx.engine.status().models):
-        raise ModelBusy(f"model \"{name}\" is in use; retry when its requests have finished")
+        raise ModelBusy(f'model "{name}" is in use; retry when its requests have finished')
 
 
 async def delete(request: Request) -> Response:
@@ -151,4 +167,3 @@ async def delete(request: Request) -> Response:
         raise ModelNotFound(requested)
     log.info("deleted the cached weights of %s (%s)", name, model.source)
     return Response(status_code=200)
-

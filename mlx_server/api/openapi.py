@@ -31,91 +31,190 @@ def _num(lo: float, hi: float) -> JSON:
 STR: JSON = {"type": "string"}
 BOOL: JSON = {"type": "boolean"}
 INT: JSON = {"type": "integer"}
-INT64: JSON = {"type": "integer", "minimum": -2**63, "maximum": 2**63 - 1}
+INT64: JSON = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
 STOP: JSON = {"oneOf": [STR, {"type": "array", "items": STR}]}
-KEEP_ALIVE: JSON = {"description": "seconds, or a Go duration such as \"5m\" or \"1h30m\"; negative = forever",
-                    "oneOf": [{"type": "number"}, {"type": "string", "pattern": r"^\s*[+-]?(\d|\.\d)"}]}
+KEEP_ALIVE: JSON = {
+    "description": 'seconds, or a Go duration such as "5m" or "1h30m"; negative = forever',
+    "oneOf": [{"type": "number"}, {"type": "string", "pattern": r"^\s*[+-]?(\d|\.\d)"}],
+}
 FORMAT: JSON = {"oneOf": [{"enum": ["", "json"]}, {"type": "object", "description": "a JSON schema"}]}
 THINK: JSON = {"oneOf": [BOOL, {"enum": ["low", "medium", "high"]}]}
 
 OLLAMA_OPTIONS: JSON = {
-    "type": "object", "additionalProperties": True,
+    "type": "object",
+    "additionalProperties": True,
     "description": "Ollama options; unknown keys are ignored, known keys are type-checked",
-    "properties": {"num_predict": {**INT64, "description": "<= 0 means until the context is full"},
-                   "num_ctx": {**INT64, "minimum": 1}, "temperature": {"type": "number", "minimum": 0},
-                   "top_p": _num(0, 1), "top_k": {**INT64, "minimum": 0}, "min_p": {"type": "number"},
-                   "repeat_penalty": {"type": "number", "exclusiveMinimum": 0}, "repeat_last_n": INT64,
-                   "presence_penalty": {"type": "number"}, "frequency_penalty": {"type": "number"},
-                   "seed": {**INT64, "description": "negative means random"}, "stop": STOP}}
-OLLAMA_MESSAGE = _obj(["role"], role=STR, content=STR, thinking=STR, images={"type": "array", "maxItems": 0},
-                      tool_calls={"type": "array"}, tool_name=STR)
-OLLAMA_COMMON: JSON = {"model": STR, "category": {**STR, "description": "MLX-style: an alias to resolve"},
-                       "stream": {**BOOL, "default": True}, "options": OLLAMA_OPTIONS, "keep_alive": KEEP_ALIVE,
-                       "format": FORMAT, "think": THINK, "tools": {"type": "array"},
-                       "max_tokens": INT64, "temperature": {"type": "number"}, "top_p": _num(0, 1)}
-OLLAMA_GENERATE = _obj([], prompt=STR, suffix=STR, system=STR, template=STR, raw=BOOL,
-                       images={"type": "array", "maxItems": 0}, **OLLAMA_COMMON)
+    "properties": {
+        "num_predict": {**INT64, "description": "<= 0 means until the context is full"},
+        "num_ctx": {**INT64, "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0},
+        "top_p": _num(0, 1),
+        "top_k": {**INT64, "minimum": 0},
+        "min_p": {"type": "number"},
+        "repeat_penalty": {"type": "number", "exclusiveMinimum": 0},
+        "repeat_last_n": INT64,
+        "presence_penalty": {"type": "number"},
+        "frequency_penalty": {"type": "number"},
+        "seed": {**INT64, "description": "negative means random"},
+        "stop": STOP,
+    },
+}
+OLLAMA_MESSAGE = _obj(
+    ["role"],
+    role=STR,
+    content=STR,
+    thinking=STR,
+    images={"type": "array", "maxItems": 0},
+    tool_calls={"type": "array"},
+    tool_name=STR,
+)
+OLLAMA_COMMON: JSON = {
+    "model": STR,
+    "category": {**STR, "description": "MLX-style: an alias to resolve"},
+    "stream": {**BOOL, "default": True},
+    "options": OLLAMA_OPTIONS,
+    "keep_alive": KEEP_ALIVE,
+    "format": FORMAT,
+    "think": THINK,
+    "tools": {"type": "array"},
+    "max_tokens": INT64,
+    "temperature": {"type": "number"},
+    "top_p": _num(0, 1),
+}
+OLLAMA_GENERATE = _obj(
+    [],
+    prompt=STR,
+    suffix=STR,
+    system=STR,
+    template=STR,
+    raw=BOOL,
+    images={"type": "array", "maxItems": 0},
+    **OLLAMA_COMMON,
+)
 OLLAMA_CHAT = _obj([], messages={"type": "array", "items": OLLAMA_MESSAGE}, **OLLAMA_COMMON)
 MODEL_REF = _obj([], model=STR, name=STR, stream=BOOL)
 DIMENSIONS: JSON = {**INT64, "minimum": 1, "description": "cut each vector to this width, then re-normalize"}
-OLLAMA_EMBED = _obj(["model"], model=STR, input={"oneOf": [STR, {"type": "array", "items": STR}]},
-                    truncate={**BOOL, "default": True}, dimensions=DIMENSIONS, keep_alive=KEEP_ALIVE,
-                    options=OLLAMA_OPTIONS)
+OLLAMA_EMBED = _obj(
+    ["model"],
+    model=STR,
+    input={"oneOf": [STR, {"type": "array", "items": STR}]},
+    truncate={**BOOL, "default": True},
+    dimensions=DIMENSIONS,
+    keep_alive=KEEP_ALIVE,
+    options=OLLAMA_OPTIONS,
+)
 OLLAMA_EMBEDDINGS = _obj(["model"], model=STR, prompt=STR, keep_alive=KEEP_ALIVE, options=OLLAMA_OPTIONS)
 TOKEN_IDS: JSON = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
-OPENAI_EMBEDDING = _obj(["model", "input"], model={**STR, "minLength": 1},
-                        input={"oneOf": [STR, {"type": "array", "minItems": 1, "items": STR}, TOKEN_IDS,
-                                         {"type": "array", "minItems": 1, "items": TOKEN_IDS}]},
-                        encoding_format={"enum": ["float", "base64"]}, dimensions=DIMENSIONS, user=STR)
+OPENAI_EMBEDDING = _obj(
+    ["model", "input"],
+    model={**STR, "minLength": 1},
+    input={
+        "oneOf": [
+            STR,
+            {"type": "array", "minItems": 1, "items": STR},
+            TOKEN_IDS,
+            {"type": "array", "minItems": 1, "items": TOKEN_IDS},
+        ]
+    },
+    encoding_format={"enum": ["float", "base64"]},
+    dimensions=DIMENSIONS,
+    user=STR,
+)
 
 TEXT_PART = _obj(["type"], type={"enum": ["text", "input_text"]}, text=STR)
-OPENAI_MESSAGE = _obj(["role"], role={"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
-                      content={"oneOf": [STR, {"type": "null"}, {"type": "array", "items": TEXT_PART}]},
-                      tool_calls={"type": "array"}, tool_call_id=STR, name=STR, reasoning_content=STR)
-OPENAI_SAMPLING: JSON = {"model": {**STR, "minLength": 1}, "stream": BOOL, "stop": STOP, "seed": INT,
-                         "temperature": _num(0, 2), "top_p": _num(0, 1), "top_k": {**INT, "minimum": 0},
-                         "min_p": _num(0, 1), "repeat_penalty": _num(0.01, 10), "presence_penalty": _num(-2, 2),
-                         "frequency_penalty": _num(-2, 2), "n": {**INT, "minimum": 1, "maximum": 1},
-                         "max_tokens": {**INT, "minimum": 1}}
-OPENAI_CHAT = _obj(["model", "messages"], messages={"type": "array", "minItems": 1, "items": OPENAI_MESSAGE},
-                   max_completion_tokens={**INT, "minimum": 1}, logprobs=BOOL,
-                   top_logprobs={**INT, "minimum": 0, "maximum": 20},
-                   stream_options=_obj([], include_usage=BOOL), tools={"type": "array"},
-                   tool_choice={"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
-                   response_format=_obj(["type"], type={"enum": ["text", "json_object", "json_schema"]}),
-                   reasoning_effort=STR, **OPENAI_SAMPLING)
-OPENAI_COMPLETION = _obj(["model", "prompt"], prompt={"oneOf": [STR, {"type": "array", "items": STR,
-                                                                      "minItems": 1, "maxItems": 1}]},
-                         suffix=STR, echo=BOOL, logprobs={**INT, "minimum": 0, "maximum": 5}, **OPENAI_SAMPLING)
+OPENAI_MESSAGE = _obj(
+    ["role"],
+    role={"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
+    content={"oneOf": [STR, {"type": "null"}, {"type": "array", "items": TEXT_PART}]},
+    tool_calls={"type": "array"},
+    tool_call_id=STR,
+    name=STR,
+    reasoning_content=STR,
+)
+OPENAI_SAMPLING: JSON = {
+    "model": {**STR, "minLength": 1},
+    "stream": BOOL,
+    "stop": STOP,
+    "seed": INT,
+    "temperature": _num(0, 2),
+    "top_p": _num(0, 1),
+    "top_k": {**INT, "minimum": 0},
+    "min_p": _num(0, 1),
+    "repeat_penalty": _num(0.01, 10),
+    "presence_penalty": _num(-2, 2),
+    "frequency_penalty": _num(-2, 2),
+    "n": {**INT, "minimum": 1, "maximum": 1},
+    "max_tokens": {**INT, "minimum": 1},
+}
+OPENAI_CHAT = _obj(
+    ["model", "messages"],
+    messages={"type": "array", "minItems": 1, "items": OPENAI_MESSAGE},
+    max_completion_tokens={**INT, "minimum": 1},
+    logprobs=BOOL,
+    top_logprobs={**INT, "minimum": 0, "maximum": 20},
+    stream_options=_obj([], include_usage=BOOL),
+    tools={"type": "array"},
+    tool_choice={"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
+    response_format=_obj(["type"], type={"enum": ["text", "json_object", "json_schema"]}),
+    reasoning_effort=STR,
+    **OPENAI_SAMPLING,
+)
+OPENAI_COMPLETION = _obj(
+    ["model", "prompt"],
+    prompt={"oneOf": [STR, {"type": "array", "items": STR, "minItems": 1, "maxItems": 1}]},
+    suffix=STR,
+    echo=BOOL,
+    logprobs={**INT, "minimum": 0, "maximum": 5},
+    **OPENAI_SAMPLING,
+)
 
-ANTHROPIC_BLOCK = _obj(["type"], type={"enum": ["text", "thinking", "redacted_thinking", "tool_use",
-                                                "tool_result"]})
-ANTHROPIC_MESSAGE = _obj(["role", "content"], role={"enum": ["user", "assistant"]},
-                         content={"oneOf": [STR, {"type": "array", "items": ANTHROPIC_BLOCK}]})
+ANTHROPIC_BLOCK = _obj(["type"], type={"enum": ["text", "thinking", "redacted_thinking", "tool_use", "tool_result"]})
+ANTHROPIC_MESSAGE = _obj(
+    ["role", "content"],
+    role={"enum": ["user", "assistant"]},
+    content={"oneOf": [STR, {"type": "array", "items": ANTHROPIC_BLOCK}]},
+)
 ANTHROPIC_COMMON: JSON = {
-    "model": {**STR, "minLength": 1}, "messages": {"type": "array", "minItems": 1, "items": ANTHROPIC_MESSAGE},
-    "system": {"oneOf": [STR, {"type": "array", "items": ANTHROPIC_BLOCK}]}, "tools": {"type": "array"},
+    "model": {**STR, "minLength": 1},
+    "messages": {"type": "array", "minItems": 1, "items": ANTHROPIC_MESSAGE},
+    "system": {"oneOf": [STR, {"type": "array", "items": ANTHROPIC_BLOCK}]},
+    "tools": {"type": "array"},
     "tool_choice": _obj(["type"], type={"enum": ["auto", "any", "tool", "none"]}, name=STR),
-    "thinking": _obj(["type"], type={"enum": ["enabled", "disabled", "adaptive"]})}
-ANTHROPIC_MESSAGES = _obj(["model", "messages", "max_tokens"], max_tokens={**INT, "minimum": 1}, stream=BOOL,
-                          temperature=_num(0, 1), top_p=_num(0, 1), top_k={**INT, "minimum": 0},
-                          stop_sequences={"type": "array", "items": STR}, output_config={"type": "object"},
-                          **ANTHROPIC_COMMON)
+    "thinking": _obj(["type"], type={"enum": ["enabled", "disabled", "adaptive"]}),
+}
+ANTHROPIC_MESSAGES = _obj(
+    ["model", "messages", "max_tokens"],
+    max_tokens={**INT, "minimum": 1},
+    stream=BOOL,
+    temperature=_num(0, 1),
+    top_p=_num(0, 1),
+    top_k={**INT, "minimum": 0},
+    stop_sequences={"type": "array", "items": STR},
+    output_config={"type": "object"},
+    **ANTHROPIC_COMMON,
+)
 ANTHROPIC_COUNT = _obj(["model", "messages"], **ANTHROPIC_COMMON)
 
 ERRORS: JSON = {
     "OllamaError": _obj(["error"], error=STR),
     "OpenAIError": _obj(["error"], error=_obj(["message", "type"], message=STR, type=STR)),
-    "AnthropicError": _obj(["type", "error"], type={"const": "error"},
-                           error=_obj(["type", "message"], type=STR, message=STR)),
+    "AnthropicError": _obj(
+        ["type", "error"], type={"const": "error"}, error=_obj(["type", "message"], type=STR, message=STR)
+    ),
 }
-SCHEMAS: JSON = {"OllamaGenerateRequest": OLLAMA_GENERATE, "OllamaChatRequest": OLLAMA_CHAT,
-                 "ModelReference": MODEL_REF, "OllamaEmbedRequest": OLLAMA_EMBED,
-                 "OllamaEmbeddingsRequest": OLLAMA_EMBEDDINGS, "EmbeddingRequest": OPENAI_EMBEDDING,
-                 "ChatCompletionRequest": OPENAI_CHAT,
-                 "CompletionRequest": OPENAI_COMPLETION, "MessagesRequest": ANTHROPIC_MESSAGES,
-                 "CountTokensRequest": ANTHROPIC_COUNT, **ERRORS}
-
+SCHEMAS: JSON = {
+    "OllamaGenerateRequest": OLLAMA_GENERATE,
+    "OllamaChatRequest": OLLAMA_CHAT,
+    "ModelReference": MODEL_REF,
+    "OllamaEmbedRequest": OLLAMA_EMBED,
+    "OllamaEmbeddingsRequest": OLLAMA_EMBEDDINGS,
+    "EmbeddingRequest": OPENAI_EMBEDDING,
+    "ChatCompletionRequest": OPENAI_CHAT,
+    "CompletionRequest": OPENAI_COMPLETION,
+    "MessagesRequest": ANTHROPIC_MESSAGES,
+    "CountTokensRequest": ANTHROPIC_COUNT,
+    **ERRORS,
+}
 
 
 def _routes() -> dict[str, dict[str, tuple[str, Any, str, bool]]]:
@@ -135,13 +234,21 @@ def _operation(summary: str, body: Any, error: str, streams: bool, path: str) ->
     if streams:
         ok["content"]["application/x-ndjson" if path.startswith("/api/") else "text/event-stream"] = {}
     err = {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{error}"}}}}
-    op: JSON = {"summary": summary, "responses": {
-        "200": ok, "400": {"description": "invalid request", **err}, "404": {"description": "unknown model", **err},
-        "413": {"description": "body too large", **err},
-        "503": {"description": "designed refusal: queue full, memory budget, shutting down", **err}}}
+    op: JSON = {
+        "summary": summary,
+        "responses": {
+            "200": ok,
+            "400": {"description": "invalid request", **err},
+            "404": {"description": "unknown model", **err},
+            "413": {"description": "body too large", **err},
+            "503": {"description": "designed refusal: queue full, memory budget, shutting down", **err},
+        },
+    }
     if body:
-        op["requestBody"] = {"required": False, "content": {
-            "application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}}
+        op["requestBody"] = {
+            "required": False,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
+        }
     if "{model}" in path:
         op["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": STR}]
     op["x-request-priority"] = "X-Request-Priority: high | medium | low (generation routes)"
@@ -149,12 +256,18 @@ def _operation(summary: str, body: Any, error: str, streams: bool, path: str) ->
 
 
 def document() -> JSON:
-    return {"openapi": "3.1.0",
-            "info": {"title": "mlx-server", "version": "1",
-                     "description": "Ollama, OpenAI and Anthropic dialects over one MLX engine."},
-            "paths": {path: {method: _operation(*spec, path=path) for method, spec in ops.items()}
-                      for path, ops in ROUTES.items()},
-            "components": {"schemas": SCHEMAS}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mlx-server",
+            "version": "1",
+            "description": "Ollama, OpenAI and Anthropic dialects over one MLX engine.",
+        },
+        "paths": {
+            path: {method: _operation(*spec, path=path) for method, spec in ops.items()} for path, ops in ROUTES.items()
+        },
+        "components": {"schemas": SCHEMAS},
+    }
 
 
 def request_schema(path: str, method: str = "post") -> JSON:

@@ -9,76 +9,160 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mlx_server.api import admin
-from mlx_server.api.dialects import anthropic
-from mlx_server.api.dialects import embeddings
 from mlx_server.api import manage as models
-from mlx_server.api.dialects import ollama
-from mlx_server.api.dialects import openai
 from mlx_server.api.context import begin, collect, ctx_of, follow, note_model, read_json, request_log
+from mlx_server.api.dialects import anthropic, embeddings, ollama, openai
 from mlx_server.api.dialects.base import Call, Dialect, Endpoint, Generation, Handler, Incoming
 from mlx_server.contract.errors import BadRequest, MlxServerError
 from mlx_server.contract.events import Usage
-from mlx_server.contract.requests import CountTokensRequest, GenerateRequest
 
 OLLAMA = Dialect(
-    name="ollama", prefixes=("/",), error_body=ollama.error_body, http_error_body=ollama.http_error_body,
-    error_frame=ollama.error_frame, stream_response=ollama.stream_response, error_schema="OllamaError",
+    name="ollama",
+    prefixes=("/",),
+    error_body=ollama.error_body,
+    http_error_body=ollama.http_error_body,
+    error_frame=ollama.error_frame,
+    stream_response=ollama.stream_response,
+    error_schema="OllamaError",
     endpoints=(
         Endpoint("/", ("GET", "HEAD"), "Liveness text (JSON with Accept: application/json)", handler=ollama.root),
         Endpoint("/api/version", ("GET",), "Ollama version", handler=ollama.version),
         Endpoint("/api/tags", ("GET",), "Models on disk", handler=ollama.tags, listing=True),
         Endpoint("/api/ps", ("GET",), "Models in memory", handler=ollama.ps),
-        Endpoint("/api/show", ("POST",), "Model details", handler=ollama.show, schema="ModelReference",
-                 names_model=True),
-        Endpoint("/api/pull", ("POST",), "Download a configured model", handler=models.pull,
-                 schema="ModelReference", streams=True),
-        Endpoint("/api/delete", ("DELETE",), "Delete a downloaded model", handler=models.delete,
-                 schema="ModelReference"),
-        Endpoint("/api/generate", ("POST",), "Ollama completion (NDJSON stream by default)",
-                 generation=ollama.GENERATE, schema="OllamaGenerateRequest", names_model=True, rate_limited=True,
-                 streams=True),
-        Endpoint("/api/chat", ("POST",), "Ollama chat (NDJSON stream by default)", generation=ollama.CHAT,
-                 schema="OllamaChatRequest", names_model=True, rate_limited=True, streams=True),
-        Endpoint("/api/embed", ("POST",), "Embeddings of a text or texts (L2-normalized)", handler=embeddings.embed,
-                 schema="OllamaEmbedRequest", names_model=True, rate_limited=True),
-        Endpoint("/api/embeddings", ("POST",), "Legacy embeddings: one prompt", handler=embeddings.embeddings,
-                 schema="OllamaEmbeddingsRequest", names_model=True, rate_limited=True),
-    ))
+        Endpoint(
+            "/api/show", ("POST",), "Model details", handler=ollama.show, schema="ModelReference", names_model=True
+        ),
+        Endpoint(
+            "/api/pull",
+            ("POST",),
+            "Download a configured model",
+            handler=models.pull,
+            schema="ModelReference",
+            streams=True,
+        ),
+        Endpoint(
+            "/api/delete", ("DELETE",), "Delete a downloaded model", handler=models.delete, schema="ModelReference"
+        ),
+        Endpoint(
+            "/api/generate",
+            ("POST",),
+            "Ollama completion (NDJSON stream by default)",
+            generation=ollama.GENERATE,
+            schema="OllamaGenerateRequest",
+            names_model=True,
+            rate_limited=True,
+            streams=True,
+        ),
+        Endpoint(
+            "/api/chat",
+            ("POST",),
+            "Ollama chat (NDJSON stream by default)",
+            generation=ollama.CHAT,
+            schema="OllamaChatRequest",
+            names_model=True,
+            rate_limited=True,
+            streams=True,
+        ),
+        Endpoint(
+            "/api/embed",
+            ("POST",),
+            "Embeddings of a text or texts (L2-normalized)",
+            handler=embeddings.embed,
+            schema="OllamaEmbedRequest",
+            names_model=True,
+            rate_limited=True,
+        ),
+        Endpoint(
+            "/api/embeddings",
+            ("POST",),
+            "Legacy embeddings: one prompt",
+            handler=embeddings.embeddings,
+            schema="OllamaEmbeddingsRequest",
+            names_model=True,
+            rate_limited=True,
+        ),
+    ),
+)
 
 OPENAI = Dialect(
-    name="openai", prefixes=("/v1/",), error_body=openai.error_body, http_error_body=openai.http_error_body,
-    error_frame=openai.error_frame, stream_response=openai.stream_response, error_schema="OpenAIError",
+    name="openai",
+    prefixes=("/v1/",),
+    error_body=openai.error_body,
+    http_error_body=openai.http_error_body,
+    error_frame=openai.error_frame,
+    stream_response=openai.stream_response,
+    error_schema="OpenAIError",
     endpoints=(
         Endpoint("/v1/models", ("GET",), "OpenAI model list", handler=openai.list_models, listing=True),
         Endpoint("/v1/models/{model:path}", ("GET",), "One OpenAI model", handler=openai.get_model),
-        Endpoint("/v1/chat/completions", ("POST",), "OpenAI chat completion (SSE when stream)",
-                 generation=openai.CHAT, schema="ChatCompletionRequest", names_model=True, rate_limited=True,
-                 streams=True),
-        Endpoint("/v1/completions", ("POST",), "OpenAI text completion (SSE when stream)",
-                 generation=openai.COMPLETION, schema="CompletionRequest", names_model=True, rate_limited=True,
-                 streams=True),
-        Endpoint("/v1/embeddings", ("POST",), "OpenAI embeddings (float or base64)",
-                 handler=embeddings.openai_embeddings, schema="EmbeddingRequest", names_model=True,
-                 rate_limited=True),
-    ))
+        Endpoint(
+            "/v1/chat/completions",
+            ("POST",),
+            "OpenAI chat completion (SSE when stream)",
+            generation=openai.CHAT,
+            schema="ChatCompletionRequest",
+            names_model=True,
+            rate_limited=True,
+            streams=True,
+        ),
+        Endpoint(
+            "/v1/completions",
+            ("POST",),
+            "OpenAI text completion (SSE when stream)",
+            generation=openai.COMPLETION,
+            schema="CompletionRequest",
+            names_model=True,
+            rate_limited=True,
+            streams=True,
+        ),
+        Endpoint(
+            "/v1/embeddings",
+            ("POST",),
+            "OpenAI embeddings (float or base64)",
+            handler=embeddings.openai_embeddings,
+            schema="EmbeddingRequest",
+            names_model=True,
+            rate_limited=True,
+        ),
+    ),
+)
 
 ANTHROPIC = Dialect(
-    name="anthropic", prefixes=("/v1/messages",), error_body=anthropic.error_body,
-    http_error_body=anthropic.http_error_body, error_frame=anthropic.error_frame,
-    stream_response=anthropic.stream_response, error_schema="AnthropicError",
+    name="anthropic",
+    prefixes=("/v1/messages",),
+    error_body=anthropic.error_body,
+    http_error_body=anthropic.http_error_body,
+    error_frame=anthropic.error_frame,
+    stream_response=anthropic.stream_response,
+    error_schema="AnthropicError",
     endpoints=(
-        Endpoint("/v1/messages", ("POST",), "Anthropic message (SSE when stream)", generation=anthropic.MESSAGES,
-                 schema="MessagesRequest", names_model=True, rate_limited=True, streams=True),
-        Endpoint("/v1/messages/count_tokens", ("POST",), "Anthropic token count", generation=anthropic.COUNT_TOKENS,
-                 schema="CountTokensRequest", rate_limited=True),
-    ))
+        Endpoint(
+            "/v1/messages",
+            ("POST",),
+            "Anthropic message (SSE when stream)",
+            generation=anthropic.MESSAGES,
+            schema="MessagesRequest",
+            names_model=True,
+            rate_limited=True,
+            streams=True,
+        ),
+        Endpoint(
+            "/v1/messages/count_tokens",
+            ("POST",),
+            "Anthropic token count",
+            generation=anthropic.COUNT_TOKENS,
+            schema="CountTokensRequest",
+            rate_limited=True,
+        ),
+    ),
+)
 
 DIALECTS: tuple[Dialect, ...] = (OLLAMA, OPENAI, ANTHROPIC)
 
@@ -126,9 +210,9 @@ def generation_route(dialect: Dialect, generation: Generation) -> Handler:
         note_model(request, name)
         incoming = Incoming(ctx, request, body, requested, name, await ctx.info(name), arrival)
         call = generation.build(incoming)
-        if isinstance(call.request, (GenerateRequest, CountTokensRequest)) and not _generates(incoming):
+        if call.needs_generation and not _generates(incoming):
             # Ollama's refusal; loading and unloading (empty requests) stay allowed, so preload warms any model.
-            raise BadRequest(f"\"{requested}\" does not support {generation.verb}")
+            raise BadRequest(f'"{requested}" does not support {generation.verb}')
         events, first = await begin(request, call.request)
         response: Response
         if call.stream:
@@ -156,15 +240,28 @@ def _generates(incoming: Incoming) -> bool:
     return incoming.info is None or "completion" in incoming.info.capabilities
 
 
-async def _frames(generation: Generation, incoming: Incoming, call: Call,
-                  events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _frames(
+    generation: Generation, incoming: Incoming, call: Call, events: AsyncGenerator[Any, None]
+) -> AsyncIterator[Any]:
     # Closing both at once, whatever ends the stream (its end, an error, the client leaving), cancels an
     # unfinished request in the engine and writes its log line now rather than when the generator is collected.
-    async with contextlib.aclosing(events) as logged, \
-            contextlib.aclosing(generation.encode(incoming, call, logged)) as frames:  # type: ignore[type-var]
+    async with (
+        contextlib.aclosing(events) as logged,
+        contextlib.aclosing(generation.encode(incoming, call, logged)) as frames,
+    ):
         async for frame in frames:
             yield frame
 
 
-__all__ = ["ANTHROPIC", "DIALECTS", "ENDPOINTS", "OLLAMA", "OPENAI", "SERVER", "dialect_for", "generation_route",
-           "paths", "routes"]
+__all__ = [
+    "ANTHROPIC",
+    "DIALECTS",
+    "ENDPOINTS",
+    "OLLAMA",
+    "OPENAI",
+    "SERVER",
+    "dialect_for",
+    "generation_route",
+    "paths",
+    "routes",
+]

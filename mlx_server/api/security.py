@@ -37,7 +37,7 @@ def host_name(header: str) -> str:
     """The host part of a Host header, without port; IPv6 keeps its brackets off."""
     header = header.strip().lower()
     if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else header
+        return header[1 : header.find("]")] if "]" in header else header
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 

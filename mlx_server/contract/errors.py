@@ -73,12 +73,6 @@ class ModelLoadFailed(MlxServerError):
     anthropic_type = "api_error"
 
 
-class NotSupported(MlxServerError):
-    status = 501
-    openai_type = "invalid_request_error"
-    anthropic_type = "invalid_request_error"
-
-
 class PullFailed(MlxServerError):
     """Downloading a model's weights failed (hub unreachable, offline, incomplete files)."""
 

@@ -52,10 +52,6 @@ class Usage:
     eval_duration: float = 0.0
     total_duration: float = 0.0
 
-    @property
-    def evaluated_prompt_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens
-
 
 @dataclass(frozen=True)
 class Done:

@@ -10,9 +10,8 @@ import enum
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
-from mlx_server.contract.errors import MlxServerError
 
 def next_request_id() -> int:
     # Random 63-bit ids need no shared counter (no module state) and never collide in practice.
@@ -94,6 +93,7 @@ class GenerateRequest:
     Loading, unloading and counting are requests of their own kinds (below), never an empty GenerateRequest.
     """
 
+    generates: ClassVar[bool] = True  # its events carry generated tokens (metrics count them)
     model: str
     messages: Optional[list[ChatMessage]] = None
     prompt: Optional[str] = None
@@ -121,6 +121,7 @@ class GenerateRequest:
 class LoadRequest:
     """Make the model resident (Ollama's empty /api/generate or /api/chat); ends with Done(reason="load")."""
 
+    generates: ClassVar[bool] = False
     model: str
     keep_alive: Optional[float] = None
     priority: Priority = Priority.MEDIUM
@@ -133,6 +134,7 @@ class LoadRequest:
 class UnloadRequest:
     """Unload the model once idle (Ollama's empty request with keep_alive 0); ends with Done(reason="unload")."""
 
+    generates: ClassVar[bool] = False
     model: str
     priority: Priority = Priority.MEDIUM
     timeout: Optional[float] = None
@@ -147,6 +149,7 @@ class CountTokensRequest:
     Ends with Done(reason="stop") whose usage.prompt_tokens is the count.
     """
 
+    generates: ClassVar[bool] = False
     request: GenerateRequest
     priority: Priority = Priority.MEDIUM
     timeout: Optional[float] = None
@@ -167,6 +170,7 @@ class EmbedRequest:
     error naming its index, instead of cutting it.
     """
 
+    generates: ClassVar[bool] = False
     model: str
     inputs: tuple[Union[str, tuple[int, ...]], ...] = ()
     truncate: bool = True

@@ -31,21 +31,24 @@ from typing import Any, Callable, Mapping, Optional
 import mlx.core as mx
 import numpy as np
 
-from mlx_server.models.chat_templates import choose_template
 from mlx_server.convert import gguf_quants as gq
 from mlx_server.convert.gguf_arch import Arch, Meta, arch_of, hf_name, is_norm, row_heads, unpermute_rows
 from mlx_server.convert.gguf_tokenizer import special_ids, tokenizer_files
 from mlx_server.convert.safetensors_stream import Entry, ShardWriter, shard_groups, shard_names, to_dtype
+from mlx_server.models.chat_templates import choose_template
 from mlx_server.models.gguf_file import LOSSLESS_BITS, REQUANT_BITS, is_vision_tensor, open_gguf, type_support
-from mlx_server.models.sources import remove_stale_tmp_dirs
-
-GGML_BLOCK = gq.GROUP
+from mlx_server.models.tmpdirs import remove_stale_tmp_dirs
 
 # The weight format each mode name stands for: (keep quants?, float dtype for everything else).
-_MODES: Mapping[str, tuple[bool, str]] = MappingProxyType({
-    "quantized": (True, "float16"), "quantized-f32": (True, "float32"),
-    "dequantized": (False, "float16"), "dequantized-bf16": (False, "bfloat16"), "dequantized-f32": (False, "float32"),
-})
+_MODES: Mapping[str, tuple[bool, str]] = MappingProxyType(
+    {
+        "quantized": (True, "float16"),
+        "quantized-f32": (True, "float32"),
+        "dequantized": (False, "float16"),
+        "dequantized-bf16": (False, "bfloat16"),
+        "dequantized-f32": (False, "float32"),
+    }
+)
 # Metal has fast quantized kernels; float16 scales are what mlx-community checkpoints ship.
 _GPU_AUTO_MODE = "quantized"
 # Measured with scripts/bench_gguf.py (docs/benchmarks.md): on MLX's CPU backend anything float16
@@ -101,8 +104,10 @@ def import_gguf(gguf_path: Path, cache_dir: Path, *, mode: str = "auto", progres
     digest = _cached_digest(gguf_path, imports)
     named = _BLOB_NAME.fullmatch(gguf_path.name)
     if named and named.group(1) != digest:
-        raise ValueError(f"{gguf_path} does not match its digest (its content hashes to sha256:{digest[:12]}…): "
-                         "the blob is corrupt or truncated; pull the model again")
+        raise ValueError(
+            f"{gguf_path} does not match its digest (its content hashes to sha256:{digest[:12]}…): "
+            "the blob is corrupt or truncated; pull the model again"
+        )
     target = imports / f"{digest[:16]}-{resolved}"
     if _is_complete(target):
         return target
@@ -132,11 +137,15 @@ def import_report(model_dir: Path) -> dict[str, Any]:
 
 def report_lines(report: Mapping[str, Any]) -> list[str]:
     """The import report as the log lines the server and the CLI print."""
-    lines = [f"GGUF import ({report.get('architecture')}, mode {report.get('mode')}): chat template "
-             f"{report.get('chat_template')}"]
+    lines = [
+        f"GGUF import ({report.get('architecture')}, mode {report.get('mode')}): chat template "
+        f"{report.get('chat_template')}"
+    ]
     for name, r in sorted((report.get("requantized") or {}).items()):
-        lines.append(f"{name}: {r['tensors']} tensors requantized to {r['bits']}-bit groups of 32, relative RMS "
-                     f"error {100 * r['relative_rms_error']:.2f}% (max {r['max_abs_error']:.3g})")
+        lines.append(
+            f"{name}: {r['tensors']} tensors requantized to {r['bits']}-bit groups of 32, relative RMS "
+            f"error {100 * r['relative_rms_error']:.2f}% (max {r['max_abs_error']:.3g})"
+        )
     if report.get("skipped_vision_tensors"):
         lines.append(f"skipped {report['skipped_vision_tensors']} vision tensors (text model only)")
     return lines
@@ -206,11 +215,16 @@ def _convert(gguf_path: Path, out: Path, mode: str, progress: Optional[Progress]
     unsupported = Counter(t.tensor_type.name for t in text if type_support(t.tensor_type.name) == "unsupported")
     if unsupported:
         listed = ", ".join(f"{name} ({n} tensors)" for name, n in sorted(unsupported.items()))
-        raise ValueError(f"{gguf_path.name}: unsupported tensor type {listed}; supported: "
-                         f"{', '.join([*LOSSLESS_BITS, *REQUANT_BITS, 'F32', 'F16', 'BF16'])}")
+        raise ValueError(
+            f"{gguf_path.name}: unsupported tensor type {listed}; supported: "
+            f"{', '.join([*LOSSLESS_BITS, *REQUANT_BITS, 'F32', 'F16', 'BF16'])}"
+        )
     by_name = {t.name: t for t in text}
-    meta = Meta(fields, {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in text},
-                lambda name: gq.dense(by_name[name].data, by_name[name].tensor_type.name))
+    meta = Meta(
+        fields,
+        {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in text},
+        lambda name: gq.dense(by_name[name].data, by_name[name].tensor_type.name),
+    )
     config = arch.config(meta)
     keep_quants, dtype = _MODES[mode]
     plan = _plan(text, arch, config, keep_quants, dtype)
@@ -218,11 +232,14 @@ def _convert(gguf_path: Path, out: Path, mode: str, progress: Optional[Progress]
     need = sum(e.nbytes for p in plan for e in p.entries) + _DISK_MARGIN
     free = _free_bytes(out)
     if free < need:
-        raise OSError(f"not enough disk space in {out.parent} to import {gguf_path.name}: it needs "
-                      f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free")
+        raise OSError(
+            f"not enough disk space in {out.parent} to import {gguf_path.name}: it needs "
+            f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
+        )
     # The tokenizer first: a vocabulary it cannot rebuild should fail in seconds, not after the weights.
-    which, template = choose_template(meta.arch, fields.get("tokenizer.chat_template"),
-                                      fields.get("tokenizer.ggml.tokens") or [])
+    which, template = choose_template(
+        meta.arch, fields.get("tokenizer.chat_template"), fields.get("tokenizer.ggml.tokens") or []
+    )
     # Shared by every mode's import of this file; the key changes with the template (built-in ones may change).
     shared = tokenizer_dir.with_name(f"{tokenizer_dir.name}-{hashlib.sha256(template.encode()).hexdigest()[:8]}")
     tokenizer_files(fields, out, int(config["max_position_embeddings"]), template, shared)
@@ -235,11 +252,22 @@ def _convert(gguf_path: Path, out: Path, mode: str, progress: Optional[Progress]
         config["quantization"] = _quantization_config(packed)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     report = {
-        "format_version": _FORMAT_VERSION, "source": str(gguf_path), "mode": mode, "architecture": meta.arch,
-        "chat_template": which, "skipped_vision_tensors": len(reader.tensors) - len(text),
+        "format_version": _FORMAT_VERSION,
+        "source": str(gguf_path),
+        "mode": mode,
+        "architecture": meta.arch,
+        "chat_template": which,
+        "skipped_vision_tensors": len(reader.tensors) - len(text),
         "tensor_types": dict(sorted(Counter(p.type_name for p in plan).items())),
-        "requantized": {name: {"bits": REQUANT_BITS[name], "tensors": e.tensors, "relative_rms_error": e.relative_rms,
-                               "max_abs_error": e.max_abs} for name, e in sorted(errors.items())},
+        "requantized": {
+            name: {
+                "bits": REQUANT_BITS[name],
+                "tensors": e.tensors,
+                "relative_rms_error": e.relative_rms,
+                "max_abs_error": e.max_abs,
+            }
+            for name, e in sorted(errors.items())
+        },
         "seconds": round(time.monotonic() - started, 2),
     }
     (out / _MARKER).write_text(json.dumps(report, indent=2))  # last: its presence means complete
@@ -255,26 +283,30 @@ def _plan(tensors: list[Any], arch: Arch, config: Mapping[str, Any], keep_quants
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         quantized = type_support(type_name) in ("lossless", "requantized")
         bits = (LOSSLESS_BITS.get(type_name) or REQUANT_BITS[type_name]) if keep_quants and quantized else None
-        p = _Plan(t, name, type_name, bits, row_heads(arch, t.name, config),
-                  arch.norm_shift if is_norm(t.name) else 0.0)
+        p = _Plan(
+            t, name, type_name, bits, row_heads(arch, t.name, config), arch.norm_shift if is_norm(t.name) else 0.0
+        )
         if bits is None:
             p.entries = [Entry(name, dtype, shape)]
         else:
             rows, cols = shape
-            p.entries = [Entry(name, "uint32", (rows, cols * bits // 32)),
-                         Entry(f"{p.module}.scales", dtype, (rows, cols // gq.GROUP)),
-                         Entry(f"{p.module}.biases", dtype, (rows, cols // gq.GROUP))]
+            p.entries = [
+                Entry(name, "uint32", (rows, cols * bits // 32)),
+                Entry(f"{p.module}.scales", dtype, (rows, cols // gq.GROUP)),
+                Entry(f"{p.module}.biases", dtype, (rows, cols // gq.GROUP)),
+            ]
         plans.append(p)
     return plans
 
 
-def _write_weights(reader: Any, plan: list[_Plan], out: Path, dtype: str,
-                   progress: Optional[Progress]) -> dict[str, gq.RequantError]:
+def _write_weights(
+    reader: Any, plan: list[_Plan], out: Path, dtype: str, progress: Optional[Progress]
+) -> dict[str, gq.RequantError]:
     """Every planned tensor into safetensors shards, slice by slice; returns requantization error per type."""
     shards = shard_groups([p.entries for p in plan])
     names = shard_names(len(shards))
     owner = {e.name: i for i, shard in enumerate(shards) for e in shard}
-    writers = [ShardWriter(out / n, shard, {"format": "mlx"}) for n, shard in zip(names, shards)]
+    writers = [ShardWriter(out / n, shard, {"format": "mlx"}) for n, shard in zip(names, shards, strict=True)]
     errors: dict[str, gq.RequantError] = defaultdict(gq.RequantError)
     total, done = sum(int(p.tensor.n_bytes) for p in plan), 0
     try:
@@ -294,8 +326,10 @@ def _write_weights(reader: Any, plan: list[_Plan], out: Path, dtype: str,
         for w in writers:
             w.close()
     weight_map = {e.name: names[owner[e.name]] for p in plan for e in p.entries}
-    index = {"metadata": {"total_size": sum(e.nbytes for p in plan for e in p.entries)},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sum(e.nbytes for p in plan for e in p.entries)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return dict(errors)
 
@@ -310,11 +344,12 @@ def _slices(p: _Plan) -> Any:
     unit = rows // p.heads if p.heads else 1  # a slice holds whole heads, so un-permuting stays inside it
     step = max(unit, _SLICE_WEIGHTS // max(cols, 1) // unit * unit)
     for first in range(0, rows, step):
-        yield first, data[first:first + step]
+        yield first, data[first : first + step]
 
 
-def _write_slice(writer: ShardWriter, p: _Plan, first: int, data: np.ndarray, dtype: str,
-                 error: Optional[gq.RequantError]) -> None:
+def _write_slice(
+    writer: ShardWriter, p: _Plan, first: int, data: np.ndarray, dtype: str, error: Optional[gq.RequantError]
+) -> None:
     heads = None if p.heads is None else data.shape[0] // (p.tensor.data.shape[0] // p.heads)
     if p.bits is None:
         values = gq.dense(data, p.type_name)
@@ -326,7 +361,7 @@ def _write_slice(writer: ShardWriter, p: _Plan, first: int, data: np.ndarray, dt
         return
     _, weights, scales, biases = gq.packed(data, p.type_name, error)
     parts = (weights, to_dtype(scales, dtype), to_dtype(biases, dtype))
-    for entry, part in zip(p.entries, parts):
+    for entry, part in zip(p.entries, parts, strict=True):  # weight, scales, biases
         # The permutation moves whole rows, so it applies alike to packed weights, scales and biases.
         writer.write_rows(entry.name, first, unpermute_rows(part, heads) if heads else part)
 

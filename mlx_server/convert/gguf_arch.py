@@ -24,16 +24,34 @@ import numpy as np
 from mlx_server.models.gguf_file import SUPPORTED_ARCHS
 
 _TOP: Mapping[str, str] = MappingProxyType(
-    {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"})
-_PROJ = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-         "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-         "ffn_down": "mlp.down_proj"}
+    {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+)
+_PROJ = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 _LLAMA = {**_PROJ, "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 _QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-_GEMMA = {**_PROJ, "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-          "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
-_PHI3 = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_qkv": "self_attn.qkv_proj",
-         "attn_output": "self_attn.o_proj", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}
+_GEMMA = {
+    **_PROJ,
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_PHI3 = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
 _COHERE = {**_PROJ, **_QK_NORM, "attn_norm": "input_layernorm"}
 # Tensors that only feed the config (rope factors); never written as weights.
 _CONFIG_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
@@ -42,8 +60,12 @@ _CONFIG_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "r
 class Meta:
     """The metadata and tensor table of one GGUF, read through the architecture's key prefix."""
 
-    def __init__(self, fields: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                 small_tensor: Callable[[str], np.ndarray]) -> None:
+    def __init__(
+        self,
+        fields: Mapping[str, Any],
+        shapes: Mapping[str, tuple[int, ...]],
+        small_tensor: Callable[[str], np.ndarray],
+    ) -> None:
         self.fields = fields
         self.shapes = shapes
         self.arch = str(fields.get("general.architecture", ""))
@@ -113,11 +135,15 @@ def _metadata_rope_scaling(m: Meta) -> Optional[dict[str, Any]]:
     raise ValueError(f"unsupported rope scaling type {kind!r}")
 
 
-def _llama3_factors(dims: int, base: float, scaling: Mapping[str, float]) -> np.ndarray:
+def _llama3_factors(dims: int, base: float, scaling: Mapping[str, Any]) -> np.ndarray:
     # convert_hf_to_gguf's LlamaModel.generate_extra_tensors: the rope_freqs it writes for rope_type llama3.
     freqs = 1.0 / (base ** (np.arange(0, dims, 2, dtype=np.float32) / dims))
-    factor, low, high, old = (scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
-                              scaling["original_max_position_embeddings"])
+    factor, low, high, old = (
+        scaling["factor"],
+        scaling["low_freq_factor"],
+        scaling["high_freq_factor"],
+        scaling["original_max_position_embeddings"],
+    )
     wavelen = 2 * np.pi / freqs
     smooth = (old / wavelen - low) / (high - low)
     middle = 1 / ((1 - smooth) / factor + smooth)
@@ -130,14 +156,23 @@ def _rope_from_freqs(m: Meta, cfg: dict[str, Any]) -> dict[str, Any]:
     factor = float(factors.max())
     for old in (8192, 4096, 16384, 32768, 2048):
         for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 8.0)):
-            scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-                       "original_max_position_embeddings": old}
+            scaling = {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low,
+                "high_freq_factor": high,
+                "original_max_position_embeddings": old,
+            }
             if np.allclose(_llama3_factors(cfg["head_dim"], cfg["rope_theta"], scaling), factors, rtol=1e-5):
                 return scaling
     # Not llama3's formula: mlx_lm's longrope takes per-frequency factors; equal context lengths keep its scale 1.
     found = [float(x) for x in factors]
-    return {"rope_type": "longrope", "long_factor": found, "short_factor": found,
-            "original_max_position_embeddings": cfg["max_position_embeddings"]}
+    return {
+        "rope_type": "longrope",
+        "long_factor": found,
+        "short_factor": found,
+        "original_max_position_embeddings": cfg["max_position_embeddings"],
+    }
 
 
 def _llama(m: Meta) -> dict[str, Any]:
@@ -157,6 +192,7 @@ def _qwen(model_type: str) -> Callable[[Meta], dict[str, Any]]:
         if scaling:
             cfg["rope_scaling"] = scaling
         return cfg
+
     return build
 
 
@@ -176,11 +212,14 @@ def _gemma3(m: Meta) -> dict[str, Any]:
     scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if cfg["num_hidden_layers"] == 62 else cfg["head_dim"]
     # Global layers' and local (sliding) layers' rope bases: llama.cpp writes the first and fixes the second at
     # 10000; Ollama's multimodal conversions write neither (the same defaults).
-    cfg.update(rms_norm_eps=m.float("attention.layer_norm_rms_epsilon", 1e-6), query_pre_attn_scalar=scalar,
-               rope_theta=m.float("rope.freq_base", 1e6), rope_local_base_freq=m.float("rope.local.freq_base", 1e4),
-               sliding_window=m.int("attention.sliding_window", 512),
-               sliding_window_pattern=_window_pattern(m.get("attention.sliding_window_pattern"),
-                                                      cfg["num_hidden_layers"]))
+    cfg.update(
+        rms_norm_eps=m.float("attention.layer_norm_rms_epsilon", 1e-6),
+        query_pre_attn_scalar=scalar,
+        rope_theta=m.float("rope.freq_base", 1e6),
+        rope_local_base_freq=m.float("rope.local.freq_base", 1e4),
+        sliding_window=m.int("attention.sliding_window", 512),
+        sliding_window_pattern=_window_pattern(m.get("attention.sliding_window_pattern"), cfg["num_hidden_layers"]),
+    )
     scaling = _metadata_rope_scaling(m)
     if scaling:
         cfg["rope_scaling"] = scaling
@@ -191,9 +230,12 @@ def _gemma2(m: Meta) -> dict[str, Any]:
     cfg = _base(m, "gemma2")
     # As for gemma3: the 27B (46 layers) scales queries by hidden/heads.
     scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if cfg["num_hidden_layers"] == 46 else cfg["head_dim"]
-    cfg.update(rms_norm_eps=m.float("attention.layer_norm_rms_epsilon", 1e-6), query_pre_attn_scalar=scalar,
-               attn_logit_softcapping=m.float("attn_logit_softcapping", 50.0),
-               final_logit_softcapping=m.float("final_logit_softcapping", 30.0))
+    cfg.update(
+        rms_norm_eps=m.float("attention.layer_norm_rms_epsilon", 1e-6),
+        query_pre_attn_scalar=scalar,
+        attn_logit_softcapping=m.float("attn_logit_softcapping", 50.0),
+        final_logit_softcapping=m.float("final_logit_softcapping", 30.0),
+    )
     return cfg
 
 
@@ -201,33 +243,43 @@ def _phi3(m: Meta) -> dict[str, Any]:
     cfg = _base(m, "phi3")
     rotated = m.int("rope.dimension_count", cfg["head_dim"])
     cfg["partial_rotary_factor"] = rotated / cfg["head_dim"]
-    cfg["original_max_position_embeddings"] = m.int("rope.scaling.original_context_length",
-                                                    cfg["max_position_embeddings"])
+    cfg["original_max_position_embeddings"] = m.int(
+        "rope.scaling.original_context_length", cfg["max_position_embeddings"]
+    )
     if "rope_factors_long.weight" in m.shapes:
         long = [float(x) for x in m.small_tensor("rope_factors_long.weight")]
-        short = ([float(x) for x in m.small_tensor("rope_factors_short.weight")]
-                 if "rope_factors_short.weight" in m.shapes else long)
+        short = (
+            [float(x) for x in m.small_tensor("rope_factors_short.weight")]
+            if "rope_factors_short.weight" in m.shapes
+            else long
+        )
         cfg["rope_scaling"] = {"type": "longrope", "long_factor": long, "short_factor": short}
     return cfg
 
 
 def _command_r(m: Meta) -> dict[str, Any]:
     cfg = _base(m, "cohere")
-    cfg.update(layer_norm_eps=m.float("attention.layer_norm_epsilon", 1e-5),
-               logit_scale=m.float("logit_scale", 0.0625), use_qk_norm="blk.0.attn_q_norm.weight" in m.shapes,
-               attention_bias="blk.0.attn_q.bias" in m.shapes, layer_norm_bias="output_norm.bias" in m.shapes)
+    cfg.update(
+        layer_norm_eps=m.float("attention.layer_norm_epsilon", 1e-5),
+        logit_scale=m.float("logit_scale", 0.0625),
+        use_qk_norm="blk.0.attn_q_norm.weight" in m.shapes,
+        attention_bias="blk.0.attn_q.bias" in m.shapes,
+        layer_norm_bias="output_norm.bias" in m.shapes,
+    )
     return cfg
 
 
-ARCHS: Mapping[str, Arch] = MappingProxyType({
-    "llama": Arch("llama", _LLAMA, _llama, permute_qk=True),
-    "qwen2": Arch("qwen2", _LLAMA, _qwen("qwen2")),
-    "qwen3": Arch("qwen3", {**_LLAMA, **_QK_NORM}, _qwen("qwen3")),
-    "gemma2": Arch("gemma2", _GEMMA, _gemma2, norm_shift=1.0),
-    "gemma3": Arch("gemma3_text", {**_GEMMA, **_QK_NORM}, _gemma3, norm_shift=1.0),
-    "phi3": Arch("phi3", _PHI3, _phi3),
-    "command-r": Arch("cohere", _COHERE, _command_r),
-})
+ARCHS: Mapping[str, Arch] = MappingProxyType(
+    {
+        "llama": Arch("llama", _LLAMA, _llama, permute_qk=True),
+        "qwen2": Arch("qwen2", _LLAMA, _qwen("qwen2")),
+        "qwen3": Arch("qwen3", {**_LLAMA, **_QK_NORM}, _qwen("qwen3")),
+        "gemma2": Arch("gemma2", _GEMMA, _gemma2, norm_shift=1.0),
+        "gemma3": Arch("gemma3_text", {**_GEMMA, **_QK_NORM}, _gemma3, norm_shift=1.0),
+        "phi3": Arch("phi3", _PHI3, _phi3),
+        "command-r": Arch("cohere", _COHERE, _command_r),
+    }
+)
 assert tuple(ARCHS) == SUPPORTED_ARCHS
 
 

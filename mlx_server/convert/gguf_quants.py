@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import numpy as np
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from mlx_server.models.gguf_file import LOSSLESS_BITS, REQUANT_BITS
@@ -35,7 +36,7 @@ if sys.byteorder != "little":  # the packing below builds little-endian words fr
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
     """The float16 at byte `start` of every block, as float32 (n_blocks, 1)."""
-    return np.ascontiguousarray(blocks[:, start:start + 2]).view(np.float16).astype(np.float32)
+    return np.ascontiguousarray(blocks[:, start : start + 2]).view(np.float16).astype(np.float32)
 
 
 def _nibbles(qs: np.ndarray, run: int) -> np.ndarray:
@@ -105,8 +106,13 @@ def _q5_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 # type name → (weights per block, bytes per block, decoder to (codes, scale per 32, bias per 32))
 _DECODERS: dict[str, tuple[int, int, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]]] = {
-    "Q4_0": (32, 18, _q4_0), "Q4_1": (32, 20, _q4_1), "Q5_0": (32, 22, _q5_0), "Q5_1": (32, 24, _q5_1),
-    "Q8_0": (32, 34, _q8_0), "Q4_K": (256, 144, _q4_k), "Q5_K": (256, 176, _q5_k),
+    "Q4_0": (32, 18, _q4_0),
+    "Q4_1": (32, 20, _q4_1),
+    "Q5_0": (32, 22, _q5_0),
+    "Q5_1": (32, 24, _q5_1),
+    "Q8_0": (32, 34, _q8_0),
+    "Q4_K": (256, 144, _q4_k),
+    "Q5_K": (256, 176, _q5_k),
 }
 assert set(_DECODERS) == set(LOSSLESS_BITS)
 
@@ -170,8 +176,9 @@ class RequantError:
         return (self.squared_error / self.squared_norm) ** 0.5 if self.squared_norm else 0.0
 
 
-def packed(data: np.ndarray, type_name: str,
-           error: Optional[RequantError] = None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+def packed(
+    data: np.ndarray, type_name: str, error: Optional[RequantError] = None
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a quantized type → (bits, packed uint32, float32 scales, float32 biases) in groups of 32."""
     if type_name in LOSSLESS_BITS:
         bits = LOSSLESS_BITS[type_name]
@@ -179,23 +186,15 @@ def packed(data: np.ndarray, type_name: str,
         return bits, pack(q, bits), scales, biases
     bits = REQUANT_BITS[type_name]
     original = dense(data, type_name)
-    weights, scales, biases = mx.quantize(mx.array(original), group_size=GROUP, bits=bits)
+    # MLX arrays, not the numpy ones the lossless branch binds: separate names keep each branch's types.
+    mx_weights, mx_scales, mx_biases = mx.quantize(mx.array(original), group_size=GROUP, bits=bits)
     if error is not None:
-        error.add(original, np.array(mx.dequantize(weights, scales, biases, group_size=GROUP, bits=bits)))
-    return bits, np.array(weights), np.array(scales.astype(mx.float32)), np.array(biases.astype(mx.float32))
+        error.add(original, np.array(mx.dequantize(mx_weights, mx_scales, mx_biases, group_size=GROUP, bits=bits)))
+    return (bits, np.array(mx_weights), np.array(mx_scales.astype(mx.float32)), np.array(mx_biases.astype(mx.float32)))
 
 
-def block_shape(type_name: str) -> tuple[int, int]:
-    """(weights per block, bytes per block) of a ggml type, from gguf-py's table."""
-    from gguf.constants import GGML_QUANT_SIZES
-
-    return GGML_QUANT_SIZES[_qtype(type_name)]
-
-
-def _qtype(type_name: str) -> object:
-    from gguf import GGMLQuantizationType
-
+def _qtype(type_name: str) -> GGMLQuantizationType:
     return GGMLQuantizationType[type_name]
 
 
-__all__ = ["GROUP", "RequantError", "affine_codes", "block_shape", "dense", "pack", "packed"]
+__all__ = ["GROUP", "RequantError", "affine_codes", "dense", "pack", "packed"]

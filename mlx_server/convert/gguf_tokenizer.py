@@ -72,7 +72,8 @@ def save_tokenizer(fields: Mapping[str, Any], out: Path, context_length: int, ch
     tokens: list[str] = picked["tokens"]
     if fields.get("tokenizer.ggml.pre") in _DIGIT_SPLIT_PRE:
         backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
 
     def token_id(kind: str) -> Optional[int]:
         value = fields.get(f"tokenizer.ggml.{kind}_token_id")
@@ -88,12 +89,18 @@ def save_tokenizer(fields: Mapping[str, Any], out: Path, context_length: int, ch
     # Set either way: a converter's own default may disagree with the file's flag.
     prefix = [bos] if add_bos and bos is not None else []
     backend.post_processor = processors.TemplateProcessing(
-        single=[*prefix, "$A"], pair=[*prefix, "$A", *prefix, "$B:1"],
-        special_tokens=[(bos, bos_id)] if prefix else [])
+        single=[*prefix, "$A"], pair=[*prefix, "$A", *prefix, "$B:1"], special_tokens=[(bos, bos_id)] if prefix else []
+    )
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=bos, eos_token=token("eos"), unk_token=token("unknown"),
-        pad_token=token("padding"), chat_template=chat_template or None, clean_up_tokenization_spaces=False,
-        model_max_length=context_length)
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=token("eos"),
+        unk_token=token("unknown"),
+        pad_token=token("padding"),
+        chat_template=chat_template or None,
+        clean_up_tokenization_spaces=False,
+        model_max_length=context_length,
+    )
     wrapped.save_pretrained(str(out))
 
 

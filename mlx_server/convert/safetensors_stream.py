@@ -17,7 +17,10 @@ from typing import Iterable, Mapping
 import numpy as np
 
 DTYPES: Mapping[str, tuple[str, int]] = {  # name → (safetensors dtype, bytes per element)
-    "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2), "uint32": ("U32", 4),
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "uint32": ("U32", 4),
 }
 SHARD_BYTES = 2 * 2**30  # like mlx_lm's shards, smaller: a 40 GB model becomes 20 files
 
@@ -47,8 +50,9 @@ def to_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
         rounded = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
         nan = np.isnan(values)  # NaN must stay NaN: rounding could carry its payload into infinity's pattern
         return np.where(nan, np.uint16(0x7FC0), rounded) if nan.any() else rounded
-    return np.ascontiguousarray(values, dtype={"float32": np.float32, "float16": np.float16,
-                                               "uint32": np.uint32}[dtype])
+    return np.ascontiguousarray(
+        values, dtype={"float32": np.float32, "float16": np.float16, "uint32": np.uint32}[dtype]
+    )
 
 
 class ShardWriter:
@@ -61,8 +65,11 @@ class ShardWriter:
         self.offsets: dict[str, int] = {}
         position = 0
         for entry in self.entries.values():
-            header[entry.name] = {"dtype": DTYPES[entry.dtype][0], "shape": list(entry.shape),
-                                  "data_offsets": [position, position + entry.nbytes]}
+            header[entry.name] = {
+                "dtype": DTYPES[entry.dtype][0],
+                "shape": list(entry.shape),
+                "data_offsets": [position, position + entry.nbytes],
+            }
             self.offsets[entry.name] = position
             position += entry.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -79,8 +86,8 @@ class ShardWriter:
         expected = rows.shape[0] * entry.row_bytes if len(entry.shape) > 1 else entry.nbytes
         if data.nbytes != expected:
             raise ValueError(f"{name}: {data.nbytes} bytes do not fit rows of {entry.shape} {entry.dtype}")
-        _write_all(self.fd, memoryview(data).cast("B"), self.data_start + self.offsets[name]
-                   + first_row * entry.row_bytes)
+        # data.data is the buffer memoryview(data) would give; numpy types ndarray as a Buffer only for 3.12+.
+        _write_all(self.fd, data.data.cast("B"), self.data_start + self.offsets[name] + first_row * entry.row_bytes)
 
     def close(self) -> None:
         os.fsync(self.fd)

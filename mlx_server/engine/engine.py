@@ -1,8 +1,9 @@
 """The engine as the API sees it: an `EngineClient` over the preparation stage and the inference thread.
 
-A request is accepted or refused here, at once (draining, dead engine, full queue); then a generation is
-prepared in a worker and handed to the inference thread, loads and unloads go straight there, and token counts
-never leave the workers. Each accepted request ends in exactly one Done or Failed, delivered through its sink.
+A request is accepted or refused here, at once (draining, dead engine, full queue); then its kind
+(engine/kinds/) prepares it in a worker thread and the job is handed to the inference thread, or, for a
+request its preparation answers (counting tokens), the answer is delivered from the worker. Each accepted
+request ends in exactly one Done or Failed, delivered through its sink.
 """
 
 from __future__ import annotations
@@ -17,15 +18,19 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Optional, Sequence
 
 from mlx_server.config.load import Config
-from mlx_server.engine.loop.commands import Admit, Cancel, Control, Preload, Sink
-from mlx_server.engine.loop.core import Core
-from mlx_server.engine.model.loader import ModelLoader
-from mlx_server.engine.distributed.lockstep import Lockstep
-from mlx_server.engine.prepare.stage import Prepared, PreparedEmbed, Preparer
 from mlx_server.contract.errors import InternalError, MlxServerError, ModelLoadFailed, ServerBusy, ServiceUnavailable
+from mlx_server.contract.events import Done, Event, Failed, Sink, Usage
+from mlx_server.contract.requests import EngineRequest
 from mlx_server.contract.status import EngineStatus, Observer
-from mlx_server.contract.events import Done, Event, Failed, Started, Usage
-from mlx_server.contract.requests import CountTokensRequest, EmbedRequest, EngineRequest, GenerateRequest, LoadRequest, UnloadRequest
+from mlx_server.engine import kinds
+from mlx_server.engine.distributed.lockstep import Lockstep
+from mlx_server.engine.distributed.pacing import LockstepPacing
+from mlx_server.engine.kinds.base import Kind, Reply
+from mlx_server.engine.loop.commands import Admit, Cancel, Preload
+from mlx_server.engine.loop.core import Core
+from mlx_server.engine.loop.jobs import Job
+from mlx_server.engine.model.loader import ModelLoader
+from mlx_server.engine.prepare.stage import Preparer
 
 log = logging.getLogger("mlx_server.engine")
 
@@ -33,13 +38,24 @@ log = logging.getLogger("mlx_server.engine")
 class Engine:
     """Implements mlx_server.contract.status.EngineClient."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
-                 importer: Optional[Callable[[Path, Path], Path]] = None, load_slice: float = 0.05,
-                 lockstep: Optional[Lockstep] = None, on_broken: Callable[[str], None] = lambda why: None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        importer: Optional[Callable[[Path, Path], Path]] = None,
+        load_slice: float = 0.05,
+        lockstep: Optional[Lockstep] = None,
+        on_broken: Callable[[str], None] = lambda why: None,
+    ) -> None:
         self.config = config
         self.preparer = Preparer(config, importer=importer)
-        self.loader = ModelLoader(config, self.preparer, slice_seconds=load_slice, lockstep=lockstep)
-        self.core = Core(config, self.loader, clock, lockstep=lockstep)
+        self.kinds: dict[type, Kind] = kinds.by_request()
+        self.loader = ModelLoader(
+            config, self.preparer, kinds.worker_factories(), slice_seconds=load_slice, lockstep=lockstep
+        )
+        pacing = LockstepPacing(lockstep, self.preparer) if lockstep is not None else None
+        self.core = Core(config, self.loader, clock, pacing=pacing)
         self.lockstep = lockstep
         self._on_broken = on_broken  # distributed: what the process does once the group is broken (exit non-zero)
         self._broken: Optional[str] = None
@@ -91,8 +107,10 @@ class Engine:
                     return  # an orderly shutdown (the Shutdown command reached every rank)
                 why = f"the distributed group failed: {self.core.fatal}"
             elif self.lockstep.stuck_for(time.monotonic()) > 0:
-                why = (f"rank {self.lockstep.rank} waited more than {self.lockstep.timeout:g}s on the other ranks "
-                       "of the distributed group (a rank died or hangs)")
+                why = (
+                    f"rank {self.lockstep.rank} waited more than {self.lockstep.timeout:g}s on the other ranks "
+                    "of the distributed group (a rank died or hangs)"
+                )
             else:
                 continue
             self._broken = why
@@ -110,14 +128,19 @@ class Engine:
 
     def status(self) -> EngineStatus:
         errors = {**self._prepare_errors, **self.core.load_errors}
-        status = replace(self.core.status, alive=self.core.alive, draining=self._draining, in_flight=self._in_flight,
-                         load_errors=tuple(sorted(errors.items())))
+        status = replace(
+            self.core.status,
+            alive=self.core.alive,
+            draining=self._draining,
+            in_flight=self._in_flight,
+            load_errors=tuple(sorted(errors.items())),
+        )
         if self.lockstep is not None:
             status = replace(status, world=replace(self.lockstep.status(), broken=self._broken))
         return status
 
     def observe(self, observer: Observer) -> None:
-        self.core.observer = observer
+        self.core.ledger.observer = observer
 
     def preload(self, names: Sequence[str]) -> None:
         def prepare_then_load() -> None:
@@ -146,18 +169,13 @@ class Engine:
                 raise ServerBusy()
             self._in_flight += 1
         sink = self._counted(request.request_id, sink)
-        if isinstance(request, GenerateRequest):
-            self._in_worker(request, sink, self.preparer.prepare, self._admit)
-        elif isinstance(request, EmbedRequest):
-            self._in_worker(request, sink, self.preparer.prepare_embed, self._admit)
-        elif isinstance(request, CountTokensRequest):
-            self._in_worker(request, sink, lambda r: self.preparer.count(r.request), self._counted_tokens)
-        elif isinstance(request, LoadRequest):
-            self._in_worker(request, sink, lambda r: self.preparer.files(r.model), self._control)
-        elif isinstance(request, UnloadRequest):
-            self._control(request, sink, None)
-        else:
+        kind = self.kinds.get(type(request))
+        if kind is None:
             sink(Failed(request.request_id, InternalError(f"not an engine request: {type(request).__name__}")))
+        elif kind.inline:
+            self._prepared(request, sink, kind.prepare(self.preparer, request))
+        else:
+            self._in_worker(request, sink, lambda r: kind.prepare(self.preparer, r), self._prepared)
 
     def cancel(self, request_id: int) -> None:
         with self._lock:
@@ -229,26 +247,19 @@ class Engine:
         except RuntimeError:  # the executor is shut down: the server is stopping
             sink(Failed(request.request_id, ServiceUnavailable("server is shutting down")))
 
-    def _post(self, request: EngineRequest, sink: Sink, make: Callable[[], object]) -> None:
+    def _prepared(self, request: EngineRequest, sink: Sink, result: Job | Reply) -> None:
+        if isinstance(result, Reply):
+            for event in result.events:
+                sink(event)
+            return
         with self._lock:
             if request.request_id in self._cancelled:
                 sink(Done(request.request_id, request.model, "cancelled", Usage()))
                 return
             try:
-                self.core.post(make())  # type: ignore[arg-type]
+                self.core.post(Admit(result, sink))
             except ServiceUnavailable as exc:
                 sink(Failed(request.request_id, exc))
-
-    def _admit(self, request: GenerateRequest | EmbedRequest, sink: Sink, prepared: Prepared | PreparedEmbed) -> None:
-        self._post(request, sink, lambda: Admit(prepared, sink))
-
-    def _control(self, request: LoadRequest | UnloadRequest, sink: Sink, _: object) -> None:
-        self._post(request, sink, lambda: Control(request, sink))
-
-    def _counted_tokens(self, request: CountTokensRequest, sink: Sink, count: int) -> None:
-        total = max(0.0, time.monotonic() - request.created)
-        sink(Started(request.request_id, request.model, count, 0, 0.0))
-        sink(Done(request.request_id, request.model, "stop", Usage(prompt_tokens=count, total_duration=total)))
 
 
 __all__ = ["Engine"]

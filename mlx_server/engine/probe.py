@@ -35,33 +35,46 @@ def device() -> dict[str, Any]:
         info = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in mx.device_info().items()}
     except Exception as exc:  # noqa: BLE001 - older or CPU-only builds may lack it; the rest still answers
         info = {"error": str(exc)}
-    return {"mlx": getattr(mx, "__version__", _version("mlx")), "mlx_lm": _version("mlx-lm"), "metal": metal,
-            "default_device": str(mx.default_device()), "device_info": info}
+    return {
+        "mlx": getattr(mx, "__version__", _version("mlx")),
+        "mlx_lm": _version("mlx-lm"),
+        "metal": metal,
+        "default_device": str(mx.default_device()),
+        "device_info": info,
+    }
 
 
 def load(config_path: str, name: str) -> dict[str, Any]:
     import mlx.core as mx
 
-    from mlx_server.config.load import load_config
+    from mlx_server.engine.kinds import worker_factories
+    from mlx_server.engine.loop.jobs import Model
     from mlx_server.engine.model.loader import ModelLoader
     from mlx_server.engine.prepare.stage import Preparer
+    from mlx_server.models.config import load_config
 
     config = load_config(Path(config_path))
     preparer = Preparer(config, workers=1)
     try:
-        loader = ModelLoader(config, preparer)
+        loader = ModelLoader(config, preparer, worker_factories())
         started = time.perf_counter()
         job = loader.load(name)
-        while True:  # the server interleaves these slices with decode steps; alone, they run back to back
+        while not isinstance(job, Model):  # the server interleaves these slices with decode steps; alone, back to back
             try:
                 next(job)
             except StopIteration as done:
-                loaded = done.value
-                break
+                job = done.value
+        loaded = job
         seconds = time.perf_counter() - started
         weights = loader.estimate(name)
-        out = {"name": name, "seconds": round(seconds, 3), "weights": weights, "active": mx.get_active_memory(),
-               "peak": mx.get_peak_memory(), "path": str(loaded.path)}
+        out = {
+            "name": name,
+            "seconds": round(seconds, 3),
+            "weights": weights,
+            "active": mx.get_active_memory(),
+            "peak": mx.get_peak_memory(),
+            "path": str(loaded.resources.path),
+        }
         loader.unload(loaded)
         return out
     finally:

@@ -78,13 +78,23 @@ _FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
 # Which families to try for an architecture, first match wins (a llama-architecture file may be Llama 3,
 # a ChatML fine-tune, or Mistral).
 _BY_ARCH: dict[str, tuple[str, ...]] = {
-    "gemma": ("gemma",), "gemma2": ("gemma",), "gemma3": ("gemma",),
-    "llama": ("llama3", "chatml", "mistral"), "qwen2": ("chatml",), "qwen3": ("chatml",), "phi3": ("phi3",),
+    "gemma": ("gemma",),
+    "gemma2": ("gemma",),
+    "gemma3": ("gemma",),
+    "llama": ("llama3", "chatml", "mistral"),
+    "qwen2": ("chatml",),
+    "qwen3": ("chatml",),
+    "phi3": ("phi3",),
     "command-r": ("command-r",),
 }
 # Tokens that end a turn in each family, beyond the file's eos: added to config.json's eos ids.
-TURN_END = {"gemma": "<end_of_turn>", "llama3": "<|eot_id|>", "chatml": "<|im_end|>", "phi3": "<|end|>",
-            "command-r": "<|END_OF_TURN_TOKEN|>"}
+TURN_END = {
+    "gemma": "<end_of_turn>",
+    "llama3": "<|eot_id|>",
+    "chatml": "<|im_end|>",
+    "phi3": "<|end|>",
+    "command-r": "<|END_OF_TURN_TOKEN|>",
+}
 
 
 def builtin_family(arch: str, tokens: Iterable[str]) -> Optional[str]:

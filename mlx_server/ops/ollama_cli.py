@@ -30,14 +30,18 @@ def _bar(label: str, err: TextIO) -> Callable[[int, int], None]:
         rate = done / max(time.monotonic() - started, 1e-6) / 2**20
         end = "\n" if done >= total else ""
         if err.isatty() or end:  # a log file gets the finished line only
-            err.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}% "
-                      f"{done / 2**20:,.0f}/{total / 2**20:,.0f} MB {rate:,.0f} MB/s{end}")
+            err.write(
+                f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}% "
+                f"{done / 2**20:,.0f}/{total / 2**20:,.0f} MB {rate:,.0f} MB/s{end}"
+            )
             err.flush()
+
     return show
 
 
-def run_import(spec: str, cache: Path, name: Optional[str], out: Optional[TextIO] = None,
-               err: Optional[TextIO] = None) -> int:
+def run_import(
+    spec: str, cache: Path, name: Optional[str], out: Optional[TextIO] = None, err: Optional[TextIO] = None
+) -> int:
     """Import a .gguf path or an `ollama:NAME` into the cache; print the model dir, the report, a models.yaml entry."""
     from mlx_server.convert.gguf import import_gguf, import_report, report_lines
 
@@ -47,8 +51,11 @@ def run_import(spec: str, cache: Path, name: Optional[str], out: Optional[TextIO
             manifest = read_manifest(spec)
             if is_tensor_model(manifest):  # safetensors layers: assembled, never converted
                 assembled = assemble(manifest, cache, progress=_bar(f"assembling {manifest.ref.display}", err))
-                print(f"{assembled}\nadd to models.yaml:\n  {name or manifest.ref.display}:\n"
-                      f"    source: {PREFIX}{manifest.ref.display}", file=out)
+                print(
+                    f"{assembled}\nadd to models.yaml:\n  {name or manifest.ref.display}:\n"
+                    f"    source: {PREFIX}{manifest.ref.display}",
+                    file=out,
+                )
                 return 0
             path = manifest.model_blob()
         except OllamaError as exc:
@@ -86,7 +93,8 @@ def run_list(store: Optional[Path] = None, out: Optional[TextIO] = None) -> int:
                 servable.append(name)
             continue
         try:
-            summary = summarize(manifest.model_blob())
+            blob = manifest.model_blob()  # checked against the manifest's size, so its size is the layer's
+            summary = summarize(blob)
         except OllamaError as exc:
             rows.append((name, "-", "-", "-", f"no: {exc}"))
             continue
@@ -94,9 +102,16 @@ def run_list(store: Optional[Path] = None, out: Optional[TextIO] = None) -> int:
             rows.append((name, "-", "-", "-", f"no: unreadable GGUF ({exc})"))
             continue
         types = ",".join(f"{t}x{n}" for t, n in summary.tensor_types.items())
-        size = f"{manifest.layer('model').size / 1e9:.2f} GB"
-        rows.append((name, summary.architecture, size, types,
-                     "yes" if summary.servable else "no: " + "; ".join(summary.problems)))
+        size = f"{blob.stat().st_size / 1e9:.2f} GB"
+        rows.append(
+            (
+                name,
+                summary.architecture,
+                size,
+                types,
+                "yes" if summary.servable else "no: " + "; ".join(summary.problems),
+            )
+        )
         if summary.servable:
             servable.append(name)
     if not rows:
@@ -105,7 +120,7 @@ def run_list(store: Optional[Path] = None, out: Optional[TextIO] = None) -> int:
     header = ("NAME", "ARCH", "SIZE", "TENSOR TYPES", "SERVABLE")
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(4)]
     for row in (header, *rows):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[4], file=out)
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[4], file=out)
     if servable:
         print("\nmodels.yaml entries:\nmodels:", file=out)
         for name in servable:
@@ -125,8 +140,9 @@ def _tensor_row(manifest: Manifest) -> tuple[str, str, str, str, str]:
         return (name, "-", "-", "-", f"no: {exc}")
     cfg = found["config"]
     quant = cfg.get("quantization")
-    kinds = next((k for k, v in QUANT_TYPES.items() if quant and (v[0], v[2]) == (quant["bits"], quant["mode"])),
-                 "unquantized")
+    kinds = next(
+        (k for k, v in QUANT_TYPES.items() if quant and (v[0], v[2]) == (quant["bits"], quant["mode"])), "unquantized"
+    )
     return (name, str(cfg.get("model_type", "?")), f"{size / 1e9:.2f} GB", f"safetensors {kinds}", "yes")
 
 

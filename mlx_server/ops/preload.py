@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
 from mlx_server.config.load import Config, ModelConfig
+from mlx_server.models.sources import Located, locate
 from mlx_server.ops.client import ClientError, error_text, format_table, get_json, http_client, human_size
 from mlx_server.ops.pull import ensure_local
-from mlx_server.models.sources import Located, locate
 
 
 @dataclass
@@ -30,8 +30,13 @@ class Row:
     failed: bool = False
 
     def cells(self) -> list[str]:
-        return [self.name, self.on_disk, "-" if self.load_seconds is None else f"{self.load_seconds:.2f}",
-                "-" if self.resident is None else human_size(self.resident), self.status]
+        return [
+            self.name,
+            self.on_disk,
+            "-" if self.load_seconds is None else f"{self.load_seconds:.2f}",
+            "-" if self.resident is None else human_size(self.resident),
+            self.status,
+        ]
 
 
 def select(config: Config, names: Sequence[str], preload_only: bool) -> tuple[list[ModelConfig], list[Row]]:
@@ -59,8 +64,9 @@ def footprint(model: ModelConfig, located: Located) -> int:
     return located.size
 
 
-def ensure_on_disk(model: ModelConfig, config_dir: Optional[Path], row: Row, err: TextIO,
-                   cache_dir: Optional[Path] = None) -> None:
+def ensure_on_disk(
+    model: ModelConfig, config_dir: Optional[Path], row: Row, err: TextIO, cache_dir: Optional[Path] = None
+) -> None:
     print(f"{model.name}: checking {model.source}", file=err, flush=True)
     result = ensure_local(model, config_dir, update=False, cache_dir=cache_dir)  # hub progress bars go to stderr
     if not result.ok:
@@ -71,8 +77,9 @@ def ensure_on_disk(model: ModelConfig, config_dir: Optional[Path], row: Row, err
     row.status = "downloaded" if result.downloaded else "on disk"
 
 
-def warm(config: Config, models: Sequence[ModelConfig], rows: dict[str, Row], url: str, key: Optional[str],
-         err: TextIO) -> None:
+def warm(
+    config: Config, models: Sequence[ModelConfig], rows: dict[str, Row], url: str, key: Optional[str], err: TextIO
+) -> None:
     with http_client(url, key, timeout=None) as client:
         try:
             health = get_json(client, "/health")
@@ -99,8 +106,10 @@ def warm(config: Config, models: Sequence[ModelConfig], rows: dict[str, Row], ur
                 row.status = f"skipped: max_loaded_models ({config.server.max_loaded_models}) reached"
                 continue
             if not already and sum(warmed.values()) + need > budget:
-                row.status = (f"skipped: over the memory budget ({human_size(sum(warmed.values()) + need)} > "
-                              f"{human_size(budget)})")
+                row.status = (
+                    f"skipped: over the memory budget ({human_size(sum(warmed.values()) + need)} > "
+                    f"{human_size(budget)})"
+                )
                 continue
             print(f"{model.name}: loading", file=err, flush=True)
             body: dict[str, object] = {"model": model.name}
@@ -128,8 +137,17 @@ def warm(config: Config, models: Sequence[ModelConfig], rows: dict[str, Row], ur
                 rows[name].status, rows[name].failed, rows[name].resident = "evicted by a later load", True, None
 
 
-def preload(config: Config, names: Sequence[str], *, preload_only: bool, url: str, key: Optional[str],
-            do_warm: bool, out: TextIO, err: TextIO) -> int:
+def preload(
+    config: Config,
+    names: Sequence[str],
+    *,
+    preload_only: bool,
+    url: str,
+    key: Optional[str],
+    do_warm: bool,
+    out: TextIO,
+    err: TextIO,
+) -> int:
     models, unknown = select(config, names, preload_only)
     if not models and not unknown:
         print("nothing to preload" + (" (no model has preload: true)" if preload_only else ""), file=err)

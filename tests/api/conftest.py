@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fakeengine import FakeEngine
-from serving import Server
+from support.fakeengine import FakeEngine
+from support.serving import Server
 
 
 @pytest.fixture

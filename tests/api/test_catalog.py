@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from mlx_server.api.app import create_app
 from mlx_server.api.catalog import Catalog
 from mlx_server.contract.errors import ModelNotFound
 from mlx_server.models.info import InfoCache, ModelInfo
 from mlx_server.models.sources import Located
-from serving import Server, free_port, make_config, serve
+from mlx_server.serve import build_app
+from support.serving import Server, free_port, make_config, serve
 
 HEALTH_LIMIT = 0.5  # seconds: far below the seconds a GGUF header takes, far above a loaded machine's jitter
 
@@ -109,7 +109,7 @@ def test_health_answers_while_model_info_is_blocked(tiny_llama: Path, tmp_path: 
         return real.describe(found)
 
     config = make_config(tmp_path, {"tiny": {"source": str(tiny_llama), "aliases": ["t"]}})
-    server = Server(create_app(config, catalog=Catalog(config, describe=slow_describe)), free_port()).start()
+    server = Server(build_app(config, catalog=Catalog(config, describe=slow_describe)), free_port()).start()
     try:
         assert entered.wait(30), "start-up did not begin warming the catalog"
         tags, answer = in_thread(lambda: httpx.get(f"{server.url}/api/tags", timeout=60))

@@ -9,7 +9,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from serving import Server, make_config, serve
+from support.serving import Server, make_config, serve
 
 
 @pytest.fixture(scope="module")

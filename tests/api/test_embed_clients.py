@@ -2,7 +2,7 @@
 as `all-minilm`, through the official `ollama` and `openai` clients and LangChain's `OllamaEmbeddings` — every
 route and encoding must give the vectors of an independent reference to cosine ≥ 0.9999.
 
-The reference is tests/embed_reference.py (a numpy float64 BERT forward pass written from the Hugging Face
+The reference is tests/support/embed_reference.py (a numpy float64 BERT forward pass written from the Hugging Face
 definitions) fed by the `tokenizers` library directly, so neither tokenization nor the forward pass shares code
 with the server. The CPU MLX backend is slow: a handful of short texts only.
 """
@@ -21,9 +21,9 @@ import pytest
 from langchain_ollama import OllamaEmbeddings
 from tokenizers import Tokenizer
 
-from embed_reference import ReferenceEncoder, cosine
+from support.embed_reference import ReferenceEncoder, cosine
 from mlx_server.models.sources import extract_zip, resolve_package_file
-from serving import Server, make_config, serve
+from support.serving import Server, make_config, serve
 
 MINILM = "package:all_minilm_l6_v2/model.zip"
 MODEL = "all-minilm"

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from mlx_server.api.fallback import merge_models
-from serving import Server, free_port, make_config, serve
+from support.serving import Server, free_port, make_config, serve
 
 GREEDY = {"temperature": 0, "repeat_penalty": 1.0}
 HI = [{"role": "user", "content": "Tell me about the sea"}]

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving import make_config, serve
-from tinymodels import build_tiny_model
+from support.serving import make_config, serve
+from support.tinymodels import build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import httpx
 import ollama
 import pytest
 
-from serving import make_config, serve
+from support.serving import make_config, serve
 
 
 def test_host_header_check(tiny_llama: Path, tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ from typing import Iterator
 
 import pytest
 
-from fakehub import FakeHub
-from hubtools import point_hub_at
-from serving import Server, free_port
-from tinymodels import build_tiny_model
+from support.fakehub import FakeHub
+from support.hubtools import point_hub_at
+from support.serving import Server, free_port
+from support.tinymodels import build_tiny_model
 
 
 @pytest.fixture

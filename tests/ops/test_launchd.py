@@ -20,7 +20,7 @@ import pytest
 from mlx_server.cli import main
 from mlx_server.config.load import ConfigError
 from mlx_server.ops.launchd import TEMPLATE, Agent, Group, Host, Launchctl
-from serving import free_port, make_config, serve
+from support.serving import free_port, make_config, serve
 
 UID = 501
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from hubtools import lay_out_cache
-from fakehub import FakeHub
+from support.hubtools import lay_out_cache
+from support.fakehub import FakeHub
 from mlx_server.cli import main
 from mlx_server.ops.preload import select
-from serving import free_port, make_config, serve
+from support.serving import free_port, make_config, serve
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,9 +12,9 @@ import httpx
 import ollama
 import pytest
 
-from hubtools import point_hub_at
-from fakehub import FakeHub
-from serving import Server, free_port, make_config, serve
+from support.hubtools import point_hub_at
+from support.fakehub import FakeHub
+from support.serving import Server, free_port, make_config, serve
 
 
 @pytest.fixture(scope="module")

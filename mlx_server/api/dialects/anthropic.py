@@ -8,20 +8,19 @@ Sampling is request field > models.yaml option > Anthropic's default (temperatur
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.responses import Response
 
-from mlx_server.api.dialects.bodies import CountTokensBody, MessagesBody, validated
 from mlx_server.api.context import Collected
-from mlx_server.api.dialects.compat import json_dumps, new_id
 from mlx_server.api.dialects.base import Call, Generation, Incoming, named_model
+from mlx_server.api.dialects.bodies import CountTokensBody, MessagesBody, validated
+from mlx_server.api.dialects.compat import json_dumps, new_id
 from mlx_server.api.dialects.sampling import ANTHROPIC_DEFAULTS, resolve_sampling
 from mlx_server.contract.errors import BadRequest, MlxServerError
 from mlx_server.contract.events import Delta, Done, Event, Failed, Started, Usage
 from mlx_server.contract.requests import ChatMessage, CountTokensRequest, GenerateRequest, ToolChoice
-
 
 # ---- request translation ------------------------------------------------------------------------------------
 
@@ -58,7 +57,7 @@ def parse_messages(raw: Any, system: Any) -> list[ChatMessage]:
         where = f"messages.{i}"
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("user", "assistant"):
-            raise BadRequest(f"{where}.role: expected \"user\" or \"assistant\"")
+            raise BadRequest(f'{where}.role: expected "user" or "assistant"')
         texts, thinking, calls = [], [], []
         for j, b in enumerate(_blocks(m.get("content"), f"{where}.content")):
             kind = b.get("type")
@@ -73,19 +72,29 @@ def parse_messages(raw: Any, system: Any) -> list[ChatMessage]:
                     raise BadRequest(f"{where}.content.{j}: tool_use needs a name and an input object")
                 call_id = b.get("id") or new_id("toolu_")
                 names[call_id] = b["name"]
-                calls.append({"id": call_id, "type": "function",
-                              "function": {"name": b["name"], "arguments": b.get("input") or {}}})
+                calls.append(
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": b["name"], "arguments": b.get("input") or {}},
+                    }
+                )
             elif kind == "tool_result" and role == "user":
                 call_id = b.get("tool_use_id")
-                out.append(ChatMessage("tool", _plain(b.get("content"), f"{where}.content.{j}.content"),
-                                       tool_call_id=call_id, tool_name=names.get(call_id or "")))
+                out.append(
+                    ChatMessage(
+                        "tool",
+                        _plain(b.get("content"), f"{where}.content.{j}.content"),
+                        tool_call_id=call_id,
+                        tool_name=names.get(call_id or ""),
+                    )
+                )
             elif kind in ("image", "document"):
                 raise BadRequest("this model does not support images or documents")
             else:
                 raise BadRequest(f"{where}.content.{j}: unsupported content block type {kind!r}")
         if texts or calls or thinking or role == "assistant":
-            out.append(ChatMessage(role, "".join(texts), thinking="".join(thinking) or None,
-                                   tool_calls=calls or None))
+            out.append(ChatMessage(role, "".join(texts), thinking="".join(thinking) or None, tool_calls=calls or None))
     return out
 
 
@@ -96,9 +105,18 @@ def _tools(body: dict[str, Any]) -> tuple[Optional[list[dict[str, Any]]], Option
         if not isinstance(raw, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in raw):
             raise BadRequest("tools: expected an array of {name, description, input_schema}")
         # Server tools (web search, …) have a "type" other than custom and no schema: we cannot run them.
-        tools = [{"type": "function", "function": {"name": t["name"], "description": t.get("description", ""),
-                                                   "parameters": t.get("input_schema") or {"type": "object"}}}
-                 for t in raw if t.get("type") in (None, "custom")] or None
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t["name"],
+                    "description": t.get("description", ""),
+                    "parameters": t.get("input_schema") or {"type": "object"},
+                },
+            }
+            for t in raw
+            if t.get("type") in (None, "custom")
+        ] or None
     choice = body.get("tool_choice") or {}
     kind = choice.get("type") if isinstance(choice, dict) else None
     if kind in (None, "auto"):
@@ -120,10 +138,17 @@ def _request(incoming: Incoming, body: CountTokensBody, fields: dict[str, Any]) 
     resolved = resolve_sampling(incoming.model_options, fields, ANTHROPIC_DEFAULTS)
     thinking = body.thinking
     req = GenerateRequest(
-        model=incoming.name, messages=parse_messages(body.messages, body.system), sampling=resolved.sampling,
-        max_tokens=resolved.max_tokens, num_ctx=resolved.num_ctx, stop=resolved.stop,
+        model=incoming.name,
+        messages=parse_messages(body.messages, body.system),
+        sampling=resolved.sampling,
+        max_tokens=resolved.max_tokens,
+        num_ctx=resolved.num_ctx,
+        stop=resolved.stop,
         think=thinking.get("type") in ("enabled", "adaptive") if isinstance(thinking, dict) else None,
-        priority=incoming.priority, timeout=incoming.timeout, created=incoming.arrival)
+        priority=incoming.priority,
+        timeout=incoming.timeout,
+        created=incoming.arrival,
+    )
     req.tools, req.force_tool = _tools(incoming.body)
     req.format = _output_format(incoming.body)
     return req
@@ -139,8 +164,7 @@ def build_message(incoming: Incoming) -> Call:
 def build_count(incoming: Incoming) -> Call:
     """Tokenized exactly as /v1/messages would be; the engine counts without loading the model."""
     req = _request(incoming, validated(CountTokensBody, incoming.body, "anthropic"), {})
-    return Call(CountTokensRequest(req, priority=req.priority, timeout=req.timeout, created=req.created),
-                stream=False)
+    return Call(CountTokensRequest(req, priority=req.priority, timeout=req.timeout, created=req.created), stream=False)
 
 
 def _output_format(body: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -166,22 +190,37 @@ def stop_reason(done: Done) -> str:
 
 
 def usage_json(usage: Usage, output: Optional[int] = None) -> dict[str, Any]:
-    return {"input_tokens": usage.prompt_tokens - usage.cached_tokens,
-            "output_tokens": usage.completion_tokens if output is None else output,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": usage.cached_tokens}
+    return {
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "output_tokens": usage.completion_tokens if output is None else output,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": usage.cached_tokens,
+    }
 
 
 def tool_use(call: dict[str, Any]) -> dict[str, Any]:
     fn = call["function"]
-    return {"type": "tool_use", "id": call.get("id") or new_id("toolu_"), "name": fn["name"],
-            "input": fn.get("arguments") or {}}
+    return {
+        "type": "tool_use",
+        "id": call.get("id") or new_id("toolu_"),
+        "name": fn["name"],
+        "input": fn.get("arguments") or {},
+    }
 
 
-def message_json(mid: str, model: str, content: list[dict[str, Any]], done: Optional[Done],
-                 usage: Usage) -> dict[str, Any]:
-    return {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": stop_reason(done) if done else None,
-            "stop_sequence": done.stop_sequence if done else None, "usage": usage_json(usage)}
+def message_json(
+    mid: str, model: str, content: list[dict[str, Any]], done: Optional[Done], usage: Usage
+) -> dict[str, Any]:
+    return {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason(done) if done else None,
+        "stop_sequence": done.stop_sequence if done else None,
+        "usage": usage_json(usage),
+    }
 
 
 def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:
@@ -198,11 +237,15 @@ def _blocks_of(delta: Delta, index: int, block: Optional[str]) -> tuple[list[Ser
             if block is not None:
                 out.append(_event("content_block_stop", {"index": index}))
             index, block = index + 1, kind
-            start = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" \
+            start = (
+                {"type": "thinking", "thinking": "", "signature": ""}
+                if kind == "thinking"
                 else {"type": "text", "text": ""}
+            )
             out.append(_event("content_block_start", {"index": index, "content_block": start}))
-        piece = {"type": "thinking_delta", "thinking": text} if kind == "thinking" \
-            else {"type": "text_delta", "text": text}
+        piece = (
+            {"type": "thinking_delta", "thinking": text} if kind == "thinking" else {"type": "text_delta", "text": text}
+        )
         out.append(_event("content_block_delta", {"index": index, "delta": piece}))
     for call in delta.tool_calls:
         if block is not None:
@@ -210,13 +253,17 @@ def _blocks_of(delta: Delta, index: int, block: Optional[str]) -> tuple[list[Ser
         index, block = index + 1, None
         use = tool_use(call)
         out.append(_event("content_block_start", {"index": index, "content_block": {**use, "input": {}}}))
-        out.append(_event("content_block_delta", {"index": index, "delta": {
-            "type": "input_json_delta", "partial_json": json_dumps(use["input"])}}))
+        out.append(
+            _event(
+                "content_block_delta",
+                {"index": index, "delta": {"type": "input_json_delta", "partial_json": json_dumps(use["input"])}},
+            )
+        )
         out.append(_event("content_block_stop", {"index": index}))
     return out, index, block
 
 
-async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -> AsyncIterator[Any]:
+async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -> AsyncGenerator[Any, None]:
     """message_start, then one content block per run of text / thinking / tool_use, message_delta, message_stop.
 
     The input token count in message_start comes from the engine's Started event, the first one.
@@ -228,8 +275,10 @@ async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -
         if not opened:
             opened = True
             started = event if isinstance(event, Started) else None
-            usage = Usage(prompt_tokens=started.prompt_tokens if started else 0,
-                          cached_tokens=started.cached_tokens if started else 0)
+            usage = Usage(
+                prompt_tokens=started.prompt_tokens if started else 0,
+                cached_tokens=started.cached_tokens if started else 0,
+            )
             yield _event("message_start", {"message": message_json(mid, incoming.requested, [], None, usage)})
             yield _event("ping", {})
         if isinstance(event, Delta):
@@ -239,9 +288,13 @@ async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -
         elif isinstance(event, Done):
             if block is not None:
                 yield _event("content_block_stop", {"index": index})
-            yield _event("message_delta", {
-                "delta": {"stop_reason": stop_reason(event), "stop_sequence": event.stop_sequence},
-                "usage": {"output_tokens": event.usage.completion_tokens}})
+            yield _event(
+                "message_delta",
+                {
+                    "delta": {"stop_reason": stop_reason(event), "stop_sequence": event.stop_sequence},
+                    "usage": {"output_tokens": event.usage.completion_tokens},
+                },
+            )
             yield _event("message_stop", {})
         elif isinstance(event, Failed):
             yield error_frame(event.error)
@@ -265,8 +318,14 @@ def final_count(incoming: Incoming, call: Call, result: Collected) -> dict[str, 
 # ---- errors and streams ------------------------------------------------------------------------------------------
 
 # HTTP statuses Starlette itself raises (unknown route, wrong method) and the outer layers' refusals.
-_HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
-               401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+_HTTP_TYPES = {
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+}
 
 
 def error_body(exc: MlxServerError) -> dict[str, Any]:

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Optional
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from mlx_server.api.context import AppContext, Collected
 from mlx_server.contract.errors import BadRequest, MlxServerError
-from mlx_server.models.info import ModelInfo
 from mlx_server.contract.events import Event
 from mlx_server.contract.requests import EngineRequest, Priority
+from mlx_server.models.info import ModelInfo
 
 log = logging.getLogger("mlx_server.api")
 
@@ -58,8 +58,9 @@ class Incoming:
         """
         if not tools or self.info is None or "tools" in self.info.capabilities:
             return {}
-        log.warning("model %s has no tool-call format: the request's %d tool(s) will not be called",
-                    self.name, len(tools))
+        log.warning(
+            "model %s has no tool-call format: the request's %d tool(s) will not be called", self.name, len(tools)
+        )
         return {TOOLS_IGNORED_HEADER: "model has no tool-call format"}
 
 
@@ -71,22 +72,26 @@ class Call:
     stream: bool
     shape: Any = None  # dialect-specific answer settings, handed back to `encode` and `final`
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers
+    needs_generation: bool = True  # False for a load or unload: any model may be warmed, embedders too
 
 
 Target = Callable[[AppContext, dict[str, Any]], Awaitable[tuple[str, str]]]
 Build = Callable[[Incoming], Call]
 # `events` runs from the first event through Done or Failed; the skeleton closes it and logs the request.
-Encode = Callable[[Incoming, Call, AsyncIterator[Event]], AsyncIterator[Any]]
+# An async generator, not just an iterator: the route closes it (contextlib.aclosing) whatever ends the stream.
+Encode = Callable[[Incoming, Call, AsyncIterator[Event]], AsyncGenerator[Any, None]]
 Final = Callable[[Incoming, Call, Collected], dict[str, Any]]
 
 
 def named_model(missing: str) -> Target:
     """The `target` of dialects whose body must name its model (`missing`: the 400 when it does not)."""
+
     async def target(ctx: AppContext, body: dict[str, Any]) -> tuple[str, str]:
         requested = body.get("model")
         if not isinstance(requested, str) or not requested:
             raise BadRequest(missing)
         return requested, await ctx.resolve(requested)
+
     return target
 
 
@@ -129,8 +134,10 @@ class Dialect:
 
     def owns(self, path: str) -> int:
         """Length of the prefix of `path` this dialect claims (0: none). A prefix is whole path segments."""
-        return max((len(p) for p in self.prefixes
-                    if path == p or path.startswith(p if p.endswith("/") else p + "/")), default=0)
+        return max(
+            (len(p) for p in self.prefixes if path == p or path.startswith(p if p.endswith("/") else p + "/")),
+            default=0,
+        )
 
 
 __all__ = ["Call", "Dialect", "Endpoint", "Generation", "Incoming", "TOOLS_IGNORED_HEADER", "named_model"]

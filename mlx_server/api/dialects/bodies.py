@@ -32,8 +32,11 @@ Stop = Annotated[tuple[str, ...], PlainValidator(_stop)]
 
 
 def _token_ids(value: Any) -> bool:
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in value))
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in value)
+    )
 
 
 def _embedding_input(value: Any) -> tuple[str | tuple[int, ...], ...]:
@@ -47,8 +50,13 @@ def _embedding_input(value: Any) -> tuple[str | tuple[int, ...], ...]:
             return (tuple(value),)
         if all(_token_ids(v) for v in value):
             return tuple(tuple(v) for v in value)
-    raise PydanticCustomError("input_type", "expected a string, a non-empty array of strings, an array of token "
-                                            "ids or an array of non-empty token-id arrays")
+    raise PydanticCustomError(
+        "input_type",
+        "expected a string, a non-empty array of strings, an array of token "
+        "ids or an array of non-empty token-id arrays",
+    )
+
+
 Seed = Annotated[Optional[int], Field(ge=-INT64, lt=INT64)]
 
 
@@ -76,9 +84,17 @@ class OpenAIBody(_Body):
 
     def sampling_fields(self) -> dict[str, Any]:
         """The request layer for api.sampling.resolve_sampling, under Ollama's option names (None = unset)."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
-                "repeat_penalty": self.repeat_penalty, "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty, "seed": self.seed, "stop": list(self.stop) or None}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repeat_penalty": self.repeat_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "seed": self.seed,
+            "stop": list(self.stop) or None,
+        }
 
 
 class ChatCompletionBody(OpenAIBody):
@@ -127,8 +143,13 @@ class MessagesBody(CountTokensBody):
     top_k: Optional[int] = Field(None, ge=0, lt=INT64)
 
     def sampling_fields(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "num_predict": self.max_tokens, "stop": list(self.stop_sequences) or None}
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "num_predict": self.max_tokens,
+            "stop": list(self.stop_sequences) or None,
+        }
 
 
 B = TypeVar("B", bound=_Body)
@@ -146,8 +167,15 @@ def validated(kind: type[B], body: dict[str, Any], wording: Wording) -> B:
         where = ".".join(str(p) for p in first["loc"])
         if wording == "anthropic":
             raise BadRequest(f"{where}: {first['msg']}") from None
-        raise BadRequest(f"invalid value for field \"{where}\": {first['msg']}") from None
+        raise BadRequest(f'invalid value for field "{where}": {first["msg"]}') from None
 
 
-__all__ = ["ChatCompletionBody", "CompletionBody", "CountTokensBody", "EmbeddingBody", "MessagesBody", "OpenAIBody",
-           "validated"]
+__all__ = [
+    "ChatCompletionBody",
+    "CompletionBody",
+    "CountTokensBody",
+    "EmbeddingBody",
+    "MessagesBody",
+    "OpenAIBody",
+    "validated",
+]

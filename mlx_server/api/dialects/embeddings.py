@@ -24,9 +24,19 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from mlx_server.api.dialects.bodies import EmbeddingBody, validated
-from mlx_server.api.context import (begin, close_events, ctx_of, field_type, first_event, note_model, ns, read_json, request_log)
+from mlx_server.api.context import (
+    begin,
+    close_events,
+    ctx_of,
+    field_type,
+    first_event,
+    note_model,
+    ns,
+    read_json,
+    request_log,
+)
 from mlx_server.api.dialects.base import Handler, named_model
+from mlx_server.api.dialects.bodies import EmbeddingBody, validated
 from mlx_server.api.dialects.ollama import parse_keep_alive
 from mlx_server.api.dialects.options import OLLAMA_DEFAULTS
 from mlx_server.api.dialects.sampling import resolve_sampling
@@ -64,14 +74,19 @@ Answer = Callable[[str, Ask, Result], dict[str, Any]]
 def _dimensions(body: dict[str, Any]) -> Optional[int]:
     dimensions = field_type(body, "dimensions", int, "an integer")
     if dimensions is not None and dimensions < 1:
-        raise BadRequest("invalid value for field \"dimensions\": must be a positive integer")
+        raise BadRequest('invalid value for field "dimensions": must be a positive integer')
     return dimensions
 
 
 def _ollama_common(body: dict[str, Any], inputs: tuple[str, ...], truncate: bool = True) -> Ask:
     options = field_type(body, "options", dict, "an object") or {}
-    return Ask(inputs=inputs, truncate=truncate, dimensions=_dimensions(body),
-               keep_alive=parse_keep_alive(body.get("keep_alive")), options=options)
+    return Ask(
+        inputs=inputs,
+        truncate=truncate,
+        dimensions=_dimensions(body),
+        keep_alive=parse_keep_alive(body.get("keep_alive")),
+        options=options,
+    )
 
 
 def parse_embed(body: dict[str, Any]) -> Ask:
@@ -84,7 +99,7 @@ def parse_embed(body: dict[str, Any]) -> Ask:
     elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
         inputs = tuple(raw)
     else:  # Ollama's words; the rest says what it takes
-        raise BadRequest("invalid input type: \"input\" must be a string or an array of strings")
+        raise BadRequest('invalid input type: "input" must be a string or an array of strings')
     truncate = field_type(body, "truncate", bool, "a boolean")
     return _ollama_common(body, inputs, truncate=True if truncate is None else truncate)
 
@@ -107,8 +122,13 @@ def parse_openai(body: dict[str, Any]) -> Ask:
 
 def answer_embed(requested: str, ask: Ask, result: Result) -> dict[str, Any]:
     usage = result.usage
-    return {"model": requested, "embeddings": list(result.vectors), "total_duration": ns(usage.total_duration),
-            "load_duration": ns(usage.load_duration), "prompt_eval_count": usage.prompt_tokens}
+    return {
+        "model": requested,
+        "embeddings": list(result.vectors),
+        "total_duration": ns(usage.total_duration),
+        "load_duration": ns(usage.load_duration),
+        "prompt_eval_count": usage.prompt_tokens,
+    }
 
 
 def answer_embeddings(requested: str, ask: Ask, result: Result) -> dict[str, Any]:
@@ -122,10 +142,16 @@ def b64(vector: np.ndarray) -> str:
 
 def answer_openai(requested: str, ask: Ask, result: Result) -> dict[str, Any]:
     tokens = result.usage.prompt_tokens
-    data = [{"object": "embedding", "index": i, "embedding": b64(v) if ask.base64 else v}
-            for i, v in enumerate(result.vectors)]
-    return {"object": "list", "data": data, "model": requested,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    data = [
+        {"object": "embedding", "index": i, "embedding": b64(v) if ask.base64 else v}
+        for i, v in enumerate(result.vectors)
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "model": requested,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 # ---- the route ------------------------------------------------------------------------------------------------
@@ -158,8 +184,10 @@ async def run(request: Request, req: EmbedRequest, dialect: str, requested: str,
                 break
             event = await first_event(events, request)
         if vectors is None or vectors.ndim != 2 or len(vectors) != len(req.inputs):
-            raise InternalError(f"the engine answered {len(req.inputs)} inputs with "
-                                f"{'no' if vectors is None else vectors.shape} vectors")
+            raise InternalError(
+                f"the engine answered {len(req.inputs)} inputs with "
+                f"{'no' if vectors is None else vectors.shape} vectors"
+            )
         if not np.isfinite(vectors).all():
             raise BadRequest("embedding contains NaN or Inf values")  # Ollama's 400
         status = "ok"
@@ -189,10 +217,18 @@ def embed_route(dialect: str, missing: str, parse: Parse, answer: Answer) -> Han
         if not ask.inputs:
             result = Result(np.zeros((0, 0), dtype=np.float32), Usage())
         else:
-            req = EmbedRequest(model=name, inputs=ask.inputs, truncate=ask.truncate, dimensions=ask.dimensions,
-                               normalize=ask.normalize, num_ctx=num_ctx, keep_alive=ask.keep_alive,
-                               priority=Priority.parse(request.headers.get("x-request-priority")),
-                               timeout=ctx.config.server.request_timeout, created=arrival)
+            req = EmbedRequest(
+                model=name,
+                inputs=ask.inputs,
+                truncate=ask.truncate,
+                dimensions=ask.dimensions,
+                normalize=ask.normalize,
+                num_ctx=num_ctx,
+                keep_alive=ask.keep_alive,
+                priority=Priority.parse(request.headers.get("x-request-priority")),
+                timeout=ctx.config.server.request_timeout,
+                created=arrival,
+            )
             result = await run(request, req, dialect, requested, started_at)
         content = await asyncio.to_thread(dumps, answer(requested, ask, result))
         return Response(content, media_type="application/json")

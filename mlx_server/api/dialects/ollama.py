@@ -1,7 +1,9 @@
-"""The Ollama dialect: translate /api/* requests to GenerateRequest and engine events back to Ollama JSON.
+"""The Ollama dialect: translate /api/* requests to GenerateRequest, and answer Ollama's model listings.
 
-Nothing here generates; see ../shared/ollama-compat.md for the conventions clients depend on (NDJSON, errors
-as `{"error"}`, nanosecond durations, RFC 3339 times).
+Nothing here generates. Clients (the official `ollama` Python client above all) depend on the conventions of
+Ollama's API (https://github.com/ollama/ollama/blob/main/docs/api.md): streaming NDJSON with nothing but one JSON
+object per line, errors as `{"error": "..."}`, integer nanosecond durations, RFC 3339 times. The replies are shaped
+in ollama_reply.py; the route table and manage.py reach its functions through this module.
 """
 
 from __future__ import annotations
@@ -10,20 +12,20 @@ import datetime as dt
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from mlx_server.api.catalog import Entry
-from mlx_server.api.context import AppContext, Collected, ctx_of, error_body, field_type, ns, read_json, rfc3339
-from mlx_server.api.dialects.base import Call, Encode, Final, Generation, Incoming
+from mlx_server.api.context import AppContext, ctx_of, error_body, field_type, read_json, rfc3339
+from mlx_server.api.dialects.base import Call, Generation, Incoming
+from mlx_server.api.dialects.ollama_reply import encoder, error_frame, final_for, http_error_body, line, stream_response
 from mlx_server.api.dialects.options import OLLAMA_DEFAULTS
 from mlx_server.api.dialects.sampling import resolve_sampling
 from mlx_server.api.dialects.templates import render_go_template
 from mlx_server.config.load import parse_duration
 from mlx_server.contract.errors import BadRequest, MlxServerError
-from mlx_server.contract.events import Delta, Done, Event, Failed, Usage
 from mlx_server.contract.requests import ChatMessage, EngineRequest, GenerateRequest, LoadRequest, UnloadRequest
 
 log = logging.getLogger("mlx_server.api.dialects.ollama")
@@ -48,11 +50,11 @@ def parse_messages(raw: Any) -> list[ChatMessage]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise BadRequest("invalid value for field \"messages\": expected an array")
+        raise BadRequest('invalid value for field "messages": expected an array')
     out: list[ChatMessage] = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a string \"role\"")
+            raise BadRequest(f'messages[{i}] must be an object with a string "role"')
         content = m.get("content") or ""
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string")
@@ -62,8 +64,15 @@ def parse_messages(raw: Any) -> list[ChatMessage]:
         images = m.get("images")
         if images:
             raise BadRequest("this model does not support images")
-        out.append(ChatMessage(role=m["role"], content=content, thinking=m.get("thinking"),
-                               tool_calls=calls, tool_name=m.get("tool_name") or m.get("name")))
+        out.append(
+            ChatMessage(
+                role=m["role"],
+                content=content,
+                thinking=m.get("thinking"),
+                tool_calls=calls,
+                tool_name=m.get("tool_name") or m.get("name"),
+            )
+        )
     return out
 
 
@@ -79,7 +88,7 @@ async def resolve_target(ctx: AppContext, body: dict[str, Any]) -> tuple[str, st
         raise BadRequest("model is required")
     target = (ctx.config.resolve(category) if category else None) or default
     if target is None:
-        raise BadRequest(f"category \"{category}\" matches no model and server.default_model is not set")
+        raise BadRequest(f'category "{category}" matches no model and server.default_model is not set')
     name = await ctx.resolve(target)
     return name, name
 
@@ -104,10 +113,10 @@ def _think(body: dict[str, Any]) -> Optional[bool]:
     think = body.get("think")
     if isinstance(think, str):
         if think not in ("low", "medium", "high"):
-            raise BadRequest("invalid value for field \"think\": expected a boolean or low/medium/high")
+            raise BadRequest('invalid value for field "think": expected a boolean or low/medium/high')
         return True
     if think is not None and not isinstance(think, bool):
-        raise BadRequest("invalid value for field \"think\": expected a boolean or low/medium/high")
+        raise BadRequest('invalid value for field "think": expected a boolean or low/medium/high')
     return think
 
 
@@ -117,7 +126,7 @@ def _stream(body: dict[str, Any]) -> bool:
         return not any(body.get(k) is not None for k in ("max_tokens", "category"))
     stream = body["stream"]
     if not isinstance(stream, bool):
-        raise BadRequest("invalid value for field \"stream\": expected a boolean")
+        raise BadRequest('invalid value for field "stream": expected a boolean')
     return stream
 
 
@@ -126,16 +135,25 @@ def base_request(incoming: Incoming) -> GenerateRequest:
     apply_top_level_options(body)
     options = body.get("options")
     if options is not None and not isinstance(options, dict):
-        raise BadRequest("invalid value for field \"options\": expected an object")
+        raise BadRequest('invalid value for field "options": expected an object')
     resolved = resolve_sampling(incoming.model_options, options or {}, OLLAMA_DEFAULTS)
     fmt = body.get("format")
     if fmt not in (None, "", "json") and not isinstance(fmt, dict):
-        raise BadRequest("invalid value for field \"format\": expected \"json\" or a JSON schema object")
+        raise BadRequest('invalid value for field "format": expected "json" or a JSON schema object')
     return GenerateRequest(
-        model=incoming.name, sampling=resolved.sampling, max_tokens=resolved.max_tokens, num_ctx=resolved.num_ctx,
-        stop=resolved.stop, keep_alive=parse_keep_alive(body.get("keep_alive")), format=fmt or None,
-        think=_think(body), tools=field_type(body, "tools", list, "an array of tool definitions"),
-        priority=incoming.priority, timeout=incoming.timeout, created=incoming.arrival)
+        model=incoming.name,
+        sampling=resolved.sampling,
+        max_tokens=resolved.max_tokens,
+        num_ctx=resolved.num_ctx,
+        stop=resolved.stop,
+        keep_alive=parse_keep_alive(body.get("keep_alive")),
+        format=fmt or None,
+        think=_think(body),
+        tools=field_type(body, "tools", list, "an array of tool definitions"),
+        priority=incoming.priority,
+        timeout=incoming.timeout,
+        created=incoming.arrival,
+    )
 
 
 def generate_request(incoming: Incoming) -> GenerateRequest:
@@ -169,9 +187,10 @@ def _call(incoming: Incoming, req: GenerateRequest) -> Call:
         if req.keep_alive == 0:
             control = UnloadRequest(req.model, priority=req.priority, timeout=req.timeout, created=req.created)
         else:
-            control = LoadRequest(req.model, keep_alive=req.keep_alive, priority=req.priority, timeout=req.timeout,
-                                  created=req.created)
-        return Call(control, stream=False)
+            control = LoadRequest(
+                req.model, keep_alive=req.keep_alive, priority=req.priority, timeout=req.timeout, created=req.created
+            )
+        return Call(control, stream=False, needs_generation=False)
     return Call(req, stream=stream, headers=incoming.tools_note(req.tools))
 
 
@@ -183,81 +202,8 @@ def build_chat(incoming: Incoming) -> Call:
     return _call(incoming, chat_request(incoming))
 
 
-# ---- response translation -----------------------------------------------------------------------------------
-
-
-def final_fields(reason: str, usage: Usage) -> dict[str, Any]:
-    # Ollama reports a reply that made tool calls as a plain "stop".
-    return {"done": True, "done_reason": "stop" if reason == "tool_calls" else reason,
-            "total_duration": ns(usage.total_duration),
-            "load_duration": ns(usage.load_duration),
-            # the whole prompt, cached tokens included, as Ollama reports it (cache + evaluated)
-            "prompt_eval_count": usage.prompt_tokens,
-            "prompt_eval_duration": ns(usage.prompt_eval_duration), "eval_count": usage.completion_tokens,
-            "eval_duration": ns(usage.eval_duration)}
-
-
-def chunk(chat: bool, model: str, delta: Optional[Delta]) -> dict[str, Any]:
-    base: dict[str, Any] = {"model": model, "created_at": rfc3339()}
-    content = delta.content if delta else ""
-    thinking = delta.thinking if delta else ""
-    if chat:
-        message: dict[str, Any] = {"role": "assistant", "content": content}
-        if thinking:
-            message["thinking"] = thinking
-        if delta and delta.tool_calls:
-            message["tool_calls"] = list(delta.tool_calls)
-        base["message"] = message
-    else:
-        base["response"] = content
-        base["text"] = content  # MLX-style clients read `text`; Ollama clients read `response`
-        if thinking:
-            base["thinking"] = thinking
-    base["done"] = False
-    return base
-
-
-def line(obj: dict[str, Any]) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-
-
-def _encoder(chat: bool) -> Encode:
-    async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
-        """One NDJSON line per delta; an error after the start is one more line with `error`."""
-        model = incoming.requested
-        async for event in events:
-            if isinstance(event, Delta):
-                yield line(chunk(chat, model, event))
-            elif isinstance(event, Done):
-                yield line({**chunk(chat, model, None), **final_fields(event.reason, event.usage)})
-            elif isinstance(event, Failed):
-                yield error_frame(event.error)
-    return encode
-
-
-def _final(chat: bool) -> Final:
-    def final(incoming: Incoming, call: Call, result: Collected) -> dict[str, Any]:
-        assert result.done is not None
-        obj = chunk(chat, incoming.requested, Delta(0, content=result.content, thinking=result.thinking,
-                                                    tool_calls=tuple(result.tool_calls)))
-        return {**obj, **final_fields(result.done.reason, result.usage)}
-    return final
-
-
-def http_error_body(status: int, detail: str) -> dict[str, Any]:
-    return {"error": detail}
-
-
-def error_frame(exc: MlxServerError) -> bytes:
-    return line(error_body(exc))
-
-
-def stream_response(frames: AsyncIterator[bytes]) -> Response:
-    return StreamingResponse(frames, media_type="application/x-ndjson")
-
-
-GENERATE = Generation(resolve_target, build_generate, _encoder(chat=False), _final(chat=False))
-CHAT = Generation(resolve_target, build_chat, _encoder(chat=True), _final(chat=True), verb="chat")
+GENERATE = Generation(resolve_target, build_generate, encoder(chat=False), final_for(chat=False))
+CHAT = Generation(resolve_target, build_chat, encoder(chat=True), final_for(chat=True), verb="chat")
 
 
 # ---- model listing ------------------------------------------------------------------------------------------
@@ -279,8 +225,15 @@ def _entry(known: Entry, name: str, label: str) -> Optional[dict[str, Any]]:
     found, info = known.located, known.info
     if not found.present or info is None:
         return None
-    return {"name": label, "model": name, "modified_at": rfc3339(info.modified), "size": found.size,
-            "digest": found.digest, "details": info.details(), "exists": True}
+    return {
+        "name": label,
+        "model": name,
+        "modified_at": rfc3339(info.modified),
+        "size": found.size,
+        "digest": found.digest,
+        "details": info.details(),
+        "exists": True,
+    }
 
 
 async def tags(request: Request) -> Response:
@@ -301,19 +254,29 @@ async def show(request: Request) -> Response:
     name = await ctx.resolve(requested)
     info = await ctx.info(name)
     if info is None:
-        raise MlxServerError(f"cannot read model files for \"{name}\"")
+        raise MlxServerError(f'cannot read model files for "{name}"')
     cfg = ctx.config.models[name]
     params = "\n".join(f"{k} {json.dumps(v) if isinstance(v, str) else v}" for k, v in cfg.options.items())
-    model_info = {"general.architecture": info.family, "general.parameter_count": info.parameter_count,
-                  **info.arch_info}
+    model_info = {
+        "general.architecture": info.family,
+        "general.parameter_count": info.parameter_count,
+        **info.arch_info,
+    }
     ctx_len = cfg.context_length or info.context_length
     if info.embedding is not None:  # inputs are cut there: sentence-transformers' length, or less if configured
         ctx_len = min(cfg.context_length or info.embedding.max_length, info.embedding.max_length)
     model_info[f"{info.family}.context_length"] = ctx_len
-    return JSONResponse({
-        "modelfile": f"# served by mlx-server\nFROM {cfg.source}\n", "parameters": params,
-        "template": info.template, "details": info.details(), "model_info": model_info,
-        "capabilities": info.capabilities, "modified_at": rfc3339(info.modified)})
+    return JSONResponse(
+        {
+            "modelfile": f"# served by mlx-server\nFROM {cfg.source}\n",
+            "parameters": params,
+            "template": info.template,
+            "details": info.details(),
+            "model_info": model_info,
+            "capabilities": info.capabilities,
+            "modified_at": rfc3339(info.modified),
+        }
+    )
 
 
 async def ps(request: Request) -> Response:
@@ -330,14 +293,33 @@ async def ps(request: Request) -> Response:
         else:
             expires = rfc3339(dt.datetime.fromtimestamp(now_wall + (r.expires_at - now_mono), tz=dt.timezone.utc))
         # Distributed, the pool counts this rank's share; Ollama's size is the whole model.
-        item = {"name": r.name, "model": r.name, "size": r.size * r.shards, "size_vram": r.size * r.shards,
-                "digest": entry["digest"], "details": entry["details"], "expires_at": expires,
-                "context_length": r.context_length}  # what the loaded model really has
+        item = {
+            "name": r.name,
+            "model": r.name,
+            "size": r.size * r.shards,
+            "size_vram": r.size * r.shards,
+            "digest": entry["digest"],
+            "details": entry["details"],
+            "expires_at": expires,
+            "context_length": r.context_length,
+        }  # what the loaded model really has
         if r.shards > 1:
             item["sharded"] = {"ranks": r.shards, "method": r.split, "size_per_rank": r.size}
         models.append(item)
     return JSONResponse({"models": models})
 
 
-__all__ = ["CHAT", "GENERATE", "error_frame", "http_error_body", "ps", "root", "show",
-           "stream_response", "tags", "version"]
+__all__ = [
+    "CHAT",
+    "GENERATE",
+    "error_body",
+    "error_frame",
+    "http_error_body",
+    "line",
+    "ps",
+    "root",
+    "show",
+    "stream_response",
+    "tags",
+    "version",
+]

@@ -21,10 +21,20 @@ log = logging.getLogger("mlx_server.api.dialects.sampling")
 
 # OpenAI's and Anthropic's documented defaults (temperature 1, top_p 1, no penalties, no top_k); the knobs they
 # lack (min_p, repeat_penalty) are neutral. num_predict -1: until the context is full.
-NEUTRAL_DEFAULTS: Mapping[str, Any] = MappingProxyType({
-    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "repeat_last_n": 64,
-    "presence_penalty": 0.0, "frequency_penalty": 0.0, "seed": -1, "num_predict": -1,
-})
+NEUTRAL_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "repeat_penalty": 1.0,
+        "repeat_last_n": 64,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "seed": -1,
+        "num_predict": -1,
+    }
+)
 OPENAI_DEFAULTS = NEUTRAL_DEFAULTS
 ANTHROPIC_DEFAULTS = NEUTRAL_DEFAULTS
 # /v1/completions documents max_tokens 16 when absent
@@ -51,8 +61,9 @@ def _layer(merged: dict[str, Any], source: Mapping[str, Any], where: str) -> Non
         merged[key] = check_option(key, value)
 
 
-def resolve_sampling(model_options: Mapping[str, Any], request: Mapping[str, Any],
-                     defaults: Mapping[str, Any]) -> Resolved:
+def resolve_sampling(
+    model_options: Mapping[str, Any], request: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> Resolved:
     """Merge dialect defaults < models.yaml options < request fields, then check the ranges of the result.
 
     `request` uses Ollama option names; a None value means the request did not set it. Ollama's lenient rules
@@ -62,26 +73,42 @@ def resolve_sampling(model_options: Mapping[str, Any], request: Mapping[str, Any
     _layer(merged, model_options, "models.yaml")
     _layer(merged, request, "request")
     if merged["temperature"] < 0:
-        raise BadRequest("invalid option \"temperature\": must be >= 0")
+        raise BadRequest('invalid option "temperature": must be >= 0')
     if not 0.0 <= merged["top_p"] <= 1.0:
-        raise BadRequest("invalid option \"top_p\": must be between 0 and 1")
+        raise BadRequest('invalid option "top_p": must be between 0 and 1')
     if merged["top_k"] < 0:
-        raise BadRequest("invalid option \"top_k\": must be >= 0")
+        raise BadRequest('invalid option "top_k": must be >= 0')
     if merged["repeat_penalty"] <= 0:
-        raise BadRequest("invalid option \"repeat_penalty\": must be > 0")
+        raise BadRequest('invalid option "repeat_penalty": must be > 0')
     num_ctx = merged.get("num_ctx")
     if num_ctx is not None and num_ctx < 1:
-        raise BadRequest("invalid option \"num_ctx\": must be positive")
+        raise BadRequest('invalid option "num_ctx": must be positive')
     seed = merged["seed"]
     sampling = SamplingParams(
-        temperature=merged["temperature"], top_p=merged["top_p"], top_k=merged["top_k"], min_p=merged["min_p"],
-        repeat_penalty=merged["repeat_penalty"], repeat_last_n=merged["repeat_last_n"],
-        presence_penalty=merged["presence_penalty"], frequency_penalty=merged["frequency_penalty"],
-        seed=None if seed is None or seed < 0 else seed)
+        temperature=merged["temperature"],
+        top_p=merged["top_p"],
+        top_k=merged["top_k"],
+        min_p=merged["min_p"],
+        repeat_penalty=merged["repeat_penalty"],
+        repeat_last_n=merged["repeat_last_n"],
+        presence_penalty=merged["presence_penalty"],
+        frequency_penalty=merged["frequency_penalty"],
+        seed=None if seed is None or seed < 0 else seed,
+    )
     num_predict = merged["num_predict"]
-    return Resolved(sampling, num_predict if num_predict and num_predict > 0 else None, num_ctx,
-                    tuple(s for s in merged.get("stop") or () if s))
+    return Resolved(
+        sampling,
+        num_predict if num_predict and num_predict > 0 else None,
+        num_ctx,
+        tuple(s for s in merged.get("stop") or () if s),
+    )
 
 
-__all__ = ["ANTHROPIC_DEFAULTS", "OLLAMA_DEFAULTS", "OPENAI_COMPLETIONS_DEFAULTS", "OPENAI_DEFAULTS", "Resolved",
-           "resolve_sampling"]
+__all__ = [
+    "ANTHROPIC_DEFAULTS",
+    "OLLAMA_DEFAULTS",
+    "OPENAI_COMPLETIONS_DEFAULTS",
+    "OPENAI_DEFAULTS",
+    "Resolved",
+    "resolve_sampling",
+]

@@ -21,7 +21,7 @@ def render_go_template(template: str, *, prompt: str, system: str = "", response
     pos = 0
     for m in _TAG.finditer(template):
         lead, trim_left, expr, trim_right, trail = m.groups()
-        text = template[pos:m.start()] + ("" if trim_left else lead)
+        text = template[pos : m.start()] + ("" if trim_left else lead)
         if all(stack):
             out.append(text)
         pos = m.end() - (0 if trim_right else len(trail))

@@ -20,17 +20,17 @@ import struct
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
 
-from mlx_server.engine.loop.commands import Admit, Command, Control
-from mlx_server.engine.loop.prefill import PrefillChunk
-from mlx_server.engine.prepare.stage import Prepared, Preparer
-from mlx_server.contract.status import RankStatus, WorldStatus
 from mlx_server.contract.events import Event
+from mlx_server.contract.status import RankStatus, WorldStatus
+from mlx_server.engine.loop.commands import Admit, Command
+from mlx_server.engine.loop.prefill import PrefillChunk
+from mlx_server.engine.prepare.stage import Preparer
 
 PLAN_VERSION = 1
 INLINE = 4096  # plan bytes carried in the iteration's one collective; a larger plan takes a second one
@@ -56,17 +56,14 @@ def no_sink(event: Event) -> None:
 
 def to_wire(cmd: Command) -> Command:
     if isinstance(cmd, Admit):
-        prepared = replace(cmd.prepared, grammar=[]) if isinstance(cmd.prepared, Prepared) else cmd.prepared
-        return Admit(prepared, no_sink)
-    if isinstance(cmd, Control):
-        return Control(cmd.request, no_sink)
+        return Admit(cmd.job.wire(), no_sink)
     return cmd
 
 
 def from_wire(cmd: Command, preparer: Preparer) -> Command:
-    """A follower's copy of rank 0's command: its grammar compiled here (processors hold per-rank state)."""
-    if isinstance(cmd, Admit) and isinstance(cmd.prepared, Prepared):
-        return Admit(preparer.with_grammar(cmd.prepared), no_sink)
+    """A follower's copy of rank 0's command: its per-rank state made here (grammar processors hold state)."""
+    if isinstance(cmd, Admit):
+        return Admit(cmd.job.for_rank(preparer), no_sink)
     return cmd
 
 
@@ -110,15 +107,17 @@ class Lockstep:
         buf = bytearray(head + INLINE)
         if self.leader:
             HEADER.pack_into(buf, 0, len(payload), PLAN_VERSION)
-            buf[head:head + min(len(payload), INLINE)] = payload[:INLINE]
+            buf[head : head + min(len(payload), INLINE)] = payload[:INLINE]
         REPORT.pack_into(buf, HEADER.size + REPORT.size * self.rank, free, pid)
         summed = self._sum(buf)
         length, version = HEADER.unpack_from(summed, 0)
         if version != PLAN_VERSION:
-            raise RuntimeError(f"rank 0 speaks step plan version {version}, this rank {PLAN_VERSION}: "
-                               "run the same mlx-server on every rank")
+            raise RuntimeError(
+                f"rank 0 speaks step plan version {version}, this rank {PLAN_VERSION}: "
+                "run the same mlx-server on every rank"
+            )
         reports = [REPORT.unpack_from(summed, HEADER.size + REPORT.size * r) for r in range(size)]
-        body = bytes(summed[head:head + min(length, INLINE)])
+        body = bytes(summed[head : head + min(length, INLINE)])
         if length > INLINE:  # rare: many requests admitted at once
             rest = bytearray(length - INLINE)
             if self.leader:
@@ -134,16 +133,21 @@ class Lockstep:
             self.last_plan_bytes = length
             self.largest_plan_bytes = max(self.largest_plan_bytes, length)
             self.exchange_seconds += time.perf_counter() - tic
-            self.ranks = tuple(RankStatus(rank=r, pid=pid_, free_bytes=free_, last_seen=now)
-                               for r, (free_, pid_) in enumerate(reports))
+            self.ranks = tuple(
+                RankStatus(rank=r, pid=pid_, free_bytes=free_, last_seen=now) for r, (free_, pid_) in enumerate(reports)
+            )
         return got, [free_ for free_, _ in reports]
 
     def _sum(self, buf: bytearray) -> bytearray:
         # uint8 sums of regions only one rank writes (the others send zeros) are that rank's bytes, exactly.
-        out = mx.distributed.all_sum(mx.array(memoryview(buf), dtype=mx.uint8), group=self.group,
-                                     stream=generation_stream)
+        # mlx's stubs leave out the buffer protocol that mx.array both accepts and provides.
+        out = mx.distributed.all_sum(
+            mx.array(memoryview(buf), dtype=mx.uint8),  # type: ignore[arg-type]
+            group=self.group,
+            stream=generation_stream,
+        )
         mx.eval(out)
-        return bytearray(memoryview(out))
+        return bytearray(memoryview(out))  # type: ignore[arg-type]
 
     def new_seed(self) -> int:
         """Rank 0's random seed, sent in the first plan (each rank's own would differ)."""
@@ -151,10 +155,17 @@ class Lockstep:
 
     def status(self) -> WorldStatus:
         with self._lock:
-            return WorldStatus(backend=self.backend, size=self.size, rank=self.rank, ranks=self.ranks,
-                               plans=self.plans, plan_bytes=self.plan_bytes, last_plan_bytes=self.last_plan_bytes,
-                               largest_plan_bytes=self.largest_plan_bytes,
-                               exchange_seconds=self.exchange_seconds)
+            return WorldStatus(
+                backend=self.backend,
+                size=self.size,
+                rank=self.rank,
+                ranks=self.ranks,
+                plans=self.plans,
+                plan_bytes=self.plan_bytes,
+                last_plan_bytes=self.last_plan_bytes,
+                largest_plan_bytes=self.largest_plan_bytes,
+                exchange_seconds=self.exchange_seconds,
+            )
 
     def stuck_for(self, now: float) -> float:
         """Seconds past its allowance this rank has waited inside one iteration (0 when it is fine)."""
@@ -170,8 +181,9 @@ def init_group(backend: str) -> mx.distributed.Group:
     """Join the group mlx.launch (or mlx.distributed_config's hostfile) set up for this process."""
     group = mx.distributed.init(strict=True, backend=backend)
     if group.size() < 2:
-        raise RuntimeError("distributed mode needs at least 2 ranks: start it with mlx.launch (see "
-                           "docs/distributed.md)")
+        raise RuntimeError(
+            "distributed mode needs at least 2 ranks: start it with mlx.launch (see docs/distributed.md)"
+        )
     return group
 
 
@@ -187,8 +199,18 @@ def one_stream() -> Iterator[None]:
 def all_failed(group: mx.distributed.Group, failed: bool) -> int:
     """A barrier that counts the ranks that failed (this one excluded)."""
     total = mx.distributed.all_sum(mx.array(int(failed)), group=group, stream=generation_stream)
-    return int(total.item()) - int(failed)
+    return int(total.item()) - int(failed)  # type: ignore[arg-type]  # item() of an int array is an int
 
 
-__all__ = ["Lockstep", "PLAN_VERSION", "PrefillChunk", "StepPlan", "all_failed", "from_wire", "init_group", "no_sink",
-           "one_stream", "to_wire"]
+__all__ = [
+    "Lockstep",
+    "PLAN_VERSION",
+    "PrefillChunk",
+    "StepPlan",
+    "all_failed",
+    "from_wire",
+    "init_group",
+    "no_sink",
+    "one_stream",
+    "to_wire",
+]

@@ -10,15 +10,11 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from typing import Iterator, Optional
 
-from mlx_server.config.load import Config
-from mlx_server.engine.prepare.stage import Prepared, PreparedEmbed
-from mlx_server.contract.events import Event
-from mlx_server.contract.requests import EmbedRequest, EngineRequest, GenerateRequest, LoadRequest, UnloadRequest
-
-Sink = Callable[[Event], None]
-Job = Union[Prepared, PreparedEmbed, LoadRequest, UnloadRequest]
+from mlx_server.contract.events import Sink
+from mlx_server.contract.requests import EngineRequest
+from mlx_server.engine.loop.jobs import Job
 
 
 @dataclass
@@ -29,8 +25,8 @@ class Waiting:
     load_seconds: float = 0.0  # the load this request waited for, reported as its load_duration
 
     @property
-    def request(self) -> Union[GenerateRequest, EmbedRequest, LoadRequest, UnloadRequest]:
-        return self.job.request if isinstance(self.job, (Prepared, PreparedEmbed)) else self.job
+    def request(self) -> EngineRequest:
+        return self.job.request
 
 
 class WaitList:
@@ -52,6 +48,7 @@ class WaitList:
     def peek(self, now: float) -> Waiting:
         """The next request to admit: best priority after ageing, then the earliest to arrive."""
         if self.aging > 0 and len(self._heap) > 1:
+
             def rank(item: tuple[int, int, Waiting]) -> tuple[float, int]:
                 priority, order, w = item
                 return priority - (now - w.enqueued) // self.aging, order
@@ -106,15 +103,3 @@ class WaitList:
         for w in late:
             self.remove(w.request.request_id)
         return late
-
-    def take_all(self) -> list[Waiting]:
-        everything = list(self)
-        self._heap.clear()
-        self._parked.clear()
-        return everything
-
-
-def keep_alive_of(config: Config, req: EngineRequest) -> float:
-    """Ollama's order: the request's keep_alive, else the model's, else the server default."""
-    value = getattr(req, "keep_alive", None)
-    return value if value is not None else config.keep_alive_for(req.model)

@@ -3,7 +3,8 @@
 It is the only thread that touches MLX, and it does nothing else: requests arrive prepared (engine/prepare.py),
 loads advance in slices, and what handlers may read is published as one frozen EngineStatus per iteration.
 Memory is checked before it is used: weights, the KV reserved for every admitted sequence and the stored prompt
-caches together stay within the budget (pool.make_room), and a request that does not fit waits its turn.
+caches together stay within the budget (loop/budget.py), and a request that does not fit waits its turn.
+Requests are jobs (loop/jobs.py): the thread admits, steps and ends them without knowing their kind.
 Every request the thread accepts is registered until its terminal event; whatever fails — a step, a cleanup,
 the thread itself — each registered request still gets exactly one Done or Failed.
 """
@@ -11,64 +12,62 @@ the thread itself — each registered request still gets exactly one Done or Fai
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 from mlx_server.config.load import Config
-from mlx_server.engine.loop.admission import Waiting, WaitList, keep_alive_of
-from mlx_server.engine.loop.commands import Admit, Cancel, Command, Control, Preload, Shutdown, Sink, deliver, fail_untaken
-from mlx_server.engine.loop.intake import Intake
-from mlx_server.engine.distributed.lockstep import Lockstep, one_stream
-from mlx_server.engine.model.loader import LoadedModel, ModelLoader
-from mlx_server.engine.loop.pool import ModelPool
-from mlx_server.engine.loop.prefill import PrefillChunk, Prefiller
-from mlx_server.engine.prepare.stage import Prepared, PreparedEmbed
-from mlx_server.engine.model.runner import kv_bound
-from mlx_server.engine.loop.budget import available_memory, limit_metal_memory, trim_stored_caches
-from mlx_server.engine.loop.snapshot import prefill_status, resident_status
-from mlx_server.contract.errors import (InsufficientMemory, InternalError, MlxServerError, ModelNotFound, RequestTimeout, ServiceUnavailable)
-from mlx_server.contract.status import EngineCounters, EngineStatus, MemoryStatus, Observer
+from mlx_server.contract.errors import InternalError, MlxServerError, ModelNotFound, RequestTimeout, ServiceUnavailable
 from mlx_server.contract.events import Done, Event, Failed, Usage
-from mlx_server.contract.requests import EngineRequest, LoadRequest, UnloadRequest
+from mlx_server.contract.status import EngineCounters, EngineStatus, MemoryStatus
+from mlx_server.engine.loop.admission import Waiting, WaitList
+from mlx_server.engine.loop.budget import Budget, limit_metal_memory, trim_stored_caches
+from mlx_server.engine.loop.commands import Admit, Cancel, Command, Preload, Shutdown, deliver, fail_untaken
+from mlx_server.engine.loop.intake import Intake
+from mlx_server.engine.loop.jobs import Loader, Model, ModelJob, Outcome, Owned, Worker
+from mlx_server.engine.loop.ledger import Ledger
+from mlx_server.engine.loop.pacing import Pacing, Solo
+from mlx_server.engine.loop.pool import ModelPool
+from mlx_server.engine.loop.prefill import Prefiller
+from mlx_server.engine.loop.snapshot import engine_status
 
 log = logging.getLogger("mlx_server.engine")
 
-Outcome = Literal["started", "parked", "blocked"]
-
 
 class Core:
-    def __init__(self, config: Config, loader: ModelLoader, clock: Callable[[], float] = time.monotonic,
-                 lockstep: Optional[Lockstep] = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loader: Loader,
+        clock: Callable[[], float] = time.monotonic,
+        pacing: Optional[Pacing] = None,
+    ) -> None:
         self.config = config
         self.loader = loader
-        self.lockstep = lockstep  # distributed: time reads the plan's clock, free memory is the tightest rank's
-        self._now = 0.0
-        self._free = 0
-        self._planned: tuple[PrefillChunk, ...] = ()
-        if lockstep is not None:
-            clock = lambda: self._now  # noqa: E731
-        self.clock = clock
-        self._monotonic: Callable[[], float] = clock if lockstep is not None else time.monotonic
+        self.pacing = pacing or Solo(clock)  # distributed: commands, clock and free memory come from the plan
+        self.clock = self.pacing.clock
         s = config.server
-        self.pool: ModelPool[LoadedModel] = ModelPool(
-            budget=s.memory_budget, max_models=s.max_loaded_models, loader=loader.load, estimate=loader.estimate,
-            unloader=loader.unload, clock=clock,
-            available=available_memory if lockstep is None else (lambda: self._free),
-            held=lambda m: m.runner.kv_reserved + m.runner.stored_cache_bytes, trim=self._trim_caches)
-        self.intake = Intake(lockstep, loader.preparer, clock if lockstep is None else time.monotonic)
+        self.budget = Budget(
+            s.memory_budget,
+            s.max_loaded_models,
+            held=lambda m: m.reserved + m.stored,
+            trim=self._trim_caches,
+            available=self.pacing.free,
+        )
+        self.pool: ModelPool[Model] = ModelPool(
+            budget=self.budget, loader=loader.load, estimate=loader.estimate, unloader=loader.unload, clock=self.clock
+        )
+        self.intake = Intake()
         self._waiting = WaitList()
-        self.prefiller = Prefiller(s.prefill_slice, s.prefill_chunk, self._waiting.aging, clock,
-                                   contained=lockstep is None)
-        self._sinks: dict[int, Sink] = {}  # every accepted request until its terminal event
-        self._requests: dict[int, EngineRequest] = {}
-        self._owner: dict[int, str] = {}  # request_id → model, for requests admitted into a runner
+        self.prefiller = Prefiller(
+            s.prefill_slice, s.prefill_chunk, self._waiting.aging, self.clock, contained=self.pacing.contained
+        )
+        self.ledger = Ledger()  # every accepted request until its terminal event
+        self._owner: dict[int, Owned] = {}  # request_id → its model, for requests admitted into a worker
         self._preloads: collections.deque[str] = collections.deque()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
-        self.observer: Optional[Observer] = None
         self.status = EngineStatus(memory=MemoryStatus(budget=s.memory_budget))
         self._counters = EngineCounters()
         self.fatal: Optional[str] = None  # why the thread died (set before it stops taking commands)
@@ -102,7 +101,7 @@ class Core:
         façade lets only the first terminal event of each reach its client) and refuse the rest."""
         self.fatal = self.fatal or error.message
         fail_untaken(self.intake.close(), error)
-        for request_id, sink in list(self._sinks.items()):
+        for request_id, sink in self.ledger.sinks():
             deliver(sink, Failed(request_id, error))
 
     def post(self, cmd: Command) -> None:
@@ -112,7 +111,7 @@ class Core:
     # ---- the thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        with one_stream() if self.lockstep is not None else contextlib.nullcontext():
+        with self.pacing.context():
             self._loop()
 
     def _loop(self) -> None:
@@ -120,13 +119,14 @@ class Core:
         error: MlxServerError = ServiceUnavailable("server is shutting down")
         try:
             while not self._stopping:
-                busy = (self.pool.loading is not None or bool(self._preloads) or self._waiting.ready()
-                        or any(r.model.runner.has_work() for r in self.pool.residents()))
+                busy = (
+                    self.pool.loading is not None
+                    or bool(self._preloads)
+                    or self._waiting.ready()
+                    or any(r.model.has_work() for r in self.pool.residents())
+                )
                 expiry = None if busy else self.pool.next_expiry()  # an idle wait ends when a keep_alive does
-                turn = self.intake.turn(not busy, expiry, lambda: self.prefiller.plan(
-                    [entry.model.runner for entry in self.pool.residents()]))
-                self._now, self._free, self._planned = turn.now, turn.free, turn.prefill
-                self._handle_all(turn.commands)
+                self._handle_all(self.pacing.turn(self.intake, not busy, expiry, self._workers, self.prefiller))
                 if self._stopping:
                     break
                 self._admit()
@@ -151,7 +151,7 @@ class Core:
     def _close(self, error: MlxServerError) -> None:
         """Stop taking commands, then end every request still known: queued, waiting or running."""
         fail_untaken(self.intake.close(), error)
-        for request_id in list(self._sinks):
+        for request_id, _ in self.ledger.sinks():
             self._end(request_id, Failed(request_id, error))
 
     def _handle_all(self, cmds: list[Command]) -> None:
@@ -163,12 +163,10 @@ class Core:
                 raise
 
     def _handle(self, cmd: Command) -> None:
-        if isinstance(cmd, (Admit, Control)):
-            job = cmd.prepared if isinstance(cmd, Admit) else cmd.request
-            req = job.request if isinstance(job, (Prepared, PreparedEmbed)) else job
-            self._sinks[req.request_id] = cmd.sink
-            self._requests[req.request_id] = req
-            self._waiting.push(Waiting(job, cmd.sink, self.clock()))
+        if isinstance(cmd, Admit):
+            req = cmd.job.request
+            self.ledger.register(req, cmd.sink)
+            self._waiting.push(Waiting(cmd.job, cmd.sink, self.clock()))
             prio = list(self._counters.by_priority)
             prio[int(req.priority)] += 1
             self._count(total_queued=self._counters.total_queued + 1, by_priority=tuple(prio))
@@ -187,63 +185,44 @@ class Core:
     def _end(self, request_id: int, event: Event) -> None:
         """End a request: release its model (keep_alive 0 unloads it now) and publish, so what the client may look
         at next is already visible; then deliver its terminal event. Bookkeeping failures never cost the event."""
-        sink = self._sinks.pop(request_id, None)
-        req = self._requests.pop(request_id, None)
+        sink = self.ledger.pop(request_id, event)
         if sink is None:
             return
-        self._observe(req, event)
         try:
-            name = self._owner.pop(request_id, None)
-            if name is not None and req is not None:
-                self.pool.release(name, keep_alive_of(self.config, req))
+            owned = self._owner.pop(request_id, None)
+            if owned is not None:
+                self.pool.release(owned.model, self.keep_alive(owned.model, owned.keep_alive))
         except Exception:  # noqa: BLE001 - e.g. an unload that failed; the request still gets its answer
             log.exception("releasing request %d", request_id)
         cancelled = isinstance(event, Done) and event.reason == "cancelled"
-        self._count(total_processed=self._counters.total_processed + 1,
-                    cancelled=self._counters.cancelled + cancelled)
+        self._count(total_processed=self._counters.total_processed + 1, cancelled=self._counters.cancelled + cancelled)
         try:
             self._publish()
         finally:
             deliver(sink, event)
-
-    def _sink_for(self, request_id: int) -> Sink:
-        """What a runner publishes into: terminal events go through _end, the rest straight to the client."""
-
-        def sink(event: Event) -> None:
-            if isinstance(event, (Done, Failed)):
-                self._end(request_id, event)
-            else:
-                self._observe(self._requests.get(request_id), event)
-                target = self._sinks.get(request_id)
-                if target is not None:
-                    deliver(target, event)
-
-        return sink
-
-    def _observe(self, req: Optional[EngineRequest], event: Event) -> None:
-        if self.observer is not None and req is not None:
-            try:
-                self.observer(req, event)
-            except Exception:  # noqa: BLE001 - observability must never break generation
-                log.exception("event observer failed")
 
     def _cancel(self, request_id: int) -> None:
         waiting = self._waiting.remove(request_id)
         if waiting is not None:
             self._end(request_id, Done(request_id, waiting.request.model, "cancelled", Usage()))
             return
-        name = self._owner.get(request_id)
-        entry = self.pool.get(name) if name else None
+        owned = self._owner.get(request_id)
+        entry = self.pool.get(owned.model) if owned else None
         if entry is not None:
-            entry.model.runner.cancel(request_id)
+            any(worker.cancel(request_id) for worker in entry.model.workers.values())
 
     # ---- admission ----------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
         limit = self.config.server.max_concurrent
-        for w in self._waiting.expired(self._monotonic()):
-            self._end(w.request.request_id, Failed(w.request.request_id, RequestTimeout(
-                f"request timed out after {w.request.timeout:g}s waiting for its turn")))
+        for w in self._waiting.expired(self.pacing.now()):
+            self._end(
+                w.request.request_id,
+                Failed(
+                    w.request.request_id,
+                    RequestTimeout(f"request timed out after {w.request.timeout:g}s waiting for its turn"),
+                ),
+            )
         # Parked requests (behind a load) count: max_concurrent bounds every started sequence.
         while self._waiting.ready() and len(self._owner) + self._waiting.parked < limit:
             w = self._waiting.peek(self.clock())
@@ -266,45 +245,45 @@ class Core:
                 self._waiting.park(w.request.model, w)
 
     def _try_start(self, w: Waiting) -> Outcome:
-        job, name = w.job, w.request.model
-        if name not in self.config.models:
-            raise ModelNotFound(name)
-        if isinstance(job, UnloadRequest):
-            if self.pool.get(name) is not None:
-                self.pool.set_keep_alive(name, 0)  # now if idle, else as soon as its requests finish
-            self._end(job.request_id, Done(job.request_id, name, "unload", Usage(total_duration=self._age(job))))
-            return "started"
+        if w.request.model not in self.config.models:
+            raise ModelNotFound(w.request.model)
+        return w.job.admit(self, w.load_seconds)
+
+    # ---- what jobs use while they are admitted (jobs.Admitting) ---------------------------------------------
+
+    def run_on_model(
+        self,
+        job: ModelJob,
+        kind: str,
+        unsupported: MlxServerError,
+        reserve: int,
+        load_seconds: float,
+        keep_alive: Optional[float],
+    ) -> Outcome:
+        name = job.request.model
         entry = self.pool.get(name)
-        if isinstance(job, LoadRequest):
-            got = self.pool.request(name)
-            if isinstance(got, str):
-                return "blocked" if got == "blocked" else "parked"
-            self.pool.set_keep_alive(name, keep_alive_of(self.config, job))
-            self._end(job.request_id, Done(job.request_id, name, "load", Usage(
-                load_duration=w.load_seconds, total_duration=self._age(job))))
-            return "started"
-        assert isinstance(job, (Prepared, PreparedEmbed))
         if entry is None:
-            files = self.loader.preparer.files(name)  # made by the preparation stage already: no disk work here
-            got = self.pool.request(name, reserve=kv_bound([job.kv_tokens], files.kv_per_token))
+            got = self.pool.request(name, reserve=reserve)
             if isinstance(got, str):
                 return "blocked" if got == "blocked" else "parked"
             entry = got
-        runner = entry.model.runner
-        alone = entry.size + runner.footprint(job)
-        if alone > self.pool.budget:
-            raise InsufficientMemory(
-                f"model \"{name}\" needs {alone / 1e9:.2f} GB for this request (weights {entry.size / 1e9:.2f} GB + "
-                f"KV for {job.kv_tokens} tokens), more than the memory budget of {self.pool.budget / 1e9:.2f} GB")
-        if not self.pool.make_room(runner.kv_needed(job), keep=name):
+        worker = entry.model.workers.get(kind)
+        if worker is None:
+            raise unsupported
+        self.budget.check_alone(name, entry.size, worker.footprint(job), job.kv_tokens)
+        if not self.pool.make_room(worker.needed(job), keep=name):
             return "blocked"
         self.pool.acquire(name)
-        self._owner[job.request.request_id] = name
-        runner.add(job, self._sink_for(job.request.request_id), w.load_seconds)
+        request_id = job.request.request_id
+        self._owner[request_id] = Owned(name, keep_alive)
+        worker.add(job, self.ledger.sink_for(request_id, self._end), load_seconds)
         return "started"
 
-    def _age(self, req: EngineRequest) -> float:
-        return max(0.0, time.monotonic() - req.created)
+    def end(self, request_id: int, event: Event) -> None:
+        self._end(request_id, event)
+
+    def keep_alive(self, name: str, requested: Optional[float]) -> float:
+        return self.config.keep_alive_for(name, requested)
 
     def _advance_load(self) -> None:
         name = self.pool.loading
@@ -322,7 +301,7 @@ class Core:
             return
         self.load_errors.pop(name, None)
         # Its keep_alive clock starts now (a preload, or a load whose requests all left); requests set their own.
-        self.pool.set_keep_alive(name, self.config.keep_alive_for(name))
+        self.pool.set_keep_alive(name, self.keep_alive(name, None))
         for w in self._waiting.unpark(name):
             w.load_seconds = entry.load_seconds
             self._waiting.push(w)
@@ -342,41 +321,39 @@ class Core:
 
     # ---- stepping -----------------------------------------------------------------------------------------
 
+    def _workers(self) -> list[Worker]:
+        return [worker for entry in self.pool.residents() for worker in entry.model.workers.values()]
+
     def _step_all(self) -> None:
         generated = 0
-        for entry in self.pool.residents():
-            runner = entry.model.runner
-            if not runner.has_work():
+        for worker in self._workers():
+            if not worker.has_work():
                 continue
             try:
-                generated += runner.step(self._monotonic())
+                generated += worker.step(self.pacing.now())
             except Exception as exc:  # noqa: BLE001 - a bad step fails that batch, never the thread
-                if self.lockstep is not None:
+                if not self.pacing.contained:
                     raise  # a group whose step failed (a lost rank, most often) no longer agrees: it must restart
-                log.exception("decode step failed for %s", entry.name)
-                runner.fail_all(InternalError(f"generation failed: {exc}"))
+                log.exception("decode step failed for %s", worker.name)
+                worker.fail_all(InternalError(f"generation failed: {exc}"))
         self._trim_caches(0)
         if generated:
-            self._count(steps=self._counters.steps + 1,
-                        generated_tokens=self._counters.generated_tokens + generated)
+            self._count(steps=self._counters.steps + 1, generated_tokens=self._counters.generated_tokens + generated)
 
     def _prefill(self) -> None:
         """At most one slice of prompt prefill between decode steps, so running streams keep going."""
-        runners = [entry.model.runner for entry in self.pool.residents()]
-        if any(r.joining for r in runners):
+        if any(entry.model.joining for entry in self.pool.residents()):
             return  # a sequence that just joined gets its first token before more prefill
-        if self.lockstep is not None:
-            planned, self._planned = self._planned, ()
-            done = self.prefiller.apply(runners, planned)
-        else:
-            done = self.prefiller.run(runners, interrupted=lambda: not self.intake.empty())
+        done = self.pacing.prefill(self.prefiller, self._workers(), lambda: not self.intake.empty())
         if done.chunks:
-            self._count(prefill_tokens=self._counters.prefill_tokens + done.tokens,
-                        prefill_chunks=self._counters.prefill_chunks + done.chunks,
-                        prefill_slices=self._counters.prefill_slices + 1)
+            self._count(
+                prefill_tokens=self._counters.prefill_tokens + done.tokens,
+                prefill_chunks=self._counters.prefill_chunks + done.chunks,
+                prefill_slices=self._counters.prefill_slices + 1,
+            )
 
     def _trim_caches(self, free: int) -> None:
-        trim_stored_caches(self.pool, self.config.server.prompt_cache_bytes, free)
+        trim_stored_caches(self.pool, self.budget, self.config.server.prompt_cache_bytes, free)
 
     # ---- status -------------------------------------------------------------------------------------------
 
@@ -386,13 +363,14 @@ class Core:
     def _publish(self) -> None:
         """Replace the status snapshot; after every loop iteration and every request's end."""
         now_active = len(self._owner) + self._waiting.parked
-        self._counters = EngineCounters(**{**self._counters.__dict__, "active_requests": now_active,
-                                           "queue_size": len(self._waiting) - self._waiting.parked})
-        models, memory = resident_status(self.pool)
-        self.status = EngineStatus(alive=self.fatal is None and not self.intake.closed, fatal=self.fatal,
-                                   counters=self._counters, world=self.lockstep.status() if self.lockstep else None,
-                                   models=tuple(models), pool=self.pool.stats, memory=memory,
-                                   prefill=prefill_status(self.pool))
+        self._counters = EngineCounters(
+            **{
+                **self._counters.__dict__,
+                "active_requests": now_active,
+                "queue_size": len(self._waiting) - self._waiting.parked,
+            }
+        )
+        self.status = engine_status(self.pool, self._counters, self.fatal, self.intake.closed, self.pacing.world())
 
 
 __all__ = ["Core"]

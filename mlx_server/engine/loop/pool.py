@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Generator, Generic, Literal, NoReturn, Optional, TypeVar, Union
+from typing import Callable, Generator, Generic, Literal, NoReturn, Optional, TypeVar, Union, cast
 
-from mlx_server.contract.errors import InsufficientMemory, MlxServerError, ModelLoadFailed
+from mlx_server.contract.errors import MlxServerError, ModelLoadFailed
 from mlx_server.contract.status import PoolStats
+from mlx_server.engine.loop.budget import Budget
 
 log = logging.getLogger("mlx_server.pool")
 
@@ -49,20 +50,20 @@ class Resident(Generic[M]):
 
 
 class ModelPool(Generic[M]):
-    def __init__(self, *, budget: int, max_models: int, loader: Callable[[str], Union[M, LoadJob]],
-                 estimate: Callable[[str], int], unloader: Callable[[M], None],
-                 clock: Callable[[], float] = time.monotonic,
-                 available: Optional[Callable[[], int]] = None,
-                 held: Callable[[M], int] = lambda m: 0, trim: Callable[[int], None] = lambda n: None) -> None:
-        self.budget = budget
-        self._held = held  # bytes a resident holds beyond its weights (reserved KV, stored prompt caches)
-        self._trim = trim  # give up this many bytes of stored prompt caches, least recently used first
-        self.max_models = max_models
+    def __init__(
+        self,
+        *,
+        budget: Budget,
+        loader: Callable[[str], Union[M, LoadJob]],
+        estimate: Callable[[str], int],
+        unloader: Callable[[M], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.budget = budget  # what counts against memory, and how room is made (engine/loop/budget.py)
         self._loader = loader
         self._estimate = estimate
         self._unloader = unloader
         self._clock = clock
-        self._available = available
         self._resident: dict[str, Resident[M]] = {}  # insertion order = LRU order (oldest first)
         self._loading: Optional[_Loading[M]] = None
         self.stats = PoolStats()
@@ -83,43 +84,18 @@ class ModelPool(Generic[M]):
         return sum(r.size for r in self._resident.values())
 
     def used_bytes(self) -> int:
-        """Everything the budget covers: weights (a running load's too), reserved KV, stored prompt caches."""
-        return self.resident_bytes() + self.loading_size + sum(self._held(r.model) for r in self._resident.values())
+        return self.budget.used(self)
 
     def make_room(self, need: int, keep: Optional[str] = None, extra_model: bool = False) -> bool:
-        """Free memory for `need` more bytes (and one more model when `extra_model`); False if not possible now.
-
-        Stored prompt caches give way first; then idle models, least recently used first — but only when
-        evicting them is enough, so a request that must wait anyway never costs anyone their model.
-        """
-        def fits(used: int, count: int) -> bool:
-            return used + need <= self.budget and (not extra_model or count < self.max_models)
-
-        count = len(self._resident) + (1 if self._loading else 0)
-        if fits(self.used_bytes(), count):
-            return True
-        self._trim(self.used_bytes() + need - self.budget)
-        used = self.used_bytes()
-        if fits(used, count):
-            return True
-        victims = []
-        for r in self._resident.values():
-            if fits(used, count):
-                break
-            if r.active == 0 and r.name != keep:
-                victims.append(r.name)
-                used -= r.size + self._held(r.model)
-                count -= 1
-        if not fits(used, count):
-            return False
-        for name in victims:
-            log.info("evicting %s (least recently used, idle) to make room", name)
-            self._drop(name)
-            self.stats = replace(self.stats, evictions=self.stats.evictions + 1)
-        return True
+        return self.budget.make_room(self, need, keep, extra_model)
 
     def names(self) -> list[str]:
         return list(self._resident)
+
+    def evict(self, name: str) -> None:
+        """Drop an idle model to make room (the budget decides which)."""
+        self._drop(name)
+        self.stats = replace(self.stats, evictions=self.stats.evictions + 1)
 
     # ---- loading and eviction -----------------------------------------------------------------------------
 
@@ -141,17 +117,14 @@ class ModelPool(Generic[M]):
         if self._loading is not None:
             return "loading"
         need = self._estimate(name)
-        if need + reserve > self.budget:
-            raise InsufficientMemory(
-                f"model \"{name}\" needs {(need + reserve) / 1e9:.2f} GB (weights {need / 1e9:.2f} GB + KV "
-                f"{reserve / 1e9:.2f} GB for this request), more than the memory budget of {self.budget / 1e9:.2f} GB")
+        self.budget.check_load(name, need, reserve)
         if not self.make_room(need + reserve, extra_model=True):
             return "blocked"
-        self._check_available(name, need)
+        self.budget.check_available(name, need)
         self._loading = _Loading(name=name, job=None, size=need, started=self._clock())
         try:
             produced = self._loader(name)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - _fail_load re-raises it as the load's failure
             self._fail_load(exc)
         if isinstance(produced, Generator):
             self._loading.job = produced
@@ -170,17 +143,31 @@ class ModelPool(Generic[M]):
                 return None
             except StopIteration as stop:
                 current.result = stop.value
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - _fail_load re-raises it as the load's failure
                 self._fail_load(exc)
         self._loading = None
         now = self._clock()
         seconds = now - current.started
-        entry = Resident(name=current.name, model=current.result, size=current.size, loaded_at=now,
-                         load_seconds=seconds, last_used=now, expires_at=None, keep_alive=FOREVER)
+        entry = Resident(
+            name=current.name,
+            model=cast(M, current.result),
+            size=current.size,
+            loaded_at=now,
+            load_seconds=seconds,
+            last_used=now,
+            expires_at=None,
+            keep_alive=FOREVER,
+        )
         self._resident[current.name] = entry
         self.stats = replace(self.stats, loads=self.stats.loads + 1, load_seconds=self.stats.load_seconds + seconds)
-        log.info("loaded %s in %.2fs (%.2f GB; resident %.2f / %.2f GB)", current.name, seconds, current.size / 1e9,
-                 self.resident_bytes() / 1e9, self.budget / 1e9)
+        log.info(
+            "loaded %s in %.2fs (%.2f GB; resident %.2f / %.2f GB)",
+            current.name,
+            seconds,
+            current.size / 1e9,
+            self.resident_bytes() / 1e9,
+            self.budget.limit / 1e9,
+        )
         return entry
 
     def _fail_load(self, exc: BaseException) -> NoReturn:
@@ -193,15 +180,7 @@ class ModelPool(Generic[M]):
         if isinstance(exc, MlxServerError):
             raise exc
         log.error("loading %s failed: %s", name, exc)
-        raise ModelLoadFailed(f"failed to load model \"{name}\": {exc}") from exc
-
-    def _check_available(self, name: str, need: int) -> None:
-        if self._available is not None:
-            free = self._available()
-            if need > free:
-                raise InsufficientMemory(
-                    f"model \"{name}\" needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB of memory is available "
-                    f"(budget {self.budget / 1e9:.2f} GB)")
+        raise ModelLoadFailed(f'failed to load model "{name}": {exc}') from exc
 
     def _drop(self, name: str) -> None:
         entry = self._resident.pop(name)
@@ -218,10 +197,16 @@ class ModelPool(Generic[M]):
 
     def preload(self, name: str, need: int) -> bool:
         """Start loading `name` if it fits beside what is resident without evicting anything; False if not."""
-        if self.used_bytes() + need > self.budget or len(self.names()) >= self.max_models:
-            log.info("preload stopped at %s: it needs %.2f GB and the memory budget (%.2f of %.2f GB used, %d "
-                     "models) is reached", name, need / 1e9, self.used_bytes() / 1e9, self.budget / 1e9,
-                     len(self.names()))
+        if self.used_bytes() + need > self.budget.limit or len(self.names()) >= self.budget.max_models:
+            log.info(
+                "preload stopped at %s: it needs %.2f GB and the memory budget (%.2f of %.2f GB used, %d "
+                "models) is reached",
+                name,
+                need / 1e9,
+                self.used_bytes() / 1e9,
+                self.budget.limit / 1e9,
+                len(self.names()),
+            )
             return False
         log.info("preloading %s", name)
         self.request(name)
@@ -248,8 +233,11 @@ class ModelPool(Generic[M]):
     def sweep(self) -> list[str]:
         """Unload idle models whose keep_alive has passed; returns their names."""
         now = self._clock()
-        expired = [r.name for r in self._resident.values()
-                   if r.active == 0 and r.expires_at is not None and r.expires_at <= now]
+        expired = [
+            r.name
+            for r in self._resident.values()
+            if r.active == 0 and r.expires_at is not None and r.expires_at <= now
+        ]
         for name in expired:
             log.info("keep_alive expired for %s; unloading", name)
             self.unload(name)

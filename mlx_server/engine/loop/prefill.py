@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import mlx.core as mx
+
+from mlx_server.engine.loop.jobs import Work
 
 log = logging.getLogger("mlx_server.engine")
 
@@ -68,7 +70,7 @@ class PrefillJob:
 
     def advance(self, model: Any, n: int) -> None:
         """Run the next `n` prompt tokens through the model into this job's cache."""
-        chunk = mx.array(self.tokens[self.done:self.done + n])[None]
+        chunk = mx.array(self.tokens[self.done : self.done + n])[None]
         model(chunk, cache=self.cache)  # the logits stay lazy and are never evaluated: only the KV is needed
         mx.eval([c.state for c in self.cache])
         self.done += n
@@ -76,16 +78,17 @@ class PrefillJob:
 
 
 class Prefilling(Protocol):
-    """What the scheduler needs of a model runner."""
+    """What the scheduler needs of a worker (jobs.Worker has it all)."""
 
     name: str
 
-    def prefill_jobs(self) -> list[PrefillJob]: ...
+    def prefill_jobs(self) -> Sequence[Work]: ...
 
-    def prefill(self, job: PrefillJob, n: int) -> int:
+    def prefill(self, job: Any, n: int) -> int:
         """Run about `n` tokens of `job`; returns how many ran (an embed batch packs whole inputs)."""
+        ...
 
-    def fail_prefill(self, job: PrefillJob, exc: Exception) -> None: ...
+    def fail_prefill(self, job: Any, exc: Exception) -> None: ...
 
 
 @dataclass
@@ -120,7 +123,7 @@ class Prefiller:
     rates: dict[str, Rate] = field(default_factory=dict)
     contained: bool = True  # a failed chunk fails its request only; distributed, it breaks the group (as a step)
 
-    def rank(self, job: PrefillJob, now: float) -> tuple[float, float, float]:
+    def rank(self, job: Work, now: float) -> tuple[float, float, float]:
         waited = max(0.0, now - job.enqueued)
         levels = waited // self.aging if self.aging > 0 else 0
         credit = waited * self.rate(job.model).tokens_per_second
@@ -129,7 +132,7 @@ class Prefiller:
     def rate(self, model: str) -> Rate:
         return self.rates.setdefault(model, Rate())
 
-    def chunk_size(self, job: PrefillJob, seconds_left: float) -> int:
+    def chunk_size(self, job: Work, seconds_left: float) -> int:
         if self.slice_seconds <= 0:
             return min(self.max_chunk, job.remaining)
         # Half a slice at most: a request arriving mid-slice waits for one chunk, not a whole slice.
@@ -140,7 +143,7 @@ class Prefiller:
         n = min(n, 2 * max(floor, job.last_chunk))
         return min(job.remaining, self.max_chunk, max(floor, n))
 
-    def plan(self, runners: list[Prefilling]) -> tuple[PrefillChunk, ...]:
+    def plan(self, runners: Sequence[Prefilling]) -> tuple[PrefillChunk, ...]:
         """Distributed: the next chunk, decided on rank 0 alone (rates and time differ per rank) and sent in the
         step plan. One chunk per iteration, sized to the whole slice: each iteration already waits on the ranks."""
         jobs = [(r, j) for r in runners for j in r.prefill_jobs()]
@@ -148,23 +151,34 @@ class Prefiller:
             return ()
         now = self.clock()
         runner, job = min(jobs, key=lambda rj: self.rank(rj[1], now))
-        n = self.chunk_size(job, self.slice_seconds * 2) if self.slice_seconds > 0 else min(self.max_chunk,
-                                                                                               job.remaining)
+        n = (
+            self.chunk_size(job, self.slice_seconds * 2)
+            if self.slice_seconds > 0
+            else min(self.max_chunk, job.remaining)
+        )
         return (PrefillChunk(runner.name, job.request_id, n),)
 
-    def apply(self, runners: list[Prefilling], chunks: tuple[PrefillChunk, ...]) -> PrefillResult:
+    def apply(self, runners: Sequence[Prefilling], chunks: tuple[PrefillChunk, ...]) -> PrefillResult:
         """Run planned chunks; one whose prompt has left meanwhile (cancelled, timed out) is skipped on every rank."""
         result = PrefillResult()
         for chunk in chunks:
-            runner = next((r for r in runners if r.name == chunk.model), None)
-            job = next((j for j in runner.prefill_jobs() if j.request_id == chunk.request_id), None) \
-                if runner is not None else None
-            if runner is None or job is None:
+            found = next(
+                (
+                    (r, j)
+                    for r in runners
+                    if r.name == chunk.model
+                    for j in r.prefill_jobs()
+                    if j.request_id == chunk.request_id
+                ),
+                None,
+            )
+            if found is None:
                 continue
+            runner, job = found
             self._one(runner, job, min(chunk.tokens, job.remaining), result)
         return result
 
-    def _one(self, runner: Prefilling, job: PrefillJob, n: int, result: PrefillResult) -> bool:
+    def _one(self, runner: Prefilling, job: Work, n: int, result: PrefillResult) -> bool:
         tic = time.perf_counter()
         job.started = job.started or tic
         try:
@@ -182,7 +196,7 @@ class Prefiller:
         _log_progress(job)
         return True
 
-    def run(self, runners: list[Prefilling], interrupted: Callable[[], bool] = lambda: False) -> PrefillResult:
+    def run(self, runners: Sequence[Prefilling], interrupted: Callable[[], bool] = lambda: False) -> PrefillResult:
         """Prefill the best-ranked prompts until the slice is spent (at least one chunk, so work always moves).
 
         The slice ends early when a prompt is done (its first token is one decode step away) or `interrupted()`
@@ -190,7 +204,7 @@ class Prefiller:
         result = PrefillResult()
         start = time.perf_counter()
         deadline = start + self.slice_seconds
-        whole: Optional[PrefillJob] = None  # slice 0: the one prompt being finished this iteration
+        whole: Optional[Work] = None  # slice 0: the one prompt being finished this iteration
         while True:
             jobs = [(r, j) for r in runners for j in r.prefill_jobs()]
             if not jobs:
@@ -212,17 +226,30 @@ class Prefiller:
                 return result
 
 
-def _log_progress(job: PrefillJob) -> None:
+def _log_progress(job: Work) -> None:
     now = time.perf_counter()
     if job.remaining == 0:
         took = now - (job.started or now)
         if took >= PROGRESS_LOG_SECONDS:
-            log.info("request %d model=%s prefilled %d tokens in %.1fs (%d chunks, %.0f tok/s)", job.request_id,
-                     job.model, job.done - job.cached, took, job.chunks, (job.done - job.cached) / took)
+            log.info(
+                "request %d model=%s prefilled %d tokens in %.1fs (%d chunks, %.0f tok/s)",
+                job.request_id,
+                job.model,
+                job.done - job.cached,
+                took,
+                job.chunks,
+                (job.done - job.cached) / took,
+            )
     elif now - max(job.logged, job.started or now) >= PROGRESS_LOG_SECONDS:
         job.logged = now
-        log.info("request %d model=%s prefill %d/%d tokens (%.0f%%)", job.request_id, job.model, job.done,
-                 job.size, 100.0 * job.done / max(1, job.size))
+        log.info(
+            "request %d model=%s prefill %d/%d tokens (%.0f%%)",
+            job.request_id,
+            job.model,
+            job.done,
+            job.size,
+            100.0 * job.done / max(1, job.size),
+        )
 
 
 __all__ = ["MIN_CHUNK", "PrefillChunk", "PrefillJob", "PrefillResult", "Prefiller", "Prefilling", "Rate"]

@@ -1,8 +1,9 @@
-"""Turns a configured model name into a ModelRunner (mlx_lm load in slices) and back.
+"""Turns a configured model name into a resident `Model` (mlx_lm load in slices) and back.
 
 The preparation stage has already found (and, for a GGUF, imported) the model's files and loaded its tokenizer,
-so a load here only evaluates weights, a few at a time between decode steps. Footprints are weights on disk;
-KV is reserved per sequence at admission (core.py, runner.kv_bytes), never guessed per model.
+so a load here only evaluates weights, a few at a time between decode steps. Then every registered kind
+(engine/kinds/) is offered the loaded `Weights` and makes its worker if it can serve the model. Footprints are
+weights on disk; KV is reserved per request at admission (engine/loop/budget.py), never guessed per model.
 """
 
 from __future__ import annotations
@@ -14,33 +15,58 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator, Optional
+from typing import Any, Callable, Generator, Mapping, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_server.config.load import Config
-from mlx_server.engine.prepare.stage import ModelFiles, Preparer
-from mlx_server.engine.kinds.embed import EmbedRunner
-from mlx_server.engine.distributed.lockstep import Lockstep, all_failed
-from mlx_server.engine.model.runner import ModelRunner
 from mlx_server.contract.errors import ModelLoadFailed
+from mlx_server.engine.distributed.lockstep import Lockstep, all_failed
+from mlx_server.engine.loop.jobs import Model, Worker
+from mlx_server.engine.prepare.stage import ModelFiles, Preparer
 from mlx_server.models.info import kv_bytes_per_token
 
 log = logging.getLogger("mlx_server.loader")
 
 
+def _leaves(model: Any) -> list[Any]:
+    """The model's parameter arrays (mlx's stubs type tree_flatten's result loosely)."""
+    flat: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    return [array for _, array in flat]
+
+
 @dataclass
-class LoadedModel:
-    runner: ModelRunner | EmbedRunner
+class Weights:
+    """A loaded model as the kinds see it when they make their workers."""
+
+    name: str
+    files: ModelFiles
     path: Path
     config: dict[str, Any]
+    context_length: int
+    model: Any = None  # the mlx_lm model; None for an embedding model
+    embedder: Any = None  # the Embedder of an embedding model
+    kv_per_token: int = 0  # bytes of KV per token of context on this rank
+    max_batch: int = 16
+    prompt_cache_bytes: int = 0
+
+
+WorkerFactory = Callable[[Weights], Optional[Worker]]  # None: this kind cannot serve the model
 
 
 class ModelLoader:
-    def __init__(self, config: Config, preparer: Preparer, *, slice_seconds: float = 0.05,
-                 lockstep: Optional[Lockstep] = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        preparer: Preparer,
+        factories: Mapping[str, WorkerFactory],
+        *,
+        slice_seconds: float = 0.05,
+        lockstep: Optional[Lockstep] = None,
+    ) -> None:
         self.config = config
+        self.factories = factories  # kind → what makes its worker (engine/kinds/)
         self.lockstep = lockstep
         self.preparer = preparer
         self.max_batch = config.server.max_concurrent
@@ -62,7 +88,7 @@ class ModelLoader:
             return -(-files.weights // self.lockstep.size)
         return files.weights
 
-    def load(self, name: str) -> Generator[None, None, LoadedModel] | LoadedModel:
+    def load(self, name: str) -> Generator[None, None, Model] | Model:
         """In slices (a generator), or distributed in one go: every rank loads in the same iteration."""
         if self.lockstep is not None:
             return self._load_sharded(name)
@@ -81,17 +107,21 @@ class ModelLoader:
             return "whole", None
         model_class = _get_classes(files.config)[0]
         module = vars(sys.modules[model_class.__module__]).values()
-        can = {"tensor": hasattr(model_class, "shard"),
-               "pipeline": any(isinstance(v, type) and issubclass(v, PipelineMixin) for v in module)}
+        can = {
+            "tensor": hasattr(model_class, "shard"),
+            "pipeline": any(isinstance(v, type) and issubclass(v, PipelineMixin) for v in module),
+        }
         wanted = self.config.models[name].parallel
         method = wanted if wanted != "auto" else ("tensor" if can["tensor"] else "pipeline")
         if can[method]:
             return method, None
         what = {"tensor": "a tensor-parallel shard()", "pipeline": "pipeline()"}
-        return method, (f"model \"{name}\" ({files.config.get('model_type')}) cannot be split across ranks: mlx_lm "
-                        f"has no {what[method] if wanted != 'auto' else 'shard() or pipeline()'} for this architecture")
+        return method, (
+            f'model "{name}" ({files.config.get("model_type")}) cannot be split across ranks: mlx_lm '
+            f"has no {what[method] if wanted != 'auto' else 'shard() or pipeline()'} for this architecture"
+        )
 
-    def _load_sharded(self, name: str) -> LoadedModel:
+    def _load_sharded(self, name: str) -> Model:
         """Tensor parallel through mlx_lm's `Model.shard()`, else pipeline through its `model.pipeline()` (as
         mlx_lm's `sharded_load` chooses); every rank reports success before any goes on, so one rank's failure fails
         the load on all of them instead of leaving the others waiting."""
@@ -117,26 +147,34 @@ class ModelLoader:
         except ModelLoadFailed as exc:
             error = exc
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
-            error = ModelLoadFailed(f"failed to load model \"{name}\" on rank {ls.rank}: {exc}")
+            error = ModelLoadFailed(f'failed to load model "{name}" on rank {ls.rank}: {exc}')
         finally:
             failed = all_failed(ls.group, error is not None)
             ls.loading = False
         if error is not None:
             raise error
         if failed:
-            raise ModelLoadFailed(f"failed to load model \"{name}\" on {failed} other rank(s): see their logs")
-        dtype = next((a.dtype for _, a in tree_flatten(model.parameters()) if mx.issubdtype(a.dtype, mx.floating)),
-                     None)
+            raise ModelLoadFailed(f'failed to load model "{name}" on {failed} other rank(s): see their logs')
+        dtype = next((a.dtype for a in _leaves(model) if mx.issubdtype(a.dtype, mx.floating)), None)
         if method == "tensor":  # a rank holds its share of the heads
             return self._runner(name, files, model, cfg, dtype, shards=ls.size, split=method, kv_share=(1, ls.size))
         # Pipeline: a rank holds the KV of its own layers, at most ceil(layers / ranks) of them. Its prompt caches
         # would be as uneven, and the LRU trims them by bytes, so ranks would keep (and find) different prefixes:
         # no stored prompt caches for a pipelined model.
         layers = int(cfg.get("num_hidden_layers") or len(model.layers) or 1)
-        return self._runner(name, files, model, cfg, dtype, shards=ls.size, split=method,
-                            kv_share=(-(-layers // ls.size), layers), prompt_cache_bytes=0)
+        return self._runner(
+            name,
+            files,
+            model,
+            cfg,
+            dtype,
+            shards=ls.size,
+            split=method,
+            kv_share=(-(-layers // ls.size), layers),
+            prompt_cache_bytes=0,
+        )
 
-    def _load_slices(self, name: str) -> Generator[None, None, LoadedModel]:
+    def _load_slices(self, name: str) -> Generator[None, None, Model]:
         """A load in slices: weights are evaluated a few at a time, yielding so other models keep decoding."""
         from mlx_lm.utils import load_model  # deferred: importing mlx_lm pulls in transformers
 
@@ -148,7 +186,7 @@ class ModelLoader:
             yield
             deadline = time.perf_counter() + self.slice_seconds
             dtype = None
-            for _, array in tree_flatten(model.parameters()):
+            for array in _leaves(model):
                 mx.eval(array)
                 if dtype is None and mx.issubdtype(array.dtype, mx.floating):
                     dtype = array.dtype  # activations, and so the KV cache, take the weights' float type
@@ -158,35 +196,70 @@ class ModelLoader:
         except ModelLoadFailed:
             raise
         except Exception as exc:
-            raise ModelLoadFailed(f"failed to load model \"{name}\" from {files.path}: {exc}") from exc
+            raise ModelLoadFailed(f'failed to load model "{name}" from {files.path}: {exc}') from exc
         return self._runner(name, files, model, cfg, dtype)
 
-    def _runner(self, name: str, files: ModelFiles, model: Any, cfg: dict[str, Any], dtype: Any, shards: int = 1,
-                split: str = "", kv_share: tuple[int, int] = (1, 1),
-                prompt_cache_bytes: Optional[int] = None) -> LoadedModel:
+    def _runner(
+        self,
+        name: str,
+        files: ModelFiles,
+        model: Any,
+        cfg: dict[str, Any],
+        dtype: Any,
+        shards: int = 1,
+        split: str = "",
+        kv_share: tuple[int, int] = (1, 1),
+        prompt_cache_bytes: Optional[int] = None,
+    ) -> Model:
         # modelinfo counts 2 bytes per element; scale to the real float type, then to this rank's share (rounded up).
         per_token = kv_bytes_per_token(cfg) // 2 * (dtype.size if dtype is not None else 2)
         kv_per_token = -(-per_token * kv_share[0] // kv_share[1])
         cache_bytes = self.config.server.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
-        runner = ModelRunner(name, model, files.tokenizer, files.context_length, kv_per_token=kv_per_token,
-                             max_batch=self.max_batch, prompt_cache_bytes=cache_bytes)
-        runner.shards, runner.split = shards, split
-        return LoadedModel(runner=runner, path=files.path, config=cfg)
+        return self._model(
+            Weights(
+                name,
+                files,
+                files.path,
+                cfg,
+                files.context_length,
+                model=model,
+                kv_per_token=kv_per_token,
+                max_batch=self.max_batch,
+                prompt_cache_bytes=cache_bytes,
+            ),
+            shards,
+            split,
+        )
 
-    def _load_embedder(self, name: str, files: ModelFiles) -> LoadedModel:
+    def _load_embedder(self, name: str, files: ModelFiles) -> Model:
         """Embedding models are small (tens to hundreds of MB): loaded in one go."""
         from mlx_server.engine.model.embedders import load_embedder
 
         try:
             embedder = load_embedder(files.path, kind=self.config.models[name].kind)
         except Exception as exc:
-            raise ModelLoadFailed(f"failed to load embedding model \"{name}\" from {files.path}: {exc}") from exc
-        # kv_per_token is in kv_bound's units (it doubles them), so the runner reserves twice it per token.
-        runner = EmbedRunner(name, embedder, per_token=2 * files.kv_per_token)
-        return LoadedModel(runner=runner, path=files.path, config=files.config)
+            raise ModelLoadFailed(f'failed to load embedding model "{name}" from {files.path}: {exc}') from exc
+        # kv_per_token is in kv_bound's units (it doubles them), so the embed worker reserves twice it per token.
+        return self._model(
+            Weights(
+                name,
+                files,
+                files.path,
+                files.config,
+                embedder.max_length,
+                embedder=embedder,
+                kv_per_token=2 * files.kv_per_token,
+                max_batch=self.max_batch,
+            )
+        )
 
-    def unload(self, loaded: LoadedModel) -> None:
-        loaded.runner.close()
+    def _model(self, weights: Weights, shards: int = 1, split: str = "") -> Model:
+        workers = {kind: worker for kind, make in self.factories.items() if (worker := make(weights)) is not None}
+        return Model(weights.name, workers, weights.context_length, shards=shards, split=split, resources=weights)
+
+    def unload(self, loaded: Model) -> None:
+        loaded.close()
+        loaded.resources = None
         del loaded
         # Drop every reference first, then let MLX return the buffers, so active memory really falls.
         gc.collect()

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Optional, Protocol, Sequence, cast
 
-from mlx_server.engine.model.parsers import OutputSplitter, Parts, request_tool_format, starts_in_thinking, think_markers
 from mlx_server.contract.events import Delta, TokenLogprob
 from mlx_server.contract.requests import GenerateRequest
+from mlx_server.engine.prepare.parsers import (
+    OutputSplitter,
+    Parts,
+    request_tool_format,
+    starts_in_thinking,
+    think_markers,
+)
 
 
 class Detokenizer(Protocol):
@@ -47,7 +53,7 @@ class StopMatcher:
             self._held = ""
             return buf[:cut]
         hold = self._longest_partial(buf)
-        self._held = buf[len(buf) - hold:] if hold else ""
+        self._held = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold]
 
     def flush(self) -> str:
@@ -119,7 +125,7 @@ class LogprobReader:
             k = min(self.top, vec.shape[-1])
             idx = mx.argpartition(-vec, kth=k - 1)[:k]
             ids, values = cast(list[int], idx.tolist()), cast(list[float], vec[idx].tolist())
-            pairs = sorted(zip(ids, values), key=lambda p: -p[1])
+            pairs = sorted(zip(ids, values, strict=True), key=lambda p: -p[1])
             top = tuple((self.text(i), float(v)) for i, v in pairs if v != float("-inf"))
         return TokenLogprob(self.text(token), chosen, top)
 
@@ -132,8 +138,9 @@ class SequenceOutput:
     the previous Delta.
     """
 
-    def __init__(self, request_id: int, stream: OutputStream, splitter: OutputSplitter,
-                 logprobs: Optional[LogprobReader] = None) -> None:
+    def __init__(
+        self, request_id: int, stream: OutputStream, splitter: OutputSplitter, logprobs: Optional[LogprobReader] = None
+    ) -> None:
         self.request_id = request_id
         self.stream = stream
         self.splitter = splitter
@@ -173,16 +180,26 @@ class SequenceOutput:
         delta = self._delta(parts, final=True)
         if pending is None or delta is None:
             return pending or delta
-        return Delta(self.request_id, content=pending.content + delta.content,
-                     thinking=pending.thinking + delta.thinking,
-                     tool_calls=pending.tool_calls + delta.tool_calls, tokens=pending.tokens + delta.tokens,
-                     logprobs=pending.logprobs + delta.logprobs)
+        return Delta(
+            self.request_id,
+            content=pending.content + delta.content,
+            thinking=pending.thinking + delta.thinking,
+            tool_calls=pending.tool_calls + delta.tool_calls,
+            tokens=pending.tokens + delta.tokens,
+            logprobs=pending.logprobs + delta.logprobs,
+        )
 
     def _delta(self, parts: Parts, final: bool = False) -> Optional[Delta]:
         if not parts and not (final and self._lps):
             return None
-        delta = Delta(self.request_id, content=parts.content, thinking=parts.thinking,
-                      tool_calls=tuple(parts.tool_calls), tokens=self._tokens, logprobs=tuple(self._lps))
+        delta = Delta(
+            self.request_id,
+            content=parts.content,
+            thinking=parts.thinking,
+            tool_calls=tuple(parts.tool_calls),
+            tokens=self._tokens,
+            logprobs=tuple(self._lps),
+        )
         self._tokens, self._lps = 0, []
         return delta
 
@@ -193,8 +210,12 @@ def make_output(req: GenerateRequest, tokenizer: Any, prompt: Sequence[int]) -> 
     # A grammar (format, forced tool call) owns the output from its first token, so it never starts in thinking.
     constrained = req.format is not None or req.force_tool is not None
     tail = tokenizer.decode(list(prompt[-16:])) if think and not constrained else ""
-    splitter = OutputSplitter(think, in_thinking=starts_in_thinking(tail, think),
-                              tools=request_tool_format(req, tokenizer), tool_defs=req.tools,
-                              keep_thinking=req.think is not False)
+    splitter = OutputSplitter(
+        think,
+        in_thinking=starts_in_thinking(tail, think),
+        tools=request_tool_format(req, tokenizer),
+        tool_defs=req.tools,
+        keep_thinking=req.think is not False,
+    )
     reader = LogprobReader(tokenizer, req.top_logprobs) if req.logprobs else None
     return SequenceOutput(req.request_id, OutputStream(tokenizer.detokenizer, req.stop), splitter, reader)

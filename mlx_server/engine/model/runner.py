@@ -1,9 +1,10 @@
-"""One loaded model: its BatchGenerator, per-sequence sampling and stop handling, and the events it publishes.
+"""Generation on one loaded model (its `generate` worker): the BatchGenerator, per-sequence sampling and stop
+handling, the prompt cache, and the events it publishes.
 
-Only the inference thread calls into a runner. Every decoding sequence of the model shares one BatchGenerator, so
+Only the inference thread calls into a worker. Every decoding sequence of the model shares one BatchGenerator, so
 concurrent requests share decode steps; a sequence joins between steps and leaves without draining the batch.
-A new prompt is first prefilled in chunks into a cache of its own (engine/prefill.py schedules the chunks between
-decode steps) and joins the batch when only its last token is left.
+A new prompt is first prefilled in chunks into a cache of its own (engine/loop/prefill.py schedules the chunks
+between decode steps) and joins the batch when only its last token is left.
 """
 
 from __future__ import annotations
@@ -17,34 +18,18 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from mlx_server.engine.model.sampling import guard_processors, guard_sampler, make_processors, make_sampler
-from mlx_server.engine.model.output import SequenceOutput, make_output
-from mlx_server.engine.kinds.embed import ACTIVATION_FACTOR, EmbedBatcher, EmbedJob, decoder_forward
-from mlx_server.engine.loop.prefill import PrefillJob
-from mlx_server.engine.prepare.stage import Prepared, PreparedEmbed
-from mlx_server.contract.errors import BadRequest, InternalError, MlxServerError, RequestTimeout
-from mlx_server.contract.events import Delta, Done, Event, Failed, Started, Usage
+from mlx_server.contract.errors import InternalError, MlxServerError, RequestTimeout
+from mlx_server.contract.events import Delta, Done, DoneReason, Failed, Sink, Started, Usage
 from mlx_server.contract.requests import GenerateRequest
+from mlx_server.engine.loop.budget import kv_bound
+from mlx_server.engine.loop.prefill import PrefillJob
+from mlx_server.engine.model.output import SequenceOutput, make_output
+from mlx_server.engine.model.sampling import guard_processors, guard_sampler, make_processors, make_sampler
+from mlx_server.engine.prepare.stage import Prepared
 
 log = logging.getLogger("mlx_server.engine")
 
-Sink = Callable[[Event], None]
 Clock = Callable[[], float]
-KV_STEP = 256  # mlx_lm's KVCache grows its buffers in steps of this many tokens
-
-
-def kv_bound(lengths: list[int], kv_per_token: int) -> int:
-    """The most memory the KV of a batch of sequences that may grow to `lengths` tokens can take.
-
-    BatchGenerator keeps one cache per batch, every row padded to the longest and grown in steps of KV_STEP
-    tokens: rows × the longest rounded up, not the sum of the lengths. Growing, joining and leaving the batch
-    copy that cache (old and new buffers live at once), so the peak is twice that (measured: MLX's peak
-    exceeded weights + KV by one whole batch cache). Also used before a model is loaded, from config.json.
-    """
-    if not lengths:
-        return 0
-    longest = -(-max(lengths) // KV_STEP) * KV_STEP
-    return 2 * len(lengths) * longest * kv_per_token
 
 
 @dataclass
@@ -66,9 +51,21 @@ class Sequence:
     job: Optional[PrefillJob] = None  # its prompt's prefill, until it joins the batch
 
 
-class ModelRunner:
-    def __init__(self, name: str, model: Any, tokenizer: Any, context_length: int, *, kv_per_token: int = 0,
-                 max_batch: int = 16, prompt_cache_bytes: int = 2**30, clock: Clock = time.monotonic) -> None:
+class GenerateWorker:
+    """Implements engine.loop.jobs.Worker for `Prepared` generations."""
+
+    def __init__(
+        self,
+        name: str,
+        model: Any,
+        tokenizer: Any,
+        context_length: int,
+        *,
+        kv_per_token: int = 0,
+        max_batch: int = 16,
+        prompt_cache_bytes: int = 2**30,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.name = name
         self.kv_per_token = kv_per_token
         self.model = model
@@ -76,8 +73,6 @@ class ModelRunner:
         self.context_length = context_length
         self.clock = clock
         self.max_batch = max_batch
-        self.shards = 1  # ranks this model is split across (distributed)
-        self.split = ""  # how: "tensor" or "pipeline"
         self.generator = self._new_generator()
         # KV caches of recent prompts (and their answers) by token prefix; a follow-up turn reuses the shared part.
         self.prompt_cache = LRUPromptCache(max_size=1 << 30, max_bytes=prompt_cache_bytes)
@@ -87,15 +82,15 @@ class ModelRunner:
         self.fresh = 0  # decode steps still owed to sequences that just joined: their first token comes before prefill
         self.by_request: dict[int, int] = {}  # request_id → uid
         self.faults: dict[int, Exception] = {}  # request_id → what its own sampler / processors raised this step
-        # Generation models embed too (Ollama's behaviour): mean-pooled final hidden states.
-        forward, width = decoder_forward(model), int(getattr(getattr(model, "args", None), "hidden_size", 0) or 0)
-        self.embeds = EmbedBatcher(name, forward, width, ACTIVATION_FACTOR * 4 * width, clock) \
-            if forward is not None and width else None
 
     def _new_generator(self) -> BatchGenerator:
         eos = sorted(self.tokenizer.eos_token_ids)
-        return BatchGenerator(self.model, stop_tokens=[[t] for t in eos], completion_batch_size=self.max_batch,
-                              prefill_batch_size=min(8, self.max_batch))
+        return BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in eos],
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=min(8, self.max_batch),
+        )
 
     def reset(self) -> None:
         """After a failed step the batch state is unknown: start a fresh generator (sequences already failed)."""
@@ -105,7 +100,7 @@ class ModelRunner:
         except Exception:  # noqa: BLE001 - the broken batch is dropped either way
             log.exception("closing a failed batch of %s", self.name)
 
-    # ---- memory -------------------------------------------------------------------------------------------
+    # ---- memory (the rules are engine/loop/budget.py's) --------------------------------------------------
 
     def kv_bytes(self, lengths: list[int]) -> int:
         return kv_bound(lengths, self.kv_per_token)
@@ -114,46 +109,45 @@ class ModelRunner:
         return [s.kv_tokens for s in (*self.sequences.values(), *self.prefilling.values())]
 
     @property
-    def kv_reserved(self) -> int:
-        return self.kv_bytes(self._reservations()) + (self.embeds.reserved() if self.embeds else 0)
+    def reserved(self) -> int:
+        return self.kv_bytes(self._reservations())
 
-    def kv_needed(self, prepared: Prepared | PreparedEmbed) -> int:
-        """How much the reservation grows if `prepared` joins."""
-        if isinstance(prepared, PreparedEmbed):
-            return self.embeds.reserved(prepared.kv_tokens) - self.embeds.reserved() if self.embeds else 0
+    def needed(self, prepared: Prepared) -> int:
         return self.kv_bytes([*self._reservations(), prepared.kv_tokens]) - self.kv_bytes(self._reservations())
 
-    def footprint(self, prepared: Prepared | PreparedEmbed) -> int:
-        """What `prepared` alone would hold beside the weights."""
-        if isinstance(prepared, PreparedEmbed):
-            return self.embeds.per_token * prepared.kv_tokens if self.embeds else 0
+    def footprint(self, prepared: Prepared) -> int:
         return self.kv_bytes([prepared.kv_tokens])
 
     @property
-    def stored_cache_bytes(self) -> int:
+    def stored(self) -> int:
         return self.prompt_cache.nbytes
 
     # ---- admission ----------------------------------------------------------------------------------------
 
-    def add(self, prepared: Prepared | PreparedEmbed, sink: Sink, load_duration: float = 0.0) -> None:
+    def add(self, prepared: Prepared, sink: Sink, load_duration: float = 0.0) -> None:
         """Admit a request (its prompt already tokenized and fitted): its prefill starts from the longest cached
         prefix, and it joins the batch once prefilled. Raises MlxServerError for the caller."""
-        if isinstance(prepared, PreparedEmbed):
-            if self.embeds is None:
-                raise BadRequest(f"\"{self.name}\" does not support embeddings")
-            self.embeds.add(prepared, sink, load_duration)
-            return
         req, tokens = prepared.request, prepared.tokens
         now = self.clock()
         cache, cached = self._cached_prefix(tokens)
         chain = make_processors(req.sampling, prepared.num_ctx) + list(prepared.grammar)
         seq = Sequence(
-            request=req, sink=sink, uid=None, out=make_output(req, self.tokenizer, tokens),
-            prompt_tokens=len(tokens), cached_tokens=cached, load_duration=load_duration, admitted_at=now,
-            deadline=(req.created + req.timeout) if req.timeout else None, processors=chain,
-            kv_tokens=prepared.kv_tokens, max_tokens=prepared.max_tokens,
-            job=PrefillJob(req.request_id, self.name, int(req.priority), list(tokens), cache, cached, now,
-                           cached=cached))
+            request=req,
+            sink=sink,
+            uid=None,
+            out=make_output(req, self.tokenizer, tokens),
+            prompt_tokens=len(tokens),
+            cached_tokens=cached,
+            load_duration=load_duration,
+            admitted_at=now,
+            deadline=(req.created + req.timeout) if req.timeout else None,
+            processors=chain,
+            kv_tokens=prepared.kv_tokens,
+            max_tokens=prepared.max_tokens,
+            job=PrefillJob(
+                req.request_id, self.name, int(req.priority), list(tokens), cache, cached, now, cached=cached
+            ),
+        )
         self.prefilling[req.request_id] = seq
         if cached == len(tokens) - 1:
             try:
@@ -163,24 +157,20 @@ class ModelRunner:
                 raise
         sink(Started(req.request_id, self.name, len(tokens), cached, load_duration, prepared.truncated))
 
-    # ---- prefill (scheduled by engine/prefill.py) -----------------------------------------------------------
+    # ---- prefill (scheduled by engine/loop/prefill.py) ------------------------------------------------------
 
     def prefill_jobs(self) -> list[PrefillJob]:
-        prompts = [s.job for s in self.prefilling.values() if s.job is not None and s.job.remaining > 0]
-        return prompts + (self.embeds.pending() if self.embeds else [])  # type: ignore[operator]
+        return [s.job for s in self.prefilling.values() if s.job is not None and s.job.remaining > 0]
 
-    def prefill(self, job: PrefillJob | EmbedJob, n: int) -> int:
-        """Prefill the next `n` tokens of `job`'s prompt (when only its last token is left, it joins the batch), or
-        embed about `n` tokens of inputs; returns the tokens run."""
-        if isinstance(job, EmbedJob):
-            assert self.embeds is not None
-            return self.embeds.run(job, n)
+    def prefill(self, job: PrefillJob, n: int) -> int:
+        """Prefill the next `n` tokens of `job`'s prompt (when only its last token is left, it joins the batch);
+        returns the tokens run."""
         job.advance(self.model, n)
         if job.remaining == 0:
             self._join(self.prefilling[job.request_id])
         return n
 
-    def fail_prefill(self, job: PrefillJob | EmbedJob, exc: Exception) -> None:
+    def fail_prefill(self, job: PrefillJob, exc: Exception) -> None:
         self.fail(job.request_id, InternalError(f"prompt processing failed for this request: {exc}"))
 
     def _join(self, seq: Sequence) -> None:
@@ -188,9 +178,13 @@ class ModelRunner:
         assert job is not None
         tokens = job.tokens
         [uid] = self.generator.insert(
-            [tokens[-1:]], max_tokens=[seq.max_tokens], caches=[job.cache], all_tokens=[tokens[:-1]],
+            [tokens[-1:]],
+            max_tokens=[seq.max_tokens],
+            caches=[job.cache],
+            all_tokens=[tokens[:-1]],
             samplers=[guard_sampler(make_sampler(req.sampling), req.request_id, self.faults)],
-            logits_processors=[guard_processors(seq.processors, req.request_id, self.faults)])
+            logits_processors=[guard_processors(seq.processors, req.request_id, self.faults)],
+        )
         del self.prefilling[req.request_id]
         seq.uid, seq.job = uid, None
         self.fresh = 2  # BatchGenerator returns a new sequence's first token on the second step after it joins
@@ -226,7 +220,7 @@ class ModelRunner:
             # The cap counts the KV the running batch holds too, so stored caches give way to live ones.
             self.prompt_cache.trim_to(n_bytes=max(0, self.prompt_cache_bytes - self.generator.prompt_cache_nbytes))
 
-    def trim_prompt_cache(self, limit: int) -> None:
+    def trim(self, limit: int) -> None:
         """Hold the stored caches to `limit` bytes (least recently used go first)."""
         self.prompt_cache.trim_to(n_bytes=max(0, limit))
 
@@ -242,7 +236,7 @@ class ModelRunner:
         return self.fresh > 0 and any(s.first_token_at is None for s in self.sequences.values())
 
     def has_work(self) -> bool:
-        return bool(self.sequences or self.prefilling or (self.embeds and self.embeds.jobs))
+        return bool(self.sequences or self.prefilling)
 
     # ---- stepping -----------------------------------------------------------------------------------------
 
@@ -289,38 +283,49 @@ class ModelRunner:
         # Ollama's clock: total from the request's arrival (queueing and loading included), prompt eval from
         # admission to the first token, eval from there on.
         first = seq.first_token_at or now
-        return Usage(prompt_tokens=seq.prompt_tokens, cached_tokens=seq.cached_tokens,
-                     completion_tokens=seq.generated, load_duration=seq.load_duration,
-                     prompt_eval_duration=first - seq.admitted_at, eval_duration=now - first,
-                     total_duration=max(now - seq.request.created, seq.load_duration + (now - seq.admitted_at)))
+        return Usage(
+            prompt_tokens=seq.prompt_tokens,
+            cached_tokens=seq.cached_tokens,
+            completion_tokens=seq.generated,
+            load_duration=seq.load_duration,
+            prompt_eval_duration=first - seq.admitted_at,
+            eval_duration=now - first,
+            total_duration=max(now - seq.request.created, seq.load_duration + (now - seq.admitted_at)),
+        )
 
-    def _finish(self, seq: Sequence, reason: str, now: float) -> None:
-        self.sequences.pop(seq.uid, None)
+    def _finish(self, seq: Sequence, reason: DoneReason, now: float) -> None:
+        if seq.uid is not None:
+            self.sequences.pop(seq.uid, None)
         self.by_request.pop(seq.request.request_id, None)
         if reason == "stop" and seq.out.made_tool_calls:
             reason = "tool_calls"
-        seq.sink(Done(seq.request.request_id, self.name, reason, self._usage(seq, now),  # type: ignore[arg-type]
-                      stop_sequence=seq.out.stop_sequence))
+        seq.sink(
+            Done(
+                seq.request.request_id,
+                self.name,
+                reason,
+                self._usage(seq, now),
+                stop_sequence=seq.out.stop_sequence,
+            )
+        )
 
     def _expire_deadlines(self, now: float) -> None:
-        if self.embeds:
-            self.embeds.expire(now)
-        late = [s for s in (*self.sequences.values(), *self.prefilling.values())
-                if s.deadline is not None and now >= s.deadline]
+        late = [
+            s
+            for s in (*self.sequences.values(), *self.prefilling.values())
+            if s.deadline is not None and now >= s.deadline
+        ]
         for seq in late:
-            self.fail(seq.request.request_id,
-                      RequestTimeout(f"request timed out after {seq.request.timeout:g}s"))
+            self.fail(seq.request.request_id, RequestTimeout(f"request timed out after {seq.request.timeout:g}s"))
 
     # ---- leaving early ------------------------------------------------------------------------------------
 
     def cancel(self, request_id: int) -> bool:
         """Drop a sequence (client gone); takes effect before the next step or prefill chunk."""
-        if self.embeds and self.embeds.end(request_id, None):
-            return True
         seq = self.prefilling.pop(request_id, None)
         if seq is not None:
             if seq.job is not None and seq.job.done > 0:
-                self._keep_cache(seq.job.tokens[:seq.job.done], seq.job.cache)  # a retry resumes from here
+                self._keep_cache(seq.job.tokens[: seq.job.done], seq.job.cache)  # a retry resumes from here
             seq.sink(Done(request_id, self.name, "cancelled", self._usage(seq, self.clock())))
             return True
         uid = self.by_request.pop(request_id, None)
@@ -333,8 +338,6 @@ class ModelRunner:
 
     def fail(self, request_id: int, error: MlxServerError) -> bool:
         """End one sequence with an error. Its Failed goes out before the batch cleanup, which may raise."""
-        if self.embeds and self.embeds.end(request_id, Failed(request_id, error)):
-            return True
         seq = self.prefilling.pop(request_id, None)
         if seq is not None:
             seq.sink(Failed(request_id, error))
@@ -356,13 +359,11 @@ class ModelRunner:
         self.faults.clear()
         for seq in failed:
             seq.sink(Failed(seq.request.request_id, error))
-        if self.embeds:
-            self.embeds.fail_all(error)
         self.reset()
 
     def close(self) -> None:
         if self.has_work():
-            self.fail_all(MlxServerError(f"model \"{self.name}\" was unloaded"))
+            self.fail_all(MlxServerError(f'model "{self.name}" was unloaded'))
         self.generator.close()
         # The pool drops its entry after this returns; clearing here lets gc free the weights right away.
         self.generator = None  # type: ignore[assignment]

@@ -100,6 +100,7 @@ def make_processors(params: SamplingParams, num_ctx: int) -> list[Callable[[mx.a
 # One request's sampler and processors run inside the whole batch's step; these wrappers keep a failure its own:
 # what they raise is recorded in `faults` (request_id → exception) for the runner to fail that request alone.
 
+
 def guard_processors(chain: list[Any], request_id: int, faults: dict[int, Exception]) -> list[Any]:
     """One request's processors, isolated: if they raise, that request fails and the batch goes on."""
     if not chain:

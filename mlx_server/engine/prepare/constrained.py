@@ -25,9 +25,15 @@ from typing import Any, Callable, Mapping, Optional, cast
 import mlx.core as mx
 import numpy as np
 
-from mlx_server.engine.model.parsers import GENERIC_JSON, ToolFormat, forced_tool_format, function_defs, tool_format_for
 from mlx_server.contract.errors import BadRequest
 from mlx_server.contract.requests import GenerateRequest
+from mlx_server.engine.prepare.parsers import (
+    GENERIC_JSON,
+    ToolFormat,
+    forced_tool_format,
+    function_defs,
+    tool_format_for,
+)
 
 log = logging.getLogger("mlx_server.engine.prepare.constrained")
 
@@ -36,7 +42,8 @@ Processor = Callable[[mx.array, mx.array], mx.array]
 # Compact JSON with at most one space, or a newline and a little indentation, between tokens: enough for the
 # shapes models like to write, never an unbounded run of whitespace that eats the token budget.
 JSON_OPTIONS: Mapping[str, Any] = MappingProxyType(
-    {"whitespace_flexible": False, "whitespace_pattern": r"(?: |\n {0,8})?"})
+    {"whitespace_flexible": False, "whitespace_pattern": r"(?: |\n {0,8})?"}
+)
 _CLOSERS = frozenset(b"]}")
 
 
@@ -128,7 +135,7 @@ class GrammarProcessor:
         if self.base is None:
             self.base = n
         else:
-            for token in cast(list[int], context[self.base + self.generated:].tolist()):
+            for token in cast(list[int], context[self.base + self.generated :].tolist()):
                 self._consume(token)
         allowed = self._allowed(logits.shape[-1])
         return mx.where(mx.array(allowed), logits, mx.array(-float("inf"), dtype=logits.dtype))
@@ -196,15 +203,16 @@ def json_grammar(fmt: Any) -> str:
     elif isinstance(fmt, dict):
         schema = fmt
     else:
-        raise BadRequest("format must be \"json\" or a JSON schema object")
+        raise BadRequest('format must be "json" or a JSON schema object')
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(_with_options(schema))
     except ValueError as exc:
         raise BadRequest(f"invalid JSON schema: {exc}") from None
 
 
-def tool_call_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], name: Optional[str],
-                      marker: Callable[[str], str]) -> Optional[str]:
+def tool_call_grammar(
+    fmt: ToolFormat, tools: list[dict[str, Any]], name: Optional[str], marker: Callable[[str], str]
+) -> Optional[str]:
     """A grammar that forces one call (to `name`, or to any of `tools`) in format `fmt`.
 
     Only formats whose call is JSON can be forced (None for others); `forced_tool_format` picks one that can.
@@ -226,8 +234,14 @@ def tool_call_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], name: Option
         if params.get("properties") and "additionalProperties" not in params:
             # Undeclared arguments are useless to the caller (and some clients drop the keyword on the way).
             params["additionalProperties"] = False
-        variants.append({"type": "object", "properties": {"name": {"const": d.get("name")}, args_key: params},
-                         "required": ["name", args_key], "additionalProperties": False})
+        variants.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": d.get("name")}, args_key: params},
+                "required": ["name", args_key],
+                "additionalProperties": False,
+            }
+        )
     schema: dict[str, Any] = variants[0] if len(variants) == 1 else {"anyOf": variants}
     schema.update({k: v for k, v in shared_defs.items() if v})
     call = "%json " + json.dumps(_with_options(schema), ensure_ascii=False)
@@ -261,8 +275,10 @@ class Constraints:
             # (which make_output reads back and prompt.render describes when the template cannot show tools).
             fmt = forced_tool_format(self.tool_format)
             if fmt is not self.tool_format:
-                log.debug("forcing a generic JSON tool call (model format: %s)",
-                          self.tool_format.name if self.tool_format else "none")
+                log.debug(
+                    "forcing a generic JSON tool call (model format: %s)",
+                    self.tool_format.name if self.tool_format else "none",
+                )
             grammar = tool_call_grammar(fmt, req.tools, req.force_tool.name, self.vocab.marker)
             if grammar is not None:
                 return grammar

@@ -11,9 +11,9 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from mlx_server.engine.model.parsers import function_defs, template_text
 from mlx_server.contract.errors import BadRequest
 from mlx_server.contract.requests import GenerateRequest
+from mlx_server.engine.prepare.parsers import function_defs, template_text
 
 log = logging.getLogger("mlx_server.engine")
 
@@ -24,7 +24,7 @@ def render(req: GenerateRequest, tokenizer: Any, model: str) -> list[int]:
     if req.prompt is not None and req.raw:
         return list(tok.encode(req.prompt))
     if req.suffix:
-        raise BadRequest(f"model \"{model}\" does not support insert (suffix)")
+        raise BadRequest(f'model "{model}" does not support insert (suffix)')
     messages = [m.to_template() for m in (req.messages or [])]
     if req.prompt is not None:
         messages = [{"role": "user", "content": req.prompt}]
@@ -47,7 +47,7 @@ def render(req: GenerateRequest, tokenizer: Any, model: str) -> list[int]:
         try:
             text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False, **kwargs)
             break
-        except Exception as exc:  # jinja errors name the template problem; the client sent the messages
+        except Exception as exc:  # noqa: BLE001 - jinja errors name the template problem; the client sent them
             if i == len(attempts) - 1:
                 raise BadRequest(f"chat template failed for these messages: {exc}") from None
     return list(tok.encode(text, add_special_tokens=False))
@@ -82,13 +82,18 @@ def forced_tool_block(req: GenerateRequest, tokenizer: Any) -> Optional[str]:
 def tool_instructions(tools: list[dict[str, Any]], name: Optional[str]) -> str:
     lines = []
     for d in function_defs(tools, name):
-        entry = {"name": d.get("name"), "description": d.get("description") or None,
-                 "parameters": d.get("parameters") or {"type": "object"}}
+        entry = {
+            "name": d.get("name"),
+            "description": d.get("description") or None,
+            "parameters": d.get("parameters") or {"type": "object"},
+        }
         lines.append(json.dumps({k: v for k, v in entry.items() if v is not None}, ensure_ascii=False))
-    which = f"the tool \"{name}\"" if name is not None else "exactly one of these tools"
-    return (f"Answer by calling {which}. Reply with only a JSON object of the form "
-            "{\"name\": <tool name>, \"arguments\": <object of argument values>}.\n\n"
-            "Tools:\n" + "\n".join(lines))
+    which = f'the tool "{name}"' if name is not None else "exactly one of these tools"
+    return (
+        f"Answer by calling {which}. Reply with only a JSON object of the form "
+        '{"name": <tool name>, "arguments": <object of argument values>}.\n\n'
+        "Tools:\n" + "\n".join(lines)
+    )
 
 
 def _with_block(messages: list[dict[str, Any]], block: str, role: str) -> list[dict[str, Any]]:

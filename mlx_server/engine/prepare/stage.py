@@ -21,20 +21,20 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from mlx_server.config.load import Config
-from mlx_server.models.embedinfo import EmbeddingInfo, embedding_info
-from mlx_server.engine.prepare.constrained import Constraints
-from mlx_server.engine.model.embedders.tokenizer import EmbedTokenizer
-from mlx_server.engine.prepare.prompt import fit, render, with_default_system
 from mlx_server.contract.errors import BadRequest, MlxServerError, ModelLoadFailed, ModelNotFound
+from mlx_server.contract.requests import EmbedRequest, GenerateRequest
+from mlx_server.engine.loop.budget import pass_tokens
+from mlx_server.engine.prepare.constrained import Constraints
+from mlx_server.engine.prepare.embed_tokenizer import EmbedTokenizer
+from mlx_server.engine.prepare.prompt import fit, render, with_default_system
+from mlx_server.models.embedinfo import EmbeddingInfo, embedding_info
 from mlx_server.models.info import kv_bytes_per_token, native_context_length
 from mlx_server.models.sources import locate, weights_size
-from mlx_server.contract.requests import EmbedRequest, GenerateRequest
 
 log = logging.getLogger("mlx_server.engine.prepare.stage")
-EMBED_BATCH_TOKENS = 8192  # most (padded) tokens in one embedding forward pass, unless one input is longer
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,9 @@ class Prepared:
         return min(self.num_ctx, len(self.tokens) + self.max_tokens)
 
 
+P = TypeVar("P", bound=Prepared)
+
+
 @dataclass(frozen=True)
 class PreparedEmbed:
     """An embed request ready to admit: every input tokenized and fitted to the context."""
@@ -65,8 +68,7 @@ class PreparedEmbed:
     @property
     def kv_tokens(self) -> int:
         """Tokens in the largest forward pass it can make (what its activations take, for the budget)."""
-        longest = max((len(ids) for ids in self.inputs), default=0)
-        return min(sum(len(ids) for ids in self.inputs), max(EMBED_BATCH_TOKENS, longest))
+        return pass_tokens(sum(len(ids) for ids in self.inputs), max((len(ids) for ids in self.inputs), default=0))
 
 
 @dataclass
@@ -92,8 +94,9 @@ class ModelFiles:
 
 
 class Preparer:
-    def __init__(self, config: Config, *, workers: int = 2,
-                 importer: Optional[Callable[[Path, Path], Path]] = None) -> None:
+    def __init__(
+        self, config: Config, *, workers: int = 2, importer: Optional[Callable[[Path, Path], Path]] = None
+    ) -> None:
         self.config = config
         self._config_dir = config.path.parent if config.path else None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare")
@@ -131,35 +134,51 @@ class Preparer:
         try:
             cfg = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
-            raise ModelLoadFailed(f"model \"{name}\" has an unreadable config.json: {exc}") from None
+            raise ModelLoadFailed(f'model "{name}" has an unreadable config.json: {exc}') from None
         info = embedding_info(path, self.config.models[name].kind)
         if info.is_embedding:
             return self._embedding_files(name, path, cfg, info)
         try:
             tokenizer = load_tokenizer(path, None, eos_token_ids=cfg.get("eos_token_id"))
         except Exception as exc:  # noqa: BLE001 - a broken tokenizer fails this model only
-            raise ModelLoadFailed(f"failed to load the tokenizer of model \"{name}\": {exc}") from exc
+            raise ModelLoadFailed(f'failed to load the tokenizer of model "{name}": {exc}') from exc
         configured = self.config.models[name].context_length
         native = native_context_length(cfg)
-        return ModelFiles(name=name, path=path, config=cfg, tokenizer=tokenizer, constraints=Constraints(tokenizer),
-                          context_length=min(configured, native) if configured else native,
-                          weights=weights_size(path), kv_per_token=_kv_estimate(cfg))
+        return ModelFiles(
+            name=name,
+            path=path,
+            config=cfg,
+            tokenizer=tokenizer,
+            constraints=Constraints(tokenizer),
+            context_length=min(configured, native) if configured else native,
+            weights=weights_size(path),
+            kv_per_token=_kv_estimate(cfg),
+        )
 
     def _embedding_files(self, name: str, path: Path, cfg: dict[str, Any], info: EmbeddingInfo) -> ModelFiles:
         configured = self.config.models[name].context_length
         try:
-            tokenizer = EmbedTokenizer.from_dir(path, min(configured, info.max_length) if configured
-                                                else info.max_length)
+            tokenizer = EmbedTokenizer.from_dir(
+                path, min(configured, info.max_length) if configured else info.max_length
+            )
         except Exception as exc:  # noqa: BLE001 - a broken tokenizer fails this model only
-            raise ModelLoadFailed(f"failed to load the tokenizer of model \"{name}\": {exc}") from exc
+            raise ModelLoadFailed(f'failed to load the tokenizer of model "{name}": {exc}') from exc
         # What a forward pass holds per token (hidden, MLP and attention buffers, float32), in kv_bound's units.
         # Attention scores are per token × the batch's padded width; the width is capped at 1,024 here, since a
         # long-context embedder (8k–32k) would otherwise reserve gigabytes for widths requests rarely reach.
         heads = int(cfg.get("num_attention_heads", 12))
         per_token = 4 * (8 * info.dimensions + heads * min(info.max_length, 1024)) // 2
-        return ModelFiles(name=name, path=path, config=cfg, tokenizer=tokenizer, constraints=None,
-                          context_length=tokenizer.max_length, weights=weights_size(path), kv_per_token=per_token,
-                          embedding=info)
+        return ModelFiles(
+            name=name,
+            path=path,
+            config=cfg,
+            tokenizer=tokenizer,
+            constraints=None,
+            context_length=tokenizer.max_length,
+            weights=weights_size(path),
+            kv_per_token=per_token,
+            embedding=info,
+        )
 
     def model_dir(self, name: str) -> Path:
         model = self.config.models.get(name)
@@ -178,7 +197,7 @@ class Preparer:
         except MlxServerError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bad GGUF fails this model only
-            raise ModelLoadFailed(f"failed to import GGUF for model \"{name}\": {exc}") from exc
+            raise ModelLoadFailed(f'failed to import GGUF for model "{name}": {exc}') from exc
 
     def _assemble(self, name: str, source: str) -> Path:
         from mlx_server.models.ollama_store import OllamaError, read_manifest
@@ -187,7 +206,7 @@ class Preparer:
         try:
             path = model_dir(read_manifest(source), self.config.server.cache_dir)
         except (OllamaError, OSError, ValueError) as exc:
-            raise ModelLoadFailed(f"failed to assemble model \"{name}\" from the Ollama store: {exc}") from exc
+            raise ModelLoadFailed(f'failed to assemble model "{name}" from the Ollama store: {exc}') from exc
         log.info("model %s: Ollama safetensors layers assembled in %s", name, path)
         return path
 
@@ -206,10 +225,10 @@ class Preparer:
     def generation_files(self, name: str) -> ModelFiles:
         files = self.files(name)
         if files.embedding is not None:
-            raise BadRequest(f"\"{name}\" does not support generate")
+            raise BadRequest(f'"{name}" does not support generate')
         return files
 
-    def with_grammar(self, prepared: Prepared) -> Prepared:
+    def with_grammar(self, prepared: P) -> P:
         """`prepared` with its grammar compiled here (a distributed follower gets rank 0's prompt without it)."""
         files = self.files(prepared.request.model)
         constraints = files.constraints or Constraints(files.tokenizer)
@@ -220,8 +239,7 @@ class Preparer:
         files = self.files(req.model)
         width = files.width()
         if req.dimensions is not None and not 0 < req.dimensions <= width:
-            raise BadRequest(f"dimensions must be between 1 and {width} for model \"{req.model}\", "
-                             f"got {req.dimensions}")
+            raise BadRequest(f'dimensions must be between 1 and {width} for model "{req.model}", got {req.dimensions}')
         limit = min(req.num_ctx, files.context_length) if req.num_ctx else files.context_length
         texts = [x for x in req.inputs if isinstance(x, str)]
         if isinstance(files.tokenizer, EmbedTokenizer):
@@ -238,20 +256,29 @@ class Preparer:
                 raise BadRequest(f"input {index} has token ids outside the model's vocabulary (0..{vocab - 1})")
             if len(ids) > limit:
                 if not req.truncate:
-                    raise BadRequest(f"input {index} has {len(ids)} tokens, more than the context length "
-                                     f"({limit}); send truncate: true to cut it")
+                    raise BadRequest(
+                        f"input {index} has {len(ids)} tokens, more than the context length "
+                        f"({limit}); send truncate: true to cut it"
+                    )
                 ids = _cut(ids, limit, files.tokenizer)
             inputs.append(ids)
         return PreparedEmbed(request=req, inputs=inputs, dimensions=req.dimensions)
 
 
-def prepare_request(req: GenerateRequest, tokenizer: Any, context_length: int,
-                    constraints: Optional[Constraints] = None) -> Prepared:
+def prepare_request(
+    req: GenerateRequest, tokenizer: Any, context_length: int, constraints: Optional[Constraints] = None
+) -> Prepared:
     """Render, tokenize, fit and compile: raises BadRequest for the client's mistakes."""
     fitted = fit(render(req, tokenizer, req.model), req, context_length, req.model)
     grammar = (constraints or Constraints(tokenizer)).processors(req, fitted.max_tokens)
-    return Prepared(request=req, tokens=fitted.tokens, num_ctx=fitted.num_ctx, max_tokens=fitted.max_tokens,
-                    truncated=fitted.truncated, grammar=grammar)
+    return Prepared(
+        request=req,
+        tokens=fitted.tokens,
+        num_ctx=fitted.num_ctx,
+        max_tokens=fitted.max_tokens,
+        truncated=fitted.truncated,
+        grammar=grammar,
+    )
 
 
 def _cut(ids: list[int], limit: int, tokenizer: Any) -> list[int]:
@@ -271,8 +298,9 @@ def import_in_child(gguf: Path, cache_dir: Path) -> Path:
 
     The child returns at once when the import is already cached (its hash is remembered per path and mtime).
     """
-    done = subprocess.run([sys.executable, "-m", "mlx_server.convert.gguf", str(gguf), str(cache_dir)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "mlx_server.convert.gguf", str(gguf), str(cache_dir)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
         raise ModelLoadFailed(f"importing {gguf.name} failed: {lines[-1] if lines else f'exit {done.returncode}'}")

@@ -1,5 +1,5 @@
 """What `mlx-server doctor` finds out about this machine: the interpreter and platform, MLX (in a child process),
-who holds a port, and what answers over HTTP. Each probe returns data; doctor.py turns data into rows.
+who holds a port, and what answers over HTTP. Each probe returns data; checks.py and server.py turn data into rows.
 
 Every outside command goes through one `Runner` (the launchd seam's shape), so tests can stand in for `sysctl` on
 Linux; the platform itself is a value (`Platform`) for the same reason.
@@ -41,8 +41,15 @@ class Platform:
             translated = sysctl_flag("sysctl.proc_translated", run)
             apple = sysctl_flag("hw.optional.arm64", run)
         v = sys.version_info
-        return cls(system, platform.machine(), sys.executable, (v.major, v.minor, v.micro),
-                   platform.mac_ver()[0] if system == "Darwin" else "", translated, apple)
+        return cls(
+            system,
+            platform.machine(),
+            sys.executable,
+            (v.major, v.minor, v.micro),
+            platform.mac_ver()[0] if system == "Darwin" else "",
+            translated,
+            apple,
+        )
 
 
 def sysctl_flag(key: str, run: Runner = run_command) -> Optional[bool]:
@@ -164,5 +171,16 @@ def is_us(health: Answer) -> bool:
     return isinstance(body, dict) and {"status", "queue_size", "models_cached", "memory"} <= set(body)
 
 
-__all__ = ["Answer", "MIN_PYTHON", "Platform", "connect_host", "get", "is_listening", "is_us", "mac_version_tuple",
-           "port_owner", "run_probe", "sysctl_flag"]
+__all__ = [
+    "Answer",
+    "MIN_PYTHON",
+    "Platform",
+    "connect_host",
+    "get",
+    "is_listening",
+    "is_us",
+    "mac_version_tuple",
+    "port_owner",
+    "run_probe",
+    "sysctl_flag",
+]

@@ -1,10 +1,10 @@
 """Embedding models in MLX: load a model dir, embed padded batches of token ids, pool, normalize.
 
-`load_embedder(path)` reads what the files say (mlx_server.models.embedinfo: architecture, pooling, max length), builds the
-architecture's module, loads its safetensors strictly and pairs it with an `EmbedTokenizer`. One module per encoder
-architecture, registered in `_BUILDERS`: bert.py (BERT and XLM-RoBERTa), nomic.py (nomic-bert), modernbert.py.
-Decoders (Qwen3-Embedding and the like) run on mlx_lm's own model classes (decoder.py), so any architecture mlx_lm
-knows can embed.
+`load_embedder(path)` reads what the files say (mlx_server.models.embedinfo: architecture, pooling, max length),
+builds the architecture's module, loads its safetensors strictly and pairs it with an `EmbedTokenizer`. One module
+per encoder architecture, registered in `_BUILDERS`: bert.py (BERT and XLM-RoBERTa), nomic.py (nomic-bert),
+modernbert.py. Decoders (Qwen3-Embedding and the like) run on mlx_lm's own model classes (decoder.py), so any
+architecture mlx_lm knows can embed.
 
 Only the inference thread may call `Embedder.embed` (it runs MLX); `Embedder.tokenizer` is plain Python.
 """
@@ -19,9 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_server.models.embedinfo import DECODER_TYPES, ENCODER_TYPES, EmbeddingInfo, Pooling, embedding_info
 from mlx_server.engine.model.embedders import bert, decoder, modernbert, nomic
-from mlx_server.engine.model.embedders.tokenizer import EmbedTokenizer
+from mlx_server.engine.prepare.embed_tokenizer import EmbedTokenizer
+from mlx_server.models.embedinfo import DECODER_TYPES, ENCODER_TYPES, EmbeddingInfo, Pooling, embedding_info
 
 # torch.nn.functional.normalize's default eps, which sentence-transformers' Normalize uses.
 _NORM_EPS = 1e-12
@@ -74,8 +74,10 @@ def _builder(architecture: str) -> Builder:
     if architecture in _BUILDERS:
         return _BUILDERS[architecture]
     if architecture in ENCODER_TYPES.values() or architecture == "unknown":
-        raise ValueError(f"no MLX embedder for architecture {architecture!r} (supported: "
-                         f"{', '.join(sorted(_BUILDERS))}, and other mlx_lm decoders)")
+        raise ValueError(
+            f"no MLX embedder for architecture {architecture!r} (supported: "
+            f"{', '.join(sorted(_BUILDERS))}, and other mlx_lm decoders)"
+        )
     return decoder.build
 
 
@@ -128,7 +130,8 @@ class Embedder:
     @property
     def nbytes(self) -> int:
         """Bytes of weights in memory: what the model adds to the memory budget."""
-        return sum(int(v.nbytes) for _, v in tree_flatten(self.model.parameters()))
+        leaves: list[tuple[str, Any]] = tree_flatten(self.model.parameters())  # type: ignore[assignment]  # stubs
+        return sum(int(v.nbytes) for _, v in leaves)
 
     def embed(self, batch: Sequence[Sequence[int]], *, normalize: bool = True) -> mx.array:
         """Token-id lists (any lengths up to max_length) → evaluated float32 (len(batch), dimensions).

@@ -4,7 +4,7 @@
 1,536 MLP features) `nn.gelu` took 150 ms here, more than half of a whole layer. `gelu` below computes erf as a
 rational function of x² instead, with the minimax coefficients of Eigen's float32 `erf` (also used by XLA and
 TensorFlow): only multiply-adds and one division, ~40 ms for the same batch, and within 6e-7 of `mx.erf` over
-[-4, 4], outside of which float32 erf is ±1 (tests/engine/test_embedders.py checks it against `nn.gelu`).
+[-4, 4], outside of which float32 erf is ±1 (tests/engine/model/test_embedders.py checks it against `nn.gelu`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,22 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-_NUMERATOR = (-1.60960333262415e-02, -2.95459980854025e-03, -7.34990630326855e-04, -5.69250639462346e-05,
-              -2.10102402082508e-06, 2.77068142495902e-08, -2.72614225801306e-10)  # x, x³, …, x¹³
-_DENOMINATOR = (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -2.13374055278905e-04,
-                -1.45660718464996e-05)  # 1, x², …, x⁸
+_NUMERATOR = (
+    -1.60960333262415e-02,
+    -2.95459980854025e-03,
+    -7.34990630326855e-04,
+    -5.69250639462346e-05,
+    -2.10102402082508e-06,
+    2.77068142495902e-08,
+    -2.72614225801306e-10,
+)  # x, x³, …, x¹³
+_DENOMINATOR = (
+    -1.42647390514189e-02,
+    -7.37332916720468e-03,
+    -1.68282697438203e-03,
+    -2.13374055278905e-04,
+    -1.45660718464996e-05,
+)  # 1, x², …, x⁸
 
 
 def erf(x: mx.array) -> mx.array:

@@ -20,7 +20,6 @@ from mlx_server.engine.model.embedders.activations import ACTIVATIONS as _ACTIVA
 from mlx_server.engine.model.embedders.names import encoder_tensors
 
 
-
 @dataclass(frozen=True)
 class BertConfig:
     vocab_size: int
@@ -43,13 +42,18 @@ class BertConfig:
             raise ValueError(f"unsupported position_embedding_type {cfg['position_embedding_type']!r}")
         pad = cfg.get("pad_token_id")
         offset = ((1 if pad is None else int(pad)) + 1) if architecture == "xlm-roberta" else 0
-        return cls(vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
-                   num_hidden_layers=int(cfg["num_hidden_layers"]),
-                   num_attention_heads=int(cfg["num_attention_heads"]),
-                   intermediate_size=int(cfg["intermediate_size"]),
-                   max_position_embeddings=int(cfg.get("max_position_embeddings", 512)),
-                   type_vocab_size=int(cfg.get("type_vocab_size", 2) or 1),
-                   layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)), hidden_act=act, position_offset=offset)
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=int(cfg["num_attention_heads"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 512)),
+            type_vocab_size=int(cfg.get("type_vocab_size", 2) or 1),
+            layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
+            hidden_act=act,
+            position_offset=offset,
+        )
 
     @property
     def max_tokens(self) -> int:
@@ -95,7 +99,7 @@ class Attention(nn.Module):
 
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         # mask is boolean (batch, 1, 1, length): each query sees every real key of its row and no pad.
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim ** -0.5, mask=mask)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask=mask)
         o = o.transpose(0, 2, 1, 3).reshape(batch, length, width)
         return self.norm(x + self.out(o))  # post-norm residual, as BERT
 

@@ -25,7 +25,6 @@ from mlx_server.engine.model.embedders.fused import split_qkv
 from mlx_server.engine.model.embedders.names import encoder_tensors
 
 
-
 @dataclass(frozen=True)
 class ModernBertConfig:
     vocab_size: int
@@ -50,8 +49,9 @@ class ModernBertConfig:
             raise ValueError(f"unsupported ModernBERT hidden_activation {act!r}")
         layers = int(cfg["num_hidden_layers"])
         every = int(cfg.get("global_attn_every_n_layers", 3) or 1)
-        types = cfg.get("layer_types") or ["full_attention" if i % every == 0 else "sliding_attention"
-                                           for i in range(layers)]
+        types = cfg.get("layer_types") or [
+            "full_attention" if i % every == 0 else "sliding_attention" for i in range(layers)
+        ]
         if len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
             raise ValueError(f"unsupported ModernBERT layer_types {types!r}")
         rope = cfg.get("rope_parameters") or {}
@@ -59,19 +59,29 @@ class ModernBertConfig:
             rope_type = (rope.get(kind) or {}).get("rope_type", "default")
             if rope_type != "default":
                 raise ValueError(f"unsupported ModernBERT rope_type {rope_type!r} for {kind}")
-        global_theta = float((rope.get("full_attention") or {}).get("rope_theta")
-                             or cfg.get("global_rope_theta") or 160_000.0)
+        global_theta = float(
+            (rope.get("full_attention") or {}).get("rope_theta") or cfg.get("global_rope_theta") or 160_000.0
+        )
         # The original code falls back to the global base when local_rope_theta is null.
-        local_theta = float((rope.get("sliding_attention") or {}).get("rope_theta")
-                            or cfg.get("local_rope_theta") or global_theta)
-        return cls(vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
-                   num_heads=int(cfg["num_attention_heads"]), intermediate_size=int(cfg["intermediate_size"]),
-                   eps=float(cfg.get("norm_eps", 1e-5)), norm_bias=bool(cfg.get("norm_bias", False)),
-                   attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
-                   activation=act, global_theta=global_theta, local_theta=local_theta,
-                   window=int(cfg.get("local_attention", 128)) // 2,
-                   global_layers=tuple(t == "full_attention" for t in types),
-                   max_tokens=int(cfg.get("max_position_embeddings", 8192)))
+        local_theta = float(
+            (rope.get("sliding_attention") or {}).get("rope_theta") or cfg.get("local_rope_theta") or global_theta
+        )
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            num_heads=int(cfg["num_attention_heads"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            eps=float(cfg.get("norm_eps", 1e-5)),
+            norm_bias=bool(cfg.get("norm_bias", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            activation=act,
+            global_theta=global_theta,
+            local_theta=local_theta,
+            window=int(cfg.get("local_attention", 128)) // 2,
+            global_layers=tuple(t == "full_attention" for t in types),
+            max_tokens=int(cfg.get("max_position_embeddings", 8192)),
+        )
 
 
 class Embeddings(nn.Module):
@@ -99,7 +109,7 @@ class Attention(nn.Module):
         # Right padding: every real token sits at its own index, so offset 0 is each row's own positions.
         q = mx.fast.rope(q, head_dim, traditional=False, base=self.theta, scale=1.0, offset=0)
         k = mx.fast.rope(k, head_dim, traditional=False, base=self.theta, scale=1.0, offset=0)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim ** -0.5, mask=mask)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask=mask)
         return self.Wo(o.transpose(0, 2, 1, 3).reshape(batch, length, width))
 
 

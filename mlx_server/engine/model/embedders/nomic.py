@@ -57,14 +57,20 @@ class NomicConfig:
         act = str(cfg.get("activation_function", "swiglu"))
         if act not in _GATES:
             raise ValueError(f"unsupported nomic-bert activation_function {act!r} (gated MLPs only)")
-        for key, why in (("prenorm", "pre-norm blocks"), ("causal", "causal attention"),
-                         ("rotary_emb_scale_base", "xPos rotary scaling"), ("num_experts", "mixture of experts"),
-                         ("moe_every_n_layers", "mixture of experts")):
+        for key, why in (
+            ("prenorm", "pre-norm blocks"),
+            ("causal", "causal attention"),
+            ("rotary_emb_scale_base", "xPos rotary scaling"),
+            ("num_experts", "mixture of experts"),
+            ("moe_every_n_layers", "mixture of experts"),
+        ):
             if cfg.get(key):
                 raise ValueError(f"nomic-bert with {why} ({key}={cfg[key]!r}) is not supported")
         if "n_embd" not in cfg:  # transformers' own NomicBertConfig (hidden_size, self_attn.q_proj, ...)
-            raise ValueError("nomic-bert checkpoints re-saved in transformers' native layout are not supported; "
-                             "use the hub layout (n_embd, attn.Wqkv)")
+            raise ValueError(
+                "nomic-bert checkpoints re-saved in transformers' native layout are not supported; "
+                "use the hub layout (n_embd, attn.Wqkv)"
+            )
         hidden = int(cfg["n_embd"])
         heads = int(cfg["n_head"])
         fraction = float(cfg.get("rotary_emb_fraction", 1.0) or 0.0)
@@ -77,13 +83,23 @@ class NomicConfig:
         if positions <= 0:  # as the reference's from_pretrained does for rotary models
             positions = 2048
         trained = int(cfg.get("max_trained_positions") or positions)
-        return cls(vocab_size=int(cfg["vocab_size"]), hidden_size=hidden, num_layers=int(cfg["n_layer"]),
-                   num_heads=heads, intermediate_size=inner, type_vocab_size=int(cfg.get("type_vocab_size", 2) or 0),
-                   eps=float(cfg.get("layer_norm_epsilon", 1e-12)), rotary_dims=int(hidden // heads * fraction),
-                   rope_base=float(cfg.get("rotary_emb_base", 10000.0)),
-                   rope_interleaved=bool(cfg.get("rotary_emb_interleaved", False)),
-                   qkv_bias=bool(cfg.get("qkv_proj_bias", True)), fc1_bias=bool(cfg.get("mlp_fc1_bias", True)),
-                   fc2_bias=bool(cfg.get("mlp_fc2_bias", True)), activation=act, max_tokens=min(positions, trained))
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            num_layers=int(cfg["n_layer"]),
+            num_heads=heads,
+            intermediate_size=inner,
+            type_vocab_size=int(cfg.get("type_vocab_size", 2) or 0),
+            eps=float(cfg.get("layer_norm_epsilon", 1e-12)),
+            rotary_dims=int(hidden // heads * fraction),
+            rope_base=float(cfg.get("rotary_emb_base", 10000.0)),
+            rope_interleaved=bool(cfg.get("rotary_emb_interleaved", False)),
+            qkv_bias=bool(cfg.get("qkv_proj_bias", True)),
+            fc1_bias=bool(cfg.get("mlp_fc1_bias", True)),
+            fc2_bias=bool(cfg.get("mlp_fc2_bias", True)),
+            activation=act,
+            max_tokens=min(positions, trained),
+        )
 
 
 class Embeddings(nn.Module):
@@ -113,10 +129,10 @@ class Attention(nn.Module):
         head_dim = width // self.heads
         q, k, v = split_qkv(self.Wqkv(x), self.heads)
         # Right padding: real tokens sit at positions 0..n-1 of their row, so offset 0 is every row's own rope.
-        rope = dict(dims=self.cfg.rotary_dims, traditional=self.cfg.rope_interleaved, base=self.cfg.rope_base,
-                    scale=1.0, offset=0)
-        q, k = mx.fast.rope(q, **rope), mx.fast.rope(k, **rope)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim ** -0.5, mask=mask)
+        c = self.cfg
+        q = mx.fast.rope(q, c.rotary_dims, traditional=c.rope_interleaved, base=c.rope_base, scale=1.0, offset=0)
+        k = mx.fast.rope(k, c.rotary_dims, traditional=c.rope_interleaved, base=c.rope_base, scale=1.0, offset=0)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5, mask=mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(batch, length, width))
 
 

@@ -1,0 +1,168 @@
+"""GenerateWorker on real tiny models: greedy equals mlx_lm, stops, limits, seeds, cancellation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlx_lm import generate as mlx_generate
+from mlx_lm import load
+
+from support.enginetools import add
+from mlx_server.engine.model.runner import GenerateWorker
+from mlx_server.contract.events import Delta, Done, Event, Started
+from mlx_server.contract.requests import ChatMessage, GenerateRequest, SamplingParams
+from support.tinymodels import reference_greedy
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    @property
+    def text(self) -> str:
+        return "".join(e.content for e in self.events if isinstance(e, Delta))
+
+    @property
+    def done(self) -> Done:
+        [done] = [e for e in self.events if isinstance(e, Done)]
+        return done
+
+
+def run(runner: GenerateWorker, *reqs: GenerateRequest, max_steps: int = 500) -> list[Recorder]:
+    recs = [Recorder() for _ in reqs]
+    for req, rec in zip(reqs, recs):
+        add(runner, req, rec)
+    for _ in range(max_steps):
+        if not runner.has_work():
+            break
+        runner.step()
+    assert not runner.has_work()
+    return recs
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_qwen2"])
+def loaded(request: pytest.FixtureRequest) -> tuple[Path, Any, Any]:
+    path = request.getfixturevalue(request.param)
+    model, tokenizer = load(str(path))
+    return path, model, tokenizer
+
+
+def make_runner(loaded: tuple[Path, Any, Any], ctx: int = 2048) -> GenerateWorker:
+    _, model, tokenizer = loaded
+    return GenerateWorker("tiny", model, tokenizer, ctx, max_batch=8)
+
+
+def test_greedy_chat_equals_mlx_lm(loaded: tuple[Path, Any, Any]) -> None:
+    path, model, tokenizer = loaded
+    messages = [{"role": "user", "content": "Tell me about the river and the mountain."}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    tokens = list(tokenizer.encode(prompt, add_special_tokens=False))
+    want = reference_greedy(path, tokens, 24)
+    [rec] = run(make_runner(loaded), GenerateRequest(
+        model="tiny", messages=[ChatMessage("user", messages[0]["content"])], sampling=GREEDY, max_tokens=24))
+    assert rec.text == tokenizer.decode(want)
+    assert rec.done.usage.completion_tokens == len(want) == 24
+    assert len(set(want)) > 5  # the tiny model's output is varied, so equality means something
+    started = rec.events[0]
+    assert isinstance(started, Started) and started.prompt_tokens == len(tokens)
+
+
+def test_raw_prompt_equals_mlx_lm_generate(loaded: tuple[Path, Any, Any]) -> None:
+    _, model, tokenizer = loaded
+    prompt = "The quick brown fox jumps over"
+    want = mlx_generate(model, tokenizer, prompt, max_tokens=16)
+    [rec] = run(make_runner(loaded), GenerateRequest(model="tiny", prompt=prompt, raw=True, sampling=GREEDY,
+                                                     max_tokens=16))
+    assert rec.text == want
+    assert rec.done.reason == "length"
+
+
+def test_stop_string_split_across_tokens_is_never_emitted(loaded: tuple[Path, Any, Any]) -> None:
+    path, _, tokenizer = loaded
+    req = GenerateRequest(model="tiny", prompt="Numbers 123 and words", raw=True, sampling=GREEDY, max_tokens=30)
+    full = tokenizer.decode(reference_greedy(path, list(tokenizer.encode(req.prompt)), 30))
+    # A stop string that straddles a token boundary: the last 2 chars of one token + first of the next.
+    pieces = [tokenizer.decode([t]) for t in reference_greedy(path, list(tokenizer.encode(req.prompt)), 30)]
+    idx = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and pieces[i + 1])
+    stop = pieces[idx][-2:] + pieces[idx + 1][:1]
+    cut = full.find(stop)
+    assert cut >= 0
+    req.stop = (stop,)
+    [rec] = run(make_runner(loaded), req)
+    assert rec.text == full[:cut]
+    assert stop not in rec.text
+    assert rec.done.reason == "stop"
+
+
+def test_num_predict_and_context_limit(loaded: tuple[Path, Any, Any]) -> None:
+    [rec] = run(make_runner(loaded), GenerateRequest(model="tiny", prompt="hello", raw=True, sampling=GREEDY,
+                                                     max_tokens=5))
+    assert rec.done.usage.completion_tokens == 5 and rec.done.reason == "length"
+    # num_ctx bounds prompt + generation together
+    [rec] = run(make_runner(loaded), GenerateRequest(model="tiny", prompt="hello there", raw=True,
+                                                     sampling=GREEDY, num_ctx=12))
+    started = rec.events[0]
+    assert isinstance(started, Started)
+    assert started.prompt_tokens + rec.done.usage.completion_tokens == 12
+
+
+def test_long_prompt_truncated_from_the_left(loaded: tuple[Path, Any, Any]) -> None:
+    _, _, tokenizer = loaded
+    prompt = " ".join(f"word{i}" for i in range(200))
+    n = len(tokenizer.encode(prompt))
+    [rec] = run(make_runner(loaded), GenerateRequest(model="tiny", prompt=prompt, raw=True, sampling=GREEDY,
+                                                     num_ctx=64, max_tokens=8))
+    started = rec.events[0]
+    assert isinstance(started, Started)
+    assert started.truncated == n - started.prompt_tokens > 0
+    assert started.prompt_tokens + 8 <= 64
+    assert rec.done.usage.completion_tokens == 8
+
+
+def test_seed_reproducible_and_seeds_differ(loaded: tuple[Path, Any, Any]) -> None:
+    def sample(seed: int) -> str:
+        sp = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=seed)
+        [rec] = run(make_runner(loaded), GenerateRequest(model="tiny", prompt="Once upon", raw=True, sampling=sp,
+                                                         max_tokens=20))
+        return rec.text
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in (1, 2, 3)}) > 1
+
+
+def test_seeded_sample_unchanged_by_batch_company(loaded: tuple[Path, Any, Any]) -> None:
+    sp = SamplingParams(temperature=0.9, seed=42)
+    alone = run(make_runner(loaded), GenerateRequest(model="tiny", prompt="Once upon", raw=True, sampling=sp,
+                                                     max_tokens=16))[0].text
+    together = run(make_runner(loaded),
+                   GenerateRequest(model="tiny", prompt="Once upon", raw=True, sampling=sp, max_tokens=16),
+                   GenerateRequest(model="tiny", prompt="Other text here", raw=True,
+                                   sampling=SamplingParams(temperature=1.0, seed=3), max_tokens=16))[0].text
+    assert alone == together
+
+
+def test_cancel_drops_the_sequence_before_the_next_step(loaded: tuple[Path, Any, Any]) -> None:
+    runner = make_runner(loaded)
+    keep, drop = Recorder(), Recorder()
+    add(runner, GenerateRequest(model="tiny", prompt="a b c", raw=True, sampling=GREEDY, max_tokens=50,
+                               request_id=1001), keep)
+    add(runner, GenerateRequest(model="tiny", prompt="d e f", raw=True, sampling=GREEDY, max_tokens=50,
+                               request_id=1002), drop)
+    for _ in range(4):
+        runner.step()
+    assert runner.cancel(1002)
+    emitted = len(drop.events)
+    assert drop.events[-1] == Done(1002, "tiny", "cancelled", drop.done.usage)
+    runner.step()
+    assert len(drop.events) == emitted  # nothing more for the cancelled sequence
+    assert set(runner.generator._find_uids(range(10))) == {runner.by_request[1001]}
+    while runner.has_work():
+        runner.step()
+    assert keep.done.usage.completion_tokens == 50
