@@ -1,40 +1,36 @@
 """Turn a GGUF file into an MLX model directory that mlx_lm.load accepts, one slice of one tensor at a time.
 
 The file is read with gguf-py's memory-mapped reader (never `mx.load`, which decodes K-quants wrongly and fails on
-Q5_0/Q5_1/Q3_K/Q5_K). Per tensor, a slice of rows at a time: ggml blocks become MLX affine groups of 32 without
-loss where MLX can hold them (engine/gguf_quants.py), or dense floats in the dense modes; names, rows and norms are
-put back the way mlx_lm's model class expects (engine/gguf_arch.py); the bytes go straight to their place in the
-output safetensors (engine/safetensors_stream.py). Memory stays at a slice (a few MB to ~100 MB), whatever the
-model's size. Then config.json, the tokenizer (engine/gguf_tokenizer.py) and a marker with the import's report.
+Q5_0/Q5_1/Q3_K/Q5_K). This module picks the weight format (the mode), checks the disk has room, and writes
+config.json, the tokenizer (gguf_tokenizer.py) and a marker with the import's report; the weights themselves are
+planned and streamed slice by slice in gguf_weights.py, so memory stays at a slice whatever the model's size.
 
 Imports are cached under <cache_dir>/imports/<sha256 of the file>-<mode>, built in a temp dir beside it and renamed,
 so a crash leaves no half model. An Ollama blob (`sha256-<hex>`) is checked against the digest in its name.
+`python -m mlx_server.convert.gguf FILE.gguf CACHE_DIR` runs one import in a child process (engine/prepare/stage.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import mlx.core as mx
-import numpy as np
 
 from mlx_server.convert import gguf_quants as gq
-from mlx_server.convert.gguf_arch import Arch, Meta, arch_of, hf_name, is_norm, row_heads, unpermute_rows
+from mlx_server.convert.gguf_arch import Meta, arch_of
 from mlx_server.convert.gguf_tokenizer import special_ids, tokenizer_files
-from mlx_server.convert.safetensors_stream import Entry, ShardWriter, shard_groups, shard_names, to_dtype
+from mlx_server.convert.gguf_weights import Progress, plan_tensors, quantization_config, write_weights
 from mlx_server.models.chat_templates import choose_template
 from mlx_server.models.gguf_file import LOSSLESS_BITS, REQUANT_BITS, is_vision_tensor, open_gguf, type_support
 from mlx_server.models.tmpdirs import remove_stale_tmp_dirs
@@ -60,15 +56,12 @@ _CPU_LOW_MEMORY_MODE = "quantized-f32"
 # Dense bfloat16 is at most ~3.6x the file (16 bits per weight against Q4_0's 4.5).
 _DENSE_BF16_GROWTH = 3.6
 _MAX_RAM_SHARE = 0.5
-_SLICE_WEIGHTS = 4 * 2**20  # weights converted at once: bounds the temporaries (~30 bytes per weight at most)
 _DISK_MARGIN = 256 * 2**20  # tokenizer files and slack, beyond the weights
 
 # Bump when the output layout changes, so old imports are redone instead of reused.
 _FORMAT_VERSION = 2
 _MARKER = "gguf_import.json"
 _BLOB_NAME = re.compile(r"sha256-([0-9a-f]{64})")
-
-Progress = Callable[[int, int], None]  # (bytes of the file converted so far, total)
 
 
 def file_sha256(path: Path) -> str:
@@ -189,23 +182,6 @@ def _cached_digest(path: Path, imports: Path) -> str:
     return digest
 
 
-@dataclass
-class _Plan:
-    """One GGUF tensor and what it becomes."""
-
-    tensor: Any  # gguf ReaderTensor (memory-mapped data)
-    name: str  # mlx_lm parameter name, e.g. model.layers.0.self_attn.q_proj.weight
-    type_name: str
-    bits: Optional[int]  # packed into MLX groups of 32 with this many bits; None: dense
-    heads: Optional[int]  # rows to un-permute per head (llama Q/K)
-    shift: float  # subtracted (gemma's +1 norms)
-    entries: list[Entry] = field(default_factory=list)
-
-    @property
-    def module(self) -> str:
-        return self.name.rsplit(".", 1)[0]
-
-
 def _convert(gguf_path: Path, out: Path, mode: str, progress: Optional[Progress], tokenizer_dir: Path) -> None:
     started = time.monotonic()
     reader = open_gguf(gguf_path)
@@ -227,7 +203,7 @@ def _convert(gguf_path: Path, out: Path, mode: str, progress: Optional[Progress]
     )
     config = arch.config(meta)
     keep_quants, dtype = _MODES[mode]
-    plan = _plan(text, arch, config, keep_quants, dtype)
+    plan = plan_tensors(text, arch, config, keep_quants, dtype)
 
     need = sum(e.nbytes for p in plan for e in p.entries) + _DISK_MARGIN
     free = _free_bytes(out)
@@ -243,13 +219,13 @@ def _convert(gguf_path: Path, out: Path, mode: str, progress: Optional[Progress]
     # Shared by every mode's import of this file; the key changes with the template (built-in ones may change).
     shared = tokenizer_dir.with_name(f"{tokenizer_dir.name}-{hashlib.sha256(template.encode()).hexdigest()[:8]}")
     tokenizer_files(fields, out, int(config["max_position_embeddings"]), template, shared)
-    errors = _write_weights(reader, plan, out, dtype, progress)
+    errors = write_weights(reader, plan, out, dtype, progress)
 
     config.update(special_ids(fields))
     config["torch_dtype"] = dtype
     packed = {p.module: p.bits for p in plan if p.bits is not None}
     if packed:
-        config["quantization"] = _quantization_config(packed)
+        config["quantization"] = quantization_config(packed)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     report = {
         "format_version": _FORMAT_VERSION,
@@ -271,125 +247,6 @@ def _convert(gguf_path: Path, out: Path, mode: str, progress: Optional[Progress]
         "seconds": round(time.monotonic() - started, 2),
     }
     (out / _MARKER).write_text(json.dumps(report, indent=2))  # last: its presence means complete
-
-
-def _plan(tensors: list[Any], arch: Arch, config: Mapping[str, Any], keep_quants: bool, dtype: str) -> list[_Plan]:
-    plans = []
-    for t in tensors:
-        name = hf_name(arch, t.name)
-        if name is None:
-            continue
-        type_name = t.tensor_type.name
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        quantized = type_support(type_name) in ("lossless", "requantized")
-        bits = (LOSSLESS_BITS.get(type_name) or REQUANT_BITS[type_name]) if keep_quants and quantized else None
-        p = _Plan(
-            t, name, type_name, bits, row_heads(arch, t.name, config), arch.norm_shift if is_norm(t.name) else 0.0
-        )
-        if bits is None:
-            p.entries = [Entry(name, dtype, shape)]
-        else:
-            rows, cols = shape
-            p.entries = [
-                Entry(name, "uint32", (rows, cols * bits // 32)),
-                Entry(f"{p.module}.scales", dtype, (rows, cols // gq.GROUP)),
-                Entry(f"{p.module}.biases", dtype, (rows, cols // gq.GROUP)),
-            ]
-        plans.append(p)
-    return plans
-
-
-def _write_weights(
-    reader: Any, plan: list[_Plan], out: Path, dtype: str, progress: Optional[Progress]
-) -> dict[str, gq.RequantError]:
-    """Every planned tensor into safetensors shards, slice by slice; returns requantization error per type."""
-    shards = shard_groups([p.entries for p in plan])
-    names = shard_names(len(shards))
-    owner = {e.name: i for i, shard in enumerate(shards) for e in shard}
-    writers = [ShardWriter(out / n, shard, {"format": "mlx"}) for n, shard in zip(names, shards, strict=True)]
-    errors: dict[str, gq.RequantError] = defaultdict(gq.RequantError)
-    total, done = sum(int(p.tensor.n_bytes) for p in plan), 0
-    try:
-        for p in plan:
-            writer = writers[owner[p.name]]
-            error = errors[p.type_name] if p.type_name in REQUANT_BITS and p.bits is not None else None
-            if error is not None:
-                error.tensors += 1
-            row_bytes = int(p.tensor.n_bytes) // max(p.tensor.data.shape[0], 1)
-            for first, data in _slices(p):
-                _write_slice(writer, p, first, data, dtype, error)
-                _release(reader, int(p.tensor.data_offset) + first * row_bytes, int(data.nbytes))
-            done += int(p.tensor.n_bytes)
-            if progress is not None:
-                progress(done, total)
-    finally:
-        for w in writers:
-            w.close()
-    weight_map = {e.name: names[owner[e.name]] for p in plan for e in p.entries}
-    index = {
-        "metadata": {"total_size": sum(e.nbytes for p in plan for e in p.entries)},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return dict(errors)
-
-
-def _slices(p: _Plan) -> Any:
-    data = p.tensor.data
-    if data.ndim == 1:
-        yield 0, data
-        return
-    rows = data.shape[0]
-    cols = int(p.tensor.n_elements) // rows
-    unit = rows // p.heads if p.heads else 1  # a slice holds whole heads, so un-permuting stays inside it
-    step = max(unit, _SLICE_WEIGHTS // max(cols, 1) // unit * unit)
-    for first in range(0, rows, step):
-        yield first, data[first : first + step]
-
-
-def _write_slice(
-    writer: ShardWriter, p: _Plan, first: int, data: np.ndarray, dtype: str, error: Optional[gq.RequantError]
-) -> None:
-    heads = None if p.heads is None else data.shape[0] // (p.tensor.data.shape[0] // p.heads)
-    if p.bits is None:
-        values = gq.dense(data, p.type_name)
-        if p.shift:
-            values = values - np.float32(p.shift)
-        if heads:
-            values = unpermute_rows(values, heads)
-        writer.write_rows(p.name, first, to_dtype(values, dtype))
-        return
-    _, weights, scales, biases = gq.packed(data, p.type_name, error)
-    parts = (weights, to_dtype(scales, dtype), to_dtype(biases, dtype))
-    for entry, part in zip(p.entries, parts, strict=True):  # weight, scales, biases
-        # The permutation moves whole rows, so it applies alike to packed weights, scales and biases.
-        writer.write_rows(entry.name, first, unpermute_rows(part, heads) if heads else part)
-
-
-def _release(reader: Any, offset: int, length: int) -> None:
-    # Pages of the memory-mapped file stay in this process's RSS until unmapped, a whole tensor's (an 8B model's
-    # embedding: ~0.5 GB) by its end; drop each slice's once converted. They are clean file pages: nothing is
-    # lost, and the page cache may keep them.
-    mapping = getattr(reader.data, "_mmap", None)
-    if mapping is None or not hasattr(mapping, "madvise"):
-        return
-    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
-    end = offset + length
-    try:
-        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-def _quantization_config(packed: Mapping[str, int]) -> dict[str, Any]:
-    # The most common width is the default; mlx_lm takes per-module entries for the rest
-    # (a Q4_K_M file keeps some tensors in Q5_0, Q6_K or Q8_0).
-    bits = Counter(packed.values()).most_common(1)[0][0]
-    config: dict[str, Any] = {"group_size": gq.GROUP, "bits": bits, "mode": "affine"}
-    for name, b in sorted(packed.items()):
-        if b != bits:
-            config[name] = {"group_size": gq.GROUP, "bits": b, "mode": "affine"}
-    return config
 
 
 def main(argv: list[str]) -> int:

@@ -12,7 +12,7 @@ import yaml
 
 from mlx_server.config.load import Config, ConfigError, build_config, load_config, parse_duration, parse_size
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cfg(doc: dict, **kw: object) -> Config:
