@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from mlx_server.config.errors import ConfigError, config_error
-from mlx_server.config.tree import DEFAULT_PORT, Config, FileContext, Layers, ModelConfig, ServerConfig
+from mlx_server.config.tree import DEFAULT_PORT, Config, FileContext, Layers, ModelConfig, ServerConfig, directory
 from mlx_server.config.units import parse_duration, parse_size
 
 DEFAULT_CONFIG_NAME = "models.yaml"
@@ -48,6 +48,13 @@ def with_overrides(raw: Any, path: Optional[Path], env: Mapping[str, str], cli: 
                 raise ConfigError(path, variable, str(exc)) from None
     server.update({key: value for key, value in cli.items() if value is not None})
     return {**doc, "server": server}
+
+
+def default_cache_dir(env: Optional[Mapping[str, str]] = None) -> Path:
+    """The cache dir a config with no `server.cache_dir` gets, the environment applied: for callers that have no
+    Config (the same rule as a loaded one, from the same table)."""
+    server = with_overrides({}, None, os.environ if env is None else env, {})["server"]
+    return Path(directory(server.get("cache_dir")))
 
 
 def _check_names(config: Config, path: Optional[Path]) -> None:
@@ -144,6 +151,7 @@ __all__ = [
     "SERVER_ENV",
     "ServerConfig",
     "build_config",
+    "default_cache_dir",
     "default_config_path",
     "load_config",
     "parse_duration",

@@ -89,7 +89,7 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "mlx-server"
 
 
-def _directory(value: Any) -> Any:
+def directory(value: Any) -> Any:
     if value is None:
         return _default_cache_dir()
     if isinstance(value, (str, Path)):
@@ -112,7 +112,7 @@ NonNegativeDuration = Annotated[Duration, AfterValidator(_not_negative)]
 Size = Annotated[int, BeforeValidator(parse_size, json_schema_input_type=Union[int, str])]
 Strings = Annotated[tuple[str, ...], BeforeValidator(_strings, json_schema_input_type=list[str])]
 Budget = Annotated[int, BeforeValidator(_budget, json_schema_input_type=Union[int, float, str])]
-Directory = Annotated[Path, BeforeValidator(_directory, json_schema_input_type=Optional[str])]
+Directory = Annotated[Path, BeforeValidator(directory, json_schema_input_type=Optional[str])]
 ModelName = Annotated[str, AfterValidator(_nonblank)]
 
 # A spec, not bytes: validate_default turns it into bytes of this machine. Typed Any so the int field may hold it.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal, Optional
 
-from mlx_server.config.load import ModelConfig
+from mlx_server.config.load import ModelConfig, default_cache_dir
 from mlx_server.models.ollama_store import OllamaError, read_manifest
 from mlx_server.models.ollama_tensors import files_size, is_tensor_model
 from mlx_server.models.tmpdirs import remove_stale_tmp_dirs
@@ -133,12 +133,6 @@ def hf_cached_snapshot(repo_id: str) -> Optional[Path]:
     if isinstance(hit, str):
         return Path(hit).parent
     return None
-
-
-def default_cache_dir() -> Path:
-    """The cache dir config.py would pick without a models.yaml setting (for callers that have no Config)."""
-    env = os.environ.get("MLX_SERVER_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mlx-server"
 
 
 def zip_extract_dir(zip_path: Path, cache_dir: Path) -> Path:

@@ -209,7 +209,9 @@ class Core:
         owned = self._owner.get(request_id)
         entry = self.pool.get(owned.model) if owned else None
         if entry is not None:
-            any(worker.cancel(request_id) for worker in entry.model.workers.values())
+            for worker in entry.model.workers.values():
+                if worker.cancel(request_id):  # the one worker that holds it
+                    break
 
     # ---- admission ----------------------------------------------------------------------------------------
 
