@@ -182,7 +182,7 @@ class Admitting(Protocol):
 
     def run_on_model(
         self,
-        job: Any,
+        job: ModelJob,
         kind: str,
         unsupported: MlxServerError,
         reserve: int,
