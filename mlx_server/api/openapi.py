@@ -1,6 +1,6 @@
 """GET /openapi.json: an OpenAPI 3.1 document of every route and the request bodies it accepts.
 
-The paths come from the dialect registry (api/dialects.py); the schemas are hand-written and state what the
+The paths come from the dialect registry (api/routes.py); the schemas are hand-written and state what the
 handlers check, with their ranges, so a client generator or a schema fuzzer (tests/test_fuzz.py validates its
 valid cases against it) sees the same contract the server enforces. Unknown fields are allowed everywhere, as
 the dialects ignore them.

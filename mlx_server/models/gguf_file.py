@@ -35,7 +35,7 @@ LOSSLESS_BITS: Mapping[str, int] = MappingProxyType(
 # that). tests/convert/test_gguf_quants.py holds these bounds.
 REQUANT_BITS: Mapping[str, int] = MappingProxyType({"Q6_K": 8, "Q3_K": 5, "Q2_K": 4})
 DENSE_TYPES = frozenset({"F32", "F16", "BF16"})
-# Architectures engine/gguf_arch.py converts (the test suite checks both lists agree).
+# Architectures convert/gguf_arch.py converts (the test suite checks both lists agree).
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "command-r")
 # Tensors of a multimodal file that belong to the vision tower or its projector: a text model leaves them out.
 VISION_PREFIXES = ("v.", "mm.", "vision_", "multi_modal_projector")

@@ -3,7 +3,7 @@
 Nothing here generates. Content blocks map onto ChatMessage fields (text → content, thinking → thinking, tool_use →
 tool_calls, tool_result → a `tool` message), so the model's own chat template renders them. Streams are SSE
 with Anthropic's event names; the input token count in `message_start` comes from the engine's Started event.
-Sampling is request field > models.yaml option > Anthropic's default (temperature 1), see api/sampling.py.
+Sampling is request field > models.yaml option > Anthropic's default (temperature 1), see api/dialects/sampling.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a dialect supplies: the pieces the registry (api/dialects.py) and its one route skeleton put together.
+"""What a dialect supplies: the pieces the registry (api/routes.py) and its one route skeleton put together.
 
 A dialect is data. `Dialect` holds what is the same for all its routes (the error body shape, how a stream is
 framed and sent); each `Endpoint` is one route, and a generation route carries a `Generation`: how a body

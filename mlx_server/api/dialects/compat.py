@@ -1,4 +1,7 @@
-"""Small translations shared by the OpenAI and Anthropic dialects (their fields' types and ranges: api/bodies.py)."""
+"""Small translations shared by the OpenAI and Anthropic dialects.
+
+Their fields' types and ranges are in api/dialects/bodies.py.
+"""
 
 from __future__ import annotations
 

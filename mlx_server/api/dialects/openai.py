@@ -1,7 +1,7 @@
 """The OpenAI dialect: /v1/models, /v1/chat/completions and /v1/completions, translated to and from the engine.
 
 Nothing here generates. Sampling is request field > models.yaml option > OpenAI's default (temperature 1, top_p 1,
-no penalties; /v1/completions 16 tokens), see api/sampling.py. The replies (JSON, SSE chunks, error bodies) are
+no penalties; /v1/completions 16 tokens), see api/dialects/sampling.py. The replies (JSON, SSE chunks, error bodies) are
 shaped in openai_reply.py; the route table reaches its error functions through this module.
 """
 

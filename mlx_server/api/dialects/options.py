@@ -1,7 +1,7 @@
 """Ollama `options`: their documented defaults and the JSON type each known key must have.
 
 Unknown keys are ignored (and logged), as Ollama does; a known key with the wrong JSON type is a 400. The merge
-with models.yaml and the dialect defaults is api/sampling.py's, shared by all three dialects.
+with models.yaml and the dialect defaults is api/dialects/sampling.py's, shared by all three dialects.
 """
 
 from __future__ import annotations

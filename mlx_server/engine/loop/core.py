@@ -1,6 +1,6 @@
 """The inference thread: drain commands → admit waiting requests → step every active batch → publish status.
 
-It is the only thread that touches MLX, and it does nothing else: requests arrive prepared (engine/prepare.py),
+It is the only thread that touches MLX, and it does nothing else: requests arrive prepared (engine/prepare/),
 loads advance in slices, and what handlers may read is published as one frozen EngineStatus per iteration.
 Memory is checked before it is used: weights, the KV reserved for every admitted sequence and the stored prompt
 caches together stay within the budget (loop/budget.py), and a request that does not fit waits its turn.

@@ -2,7 +2,7 @@
 
 Runs on the inference thread, one OutputStream per sequence. Text is released only once it can no longer turn
 out to be the start of a stop string, so a stop string is never emitted, even when split across tokens.
-SequenceOutput then splits that text into content / thinking / tool calls (engine/parsers.py) and adds
+SequenceOutput then splits that text into content / thinking / tool calls (engine/prepare/parsers.py) and adds
 per-token logprobs, producing the Delta events the runner publishes.
 """
 

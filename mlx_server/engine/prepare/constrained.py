@@ -256,7 +256,7 @@ def tool_call_grammar(
 
 
 class Constraints:
-    """Per-model factory of grammar processors; lives on the ModelRunner (the vocabulary scan is done once)."""
+    """Per-model factory of grammar processors, kept by the preparation stage: the vocabulary scan is done once."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer

@@ -134,7 +134,8 @@ def tool_format_for(tokenizer: Any) -> Optional[ToolFormat]:
 
 # A required call is forced with a grammar, which needs the call to be one JSON object. Models whose own format is
 # that are forced in it; every other model (no known format, or a format that is not JSON) gets this one, which
-# the grammar forces, the prompt describes (engine/prompt.py) and the splitter reads as "the whole reply is a call".
+# the grammar forces, the prompt describes (engine/prepare/prompt.py) and the splitter reads as "the whole reply
+# is a call".
 GENERIC_JSON = ToolFormat(name="generic_json", start="", end="", parse=parse_llama3_json, leading_json=True)
 FORCEABLE_FORMATS = frozenset({"json_tools", "llama3_json", GENERIC_JSON.name})
 
