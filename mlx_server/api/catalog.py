@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from mlx_server.config.load import Config
 from mlx_server.contract.errors import ModelNotFound
-from mlx_server.models.info import InfoCache, ModelInfo, with_embedding
+from mlx_server.models.info import InfoCache, ModelInfo, with_embedding, with_vision
 from mlx_server.models.sources import Located, locate
 
 Describe = Callable[[Located], Optional[ModelInfo]]
@@ -119,8 +119,11 @@ class Catalog:
         cfg_dir = self.config.path.parent if self.config.path else None
         model = self.config.models[name]
         found = locate(model, cfg_dir, self.config.server.cache_dir)
-        # The description is cached per path; whether the model embeds only also depends on its `kind`.
-        return Entry(found, with_embedding(self._describe(found), found, model.kind) if found.present else None)
+        # The description is cached per path; whether the model embeds or sees images also depends on its `kind`.
+        if not found.present:
+            return Entry(found, None)
+        info = with_vision(self._describe(found), model.kind)
+        return Entry(found, with_embedding(info, found, model.kind))
 
     def _submit(self, name: str) -> concurrent.futures.Future[Entry]:
         with self._lock:

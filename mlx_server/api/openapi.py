@@ -59,12 +59,17 @@ OLLAMA_OPTIONS: JSON = {
         "stop": STOP,
     },
 }
+IMAGES: JSON = {
+    "type": "array",
+    "items": STR,
+    "description": "base64 images (a data: URL prefix allowed), or http(s) URLs of hosts in server.fetch_image_urls",
+}
 OLLAMA_MESSAGE = _obj(
     ["role"],
     role=STR,
     content=STR,
     thinking=STR,
-    images={"type": "array", "maxItems": 0},
+    images=IMAGES,
     tool_calls={"type": "array"},
     tool_name=STR,
 )
@@ -88,10 +93,15 @@ OLLAMA_GENERATE = _obj(
     system=STR,
     template=STR,
     raw=BOOL,
-    images={"type": "array", "maxItems": 0},
+    images=IMAGES,
     **OLLAMA_COMMON,
 )
-OLLAMA_CHAT = _obj([], messages={"type": "array", "items": OLLAMA_MESSAGE}, **OLLAMA_COMMON)
+OLLAMA_CHAT = _obj(
+    [],
+    messages={"type": "array", "items": OLLAMA_MESSAGE},
+    images={**IMAGES, "description": "added to the last user message's images"},
+    **OLLAMA_COMMON,
+)
 MODEL_REF = _obj([], model=STR, name=STR, stream=BOOL)
 DIMENSIONS: JSON = {**INT64, "minimum": 1, "description": "cut each vector to this width, then re-normalize"}
 OLLAMA_EMBED = _obj(
@@ -122,10 +132,12 @@ OPENAI_EMBEDDING = _obj(
 )
 
 TEXT_PART = _obj(["type"], type={"enum": ["text", "input_text"]}, text=STR)
+IMAGE_URL: JSON = {"oneOf": [STR, _obj(["url"], url=STR, detail=STR)], "description": "a data: URL or an http(s) URL"}
+IMAGE_PART = _obj(["type", "image_url"], type={"enum": ["image_url", "input_image"]}, image_url=IMAGE_URL)
 OPENAI_MESSAGE = _obj(
     ["role"],
     role={"enum": ["system", "developer", "user", "assistant", "tool", "function"]},
-    content={"oneOf": [STR, {"type": "null"}, {"type": "array", "items": TEXT_PART}]},
+    content={"oneOf": [STR, {"type": "null"}, {"type": "array", "items": {"oneOf": [TEXT_PART, IMAGE_PART]}}]},
     tool_calls={"type": "array"},
     tool_call_id=STR,
     name=STR,
@@ -168,7 +180,9 @@ OPENAI_COMPLETION = _obj(
     **OPENAI_SAMPLING,
 )
 
-ANTHROPIC_BLOCK = _obj(["type"], type={"enum": ["text", "thinking", "redacted_thinking", "tool_use", "tool_result"]})
+ANTHROPIC_BLOCK = _obj(
+    ["type"], type={"enum": ["text", "thinking", "redacted_thinking", "tool_use", "tool_result", "image"]}
+)
 ANTHROPIC_MESSAGE = _obj(
     ["role", "content"],
     role={"enum": ["user", "assistant"]},

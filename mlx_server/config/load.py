@@ -27,6 +27,7 @@ SERVER_ENV: Mapping[str, tuple[str, Callable[[str], Any]]] = {
     "MLX_SERVER_PORT": ("port", int),
     "MLX_SERVER_API_KEY": ("api_key", str),
     "MLX_SERVER_CACHE_DIR": ("cache_dir", str),
+    "OLLAMA_KV_CACHE_TYPE": ("kv_cache", str),  # Ollama's own variable, with its values (f16, q8_0, q4_0)
 }
 
 

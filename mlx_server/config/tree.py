@@ -110,6 +110,18 @@ _DURATION_TEXT = "seconds, or a Go duration such as 5m or 1h30m; negative means 
 Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=Union[float, str])]
 NonNegativeDuration = Annotated[Duration, AfterValidator(_not_negative)]
 Size = Annotated[int, BeforeValidator(parse_size, json_schema_input_type=Union[int, str])]
+
+# Ollama's OLLAMA_KV_CACHE_TYPE names mean the same settings.
+_KV_NAMES = {"f16": "f16", "fp16": "f16", "q8": "q8", "q8_0": "q8", "q4": "q4", "q4_0": "q4"}
+
+
+def _kv_type(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() in _KV_NAMES:
+        return _KV_NAMES[value.strip().lower()]
+    return value
+
+
+KVType = Annotated[Literal["f16", "q8", "q4"], BeforeValidator(_kv_type, json_schema_input_type=str)]
 Strings = Annotated[tuple[str, ...], BeforeValidator(_strings, json_schema_input_type=list[str])]
 Budget = Annotated[int, BeforeValidator(_budget, json_schema_input_type=Union[int, float, str])]
 Directory = Annotated[Path, BeforeValidator(directory, json_schema_input_type=Optional[str])]
@@ -188,6 +200,17 @@ class ServerConfig(_Frozen):
     max_body_bytes: Size = Field(default=32 * 2**20, description="larger request bodies get 413")
     rate_limit_per_minute: Optional[int] = Field(default=None, ge=1, description="per client, generation routes")
     log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")
+    kv_cache: KVType = Field(
+        default="f16",
+        description="KV cache storage for every model: f16 (the weights' float type), q8 or q4 (quantized, group "
+        "size 64; Ollama's f16 / q8_0 / q4_0 accepted; env OLLAMA_KV_CACHE_TYPE)",
+    )
+    max_images: int = Field(default=8, ge=0, description="images one request may carry (more get 400)")
+    max_image_bytes: Size = Field(default=20 * 2**20, description="larger images (decoded bytes) get 400")
+    fetch_image_urls: Strings = Field(
+        default=(),
+        description="hosts whose http(s) image URLs the server fetches; by default it fetches none (base64 only)",
+    )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -233,10 +256,17 @@ class ModelConfig(_Frozen):
         default=None,
         description="default system prompt for requests that send none (an ollama: source's system layer otherwise)",
     )
-    kind: Optional[Literal["generation", "embedding"]] = Field(
+    kind: Optional[Literal["generation", "embedding", "vision"]] = Field(
         default=None,
         description="what the model does (default: inferred from its files, e.g. "
-        "sentence-transformers configs mean embedding)",
+        "sentence-transformers configs mean embedding, a vision_config means vision)",
+    )
+    kv_cache: Optional[KVType] = Field(default=None, description="overrides server.kv_cache for this model")
+    max_pixels: int = Field(
+        default=1024 * 1024,
+        ge=28 * 28,
+        description="vision models: larger images are scaled down to this many pixels before the processor "
+        "(bounds the vision tower's tokens and activation memory)",
     )
     parallel: Literal["auto", "tensor", "pipeline"] = Field(
         default="auto",

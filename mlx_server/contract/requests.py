@@ -61,6 +61,8 @@ class ChatMessage:
     tool_calls: Optional[list[dict[str, Any]]] = None
     tool_name: Optional[str] = None
     tool_call_id: Optional[str] = None
+    # Base64 image data (a data: URL prefix tolerated), or an http(s) URL where server.fetch_image_urls allows its
+    # host; decoded and checked in the preparation stage, never on the event loop.
     images: Optional[list[str]] = None
 
     def to_template(self) -> dict[str, Any]:
@@ -99,6 +101,7 @@ class GenerateRequest:
     prompt: Optional[str] = None
     system: Optional[str] = None
     suffix: Optional[str] = None
+    images: Optional[list[str]] = None  # prompt mode (/api/generate): the prompt's images, as ChatMessage.images
     raw: bool = False
     tools: Optional[list[dict[str, Any]]] = None
     think: Optional[bool] = None

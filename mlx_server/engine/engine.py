@@ -25,7 +25,7 @@ from mlx_server.contract.status import EngineStatus, Observer
 from mlx_server.engine import kinds
 from mlx_server.engine.distributed.lockstep import Lockstep
 from mlx_server.engine.distributed.pacing import LockstepPacing
-from mlx_server.engine.kinds.base import Kind, Reply
+from mlx_server.engine.kinds.base import Reply
 from mlx_server.engine.loop.commands import Admit, Cancel, Preload
 from mlx_server.engine.loop.core import Core
 from mlx_server.engine.loop.jobs import Job
@@ -50,7 +50,7 @@ class Engine:
     ) -> None:
         self.config = config
         self.preparer = Preparer(config, importer=importer)
-        self.kinds: dict[type, Kind] = kinds.by_request()
+        self.kinds = kinds.Kinds()
         self.loader = ModelLoader(
             config, self.preparer, kinds.worker_factories(), slice_seconds=load_slice, lockstep=lockstep
         )
@@ -169,7 +169,7 @@ class Engine:
                 raise ServerBusy()
             self._in_flight += 1
         sink = self._counted(request.request_id, sink)
-        kind = self.kinds.get(type(request))
+        kind = self.kinds.of(request)
         if kind is None:
             sink(Failed(request.request_id, InternalError(f"not an engine request: {type(request).__name__}")))
         elif kind.inline:

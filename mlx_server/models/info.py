@@ -2,8 +2,8 @@
 
 Model dirs give config.json and the tokenizer's chat template; GGUF files give their metadata (memory-mapped,
 no tensor data read). Results are cached per (path, mtime) since listings are polled often. Whether a model
-embeds only depends on models.yaml's `kind` too, so `with_embedding` marks it per configured model (the catalog
-does, after the cached description).
+embeds or sees images also depends on models.yaml's `kind`, so `with_embedding` and `with_vision` mark it per
+configured model (the catalog does, after the cached description).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class ModelInfo:
     arch_info: dict[str, Any] = field(default_factory=dict)
     kv_bytes_per_token: int = 0
     embedding: Optional[EmbeddingInfo] = None  # set for an embedding-only model (see with_embedding)
+    vision: bool = False  # takes images: a vision_config in config.json, or models.yaml `kind: vision`
 
     @property
     def parameter_size(self) -> str:
@@ -66,6 +67,8 @@ class ModelInfo:
         caps = ["completion"]
         if "tools" in self.template:
             caps.append("tools")
+        if self.vision:  # after tools, where Ollama lists a projector model's
+            caps.append("vision")
         if "<think>" in self.template or "reasoning_content" in self.template:
             caps.append("thinking")
         return caps
@@ -106,6 +109,18 @@ def with_embedding(info: Optional[ModelInfo], found: Located, kind: Optional[str
     if emb.pooling in _POOLING_TYPES:
         arch[f"{info.family}.pooling_type"] = _POOLING_TYPES[emb.pooling]
     return replace(info, embedding=emb, arch_info=arch)
+
+
+def with_vision(info: Optional[ModelInfo], kind: Optional[str]) -> Optional[ModelInfo]:
+    """`info` with models.yaml's `kind` applied: "vision" says the model takes images, any other kind that it
+    does not (a vision checkpoint configured as `generation` is listed as a text model); None keeps what its files
+    say.
+
+    A GGUF never does: its vision tower (a projector) is not one of the weights we load.
+    """
+    if info is None or kind is None or info.format == "gguf":
+        return info
+    return replace(info, vision=kind == "vision")
 
 
 def _mtime(path: Path) -> dt.datetime:
@@ -173,6 +188,8 @@ def _config_info(cfg: dict[str, Any], template: Any, size: int, modified: dt.dat
         modified=modified,
         arch_info={k: v for k, v in arch.items() if v is not None},
         kv_bytes_per_token=kv_bytes_per_token(cfg),
+        # Multimodal checkpoints (LLaVA, Qwen2-VL, Gemma 3, …) nest the vision tower's config here.
+        vision=isinstance(cfg.get("vision_config"), dict),
     )
 
 

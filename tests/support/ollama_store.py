@@ -43,10 +43,13 @@ def add_blob(root: Path, data: bytes | Path, digest: Optional[str] = None) -> di
 
 def add_model(root: Path, name: str, gguf: Path, *, params: Optional[dict[str, Any]] = None,
               system: Optional[str] = None, template: Optional[str] = None, digest: Optional[str] = None,
-              host: str = "registry.ollama.ai", namespace: str = "library") -> Path:
+              host: str = "registry.ollama.ai", namespace: str = "library",
+              projector: Optional[bytes] = None) -> Path:
     """A manifest for `name` (model:tag) with a model layer and the optional params/system/template layers."""
     model, _, tag = name.partition(":")
     layers = [{"mediaType": MEDIA + "model", **add_blob(root, gguf, digest)}]
+    if projector is not None:  # a vision model's CLIP projector GGUF (llava, moondream)
+        layers.append({"mediaType": MEDIA + "projector", **add_blob(root, projector)})
     if params is not None:
         layers.append({"mediaType": MEDIA + "params", **add_blob(root, json.dumps(params).encode())})
     if system is not None:

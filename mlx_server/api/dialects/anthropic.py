@@ -17,6 +17,7 @@ from mlx_server.api.context import Collected
 from mlx_server.api.dialects.base import Call, Generation, Incoming, named_model
 from mlx_server.api.dialects.bodies import CountTokensBody, MessagesBody, validated
 from mlx_server.api.dialects.compat import json_dumps, new_id
+from mlx_server.api.dialects.images import IMAGE_TAG, anthropic_image
 from mlx_server.api.dialects.sampling import ANTHROPIC_DEFAULTS, resolve_sampling
 from mlx_server.contract.errors import BadRequest, MlxServerError
 from mlx_server.contract.events import Delta, Done, Event, Failed, Started, Usage
@@ -33,17 +34,18 @@ def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
     return content
 
 
-def _plain(content: Any, where: str) -> str:
-    """tool_result / system content: a string or text blocks."""
+def _plain(content: Any, where: str) -> tuple[str, Optional[list[str]]]:
+    """tool_result / system content: a string or blocks; text joined, each image an [img] tag at its place."""
     if content is None:
-        return ""
-    texts = []
-    for b in _blocks(content, where):
+        return "", None
+    texts, images = [], []
+    for j, b in enumerate(_blocks(content, where)):
         if b.get("type") == "text":
             texts.append(str(b.get("text") or ""))
         elif b.get("type") == "image":
-            raise BadRequest("this model does not support images")
-    return "".join(texts)
+            images.append(anthropic_image(b, f"{where}.{j}"))
+            texts.append(IMAGE_TAG)
+    return "".join(texts), images or None
 
 
 def parse_messages(raw: Any, system: Any) -> list[ChatMessage]:
@@ -51,14 +53,17 @@ def parse_messages(raw: Any, system: Any) -> list[ChatMessage]:
         raise BadRequest("messages: expected a non-empty array")
     out: list[ChatMessage] = []
     if system is not None:
-        out.append(ChatMessage("system", _plain(system, "system")))
+        text, images = _plain(system, "system")
+        if images:
+            raise BadRequest("system: images are not supported in the system prompt; send them in a user message")
+        out.append(ChatMessage("system", text))
     names: dict[str, str] = {}  # tool_use id → tool name, so results can name their tool
     for i, m in enumerate(raw):
         where = f"messages.{i}"
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("user", "assistant"):
             raise BadRequest(f'{where}.role: expected "user" or "assistant"')
-        texts, thinking, calls = [], [], []
+        texts, thinking, calls, images = [], [], [], []
         for j, b in enumerate(_blocks(m.get("content"), f"{where}.content")):
             kind = b.get("type")
             if kind == "text":
@@ -81,20 +86,34 @@ def parse_messages(raw: Any, system: Any) -> list[ChatMessage]:
                 )
             elif kind == "tool_result" and role == "user":
                 call_id = b.get("tool_use_id")
+                result, result_images = _plain(b.get("content"), f"{where}.content.{j}.content")
                 out.append(
                     ChatMessage(
                         "tool",
-                        _plain(b.get("content"), f"{where}.content.{j}.content"),
+                        result,
                         tool_call_id=call_id,
                         tool_name=names.get(call_id or ""),
+                        images=result_images,
                     )
                 )
-            elif kind in ("image", "document"):
-                raise BadRequest("this model does not support images or documents")
+            elif kind == "image" and role == "user":
+                # A url source is handed on: the engine fetches only hosts in server.fetch_image_urls.
+                images.append(anthropic_image(b, f"{where}.content.{j}"))
+                texts.append(IMAGE_TAG)
+            elif kind == "document":
+                raise BadRequest(f"{where}.content.{j}: document blocks are not supported")
             else:
                 raise BadRequest(f"{where}.content.{j}: unsupported content block type {kind!r}")
         if texts or calls or thinking or role == "assistant":
-            out.append(ChatMessage(role, "".join(texts), thinking="".join(thinking) or None, tool_calls=calls or None))
+            out.append(
+                ChatMessage(
+                    role,
+                    "".join(texts),
+                    thinking="".join(thinking) or None,
+                    tool_calls=calls or None,
+                    images=images or None,
+                )
+            )
     return out
 
 

@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from mlx_server.api.catalog import Entry
 from mlx_server.api.context import AppContext, ctx_of, error_body, field_type, read_json, rfc3339
 from mlx_server.api.dialects.base import Call, Generation, Incoming
+from mlx_server.api.dialects.images import image_list
 from mlx_server.api.dialects.ollama_reply import encoder, error_frame, final_for, http_error_body, line, stream_response
 from mlx_server.api.dialects.options import OLLAMA_DEFAULTS
 from mlx_server.api.dialects.sampling import resolve_sampling
@@ -61,19 +62,29 @@ def parse_messages(raw: Any) -> list[ChatMessage]:
         calls = m.get("tool_calls")
         if calls is not None and not isinstance(calls, list):
             raise BadRequest(f"messages[{i}].tool_calls must be an array")
-        images = m.get("images")
-        if images:
-            raise BadRequest("this model does not support images")
         out.append(
             ChatMessage(
                 role=m["role"],
-                content=content,
+                content=content,  # as sent: the user's own [img-N] tags are the engine's to place
                 thinking=m.get("thinking"),
                 tool_calls=calls,
                 tool_name=m.get("tool_name") or m.get("name"),
+                images=image_list(m.get("images"), f"messages[{i}].images"),
             )
         )
     return out
+
+
+def attach_top_level_images(messages: list[ChatMessage], raw: Any) -> None:
+    """`images` beside `messages` (real Ollama ignores them, but a client of ours sends them there) belong to the
+    last user message, after the images it carries itself."""
+    images = image_list(raw, "images")
+    if not images or not messages:  # no messages: a load request, which Ollama answers whatever else is sent
+        return
+    last = next((m for m in reversed(messages) if m.role == "user"), None)
+    if last is None:
+        raise BadRequest('"images" beside "messages" go to the last user message, and there is none')
+    last.images = [*(last.images or ()), *images]
 
 
 async def resolve_target(ctx: AppContext, body: dict[str, Any]) -> tuple[str, str]:
@@ -163,8 +174,7 @@ def generate_request(incoming: Incoming) -> GenerateRequest:
     system = field_type(body, "system", str, "a string")
     template = field_type(body, "template", str, "a string")
     raw = bool(field_type(body, "raw", bool, "a boolean"))
-    if body.get("images"):
-        raise BadRequest("this model does not support images")
+    req.images = image_list(body.get("images"), "images")
     req.suffix = field_type(body, "suffix", str, "a string") or None
     if prompt:
         if template and not raw:
@@ -175,7 +185,9 @@ def generate_request(incoming: Incoming) -> GenerateRequest:
 
 def chat_request(incoming: Incoming) -> GenerateRequest:
     req = base_request(incoming)
-    req.messages = parse_messages(incoming.body.get("messages")) or None
+    messages = parse_messages(incoming.body.get("messages"))
+    attach_top_level_images(messages, incoming.body.get("images"))
+    req.messages = messages or None
     return req
 
 
@@ -232,6 +244,7 @@ def _entry(known: Entry, name: str, label: str) -> Optional[dict[str, Any]]:
         "size": found.size,
         "digest": found.digest,
         "details": info.details(),
+        "capabilities": info.capabilities,  # newer Ollama lists them too: clients pick vision models by it
         "exists": True,
     }
 

@@ -16,6 +16,7 @@ from mlx_server.api.context import AppContext, ctx_of
 from mlx_server.api.dialects.base import Call, Generation, Incoming, named_model
 from mlx_server.api.dialects.bodies import ChatCompletionBody, CompletionBody, OpenAIBody, validated
 from mlx_server.api.dialects.compat import arguments_object, new_id
+from mlx_server.api.dialects.images import IMAGE_TAG, openai_image
 from mlx_server.api.dialects.openai_reply import (
     Reply,
     encode,
@@ -32,23 +33,28 @@ from mlx_server.contract.requests import ChatMessage, GenerateRequest, ToolChoic
 # ---- request translation ------------------------------------------------------------------------------------
 
 
-def _text(content: Any, where: str) -> str:
+def _content(content: Any, where: str) -> tuple[str, Optional[list[str]]]:
+    """A message's text and images: text parts joined as they come, each image part an [img] tag at its place."""
     if content is None:
-        return ""
+        return "", None
     if isinstance(content, str):
-        return content
+        return content, None
     if not isinstance(content, list):
         raise BadRequest(f"{where} must be a string or an array of content parts")
-    texts = []
-    for part in content:
+    texts, images = [], []
+    for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("text", "input_text"):
             texts.append(str(part.get("text") or ""))
-        elif kind in ("image_url", "input_image", "input_audio", "file"):
-            raise BadRequest("this model does not support images, audio or files")
+        elif kind in ("image_url", "input_image"):
+            # URLs are handed on: the engine fetches only hosts in server.fetch_image_urls and refuses the rest.
+            images.append(openai_image(part, f"{where}[{j}]"))
+            texts.append(IMAGE_TAG)
+        elif kind in ("input_audio", "file"):
+            raise BadRequest(f"{where}[{j}]: {kind} content parts are not supported")
         else:
             raise BadRequest(f"{where}: unsupported content part type {kind!r}")
-    return "".join(texts)
+    return "".join(texts), images or None
 
 
 def parse_messages(raw: Any) -> list[ChatMessage]:
@@ -61,7 +67,7 @@ def parse_messages(raw: Any) -> list[ChatMessage]:
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("system", "developer", "user", "assistant", "tool", "function"):
             raise BadRequest(f"{where}.role must be one of system, developer, user, assistant, tool")
-        content = _text(m.get("content"), f"{where}.content")
+        content, images = _content(m.get("content"), f"{where}.content")
         if role == "assistant":
             calls = []
             for j, c in enumerate(m.get("tool_calls") or []):
@@ -79,15 +85,22 @@ def parse_messages(raw: Any) -> list[ChatMessage]:
                     content,
                     thinking=thinking if isinstance(thinking, str) else None,
                     tool_calls=calls or None,
+                    images=images,
                 )
             )
         elif role in ("tool", "function"):
             call_id = m.get("tool_call_id")
             out.append(
-                ChatMessage("tool", content, tool_call_id=call_id, tool_name=names.get(call_id or "") or m.get("name"))
+                ChatMessage(
+                    "tool",
+                    content,
+                    tool_call_id=call_id,
+                    tool_name=names.get(call_id or "") or m.get("name"),
+                    images=images,
+                )
             )
         else:
-            out.append(ChatMessage("system" if role == "developer" else role, content))
+            out.append(ChatMessage("system" if role == "developer" else role, content, images=images))
     return out
 
 

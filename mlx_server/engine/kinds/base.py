@@ -31,6 +31,7 @@ class Kind:
     prepare: Prepare  # runs in a preparation worker: tokenizing, templating, reading files
     inline: bool = False  # prepare is instant and needs no worker thread
     worker: Optional[WorkerFactory] = None  # makes its worker on a loaded model (None: it needs none)
+    accepts: Optional[Callable[[Any], bool]] = None  # which of those requests are its (None: all of them)
 
 
 def age(request: EngineRequest) -> float:

@@ -5,13 +5,13 @@ too, as Ollama's do, with their mean-pooled final hidden states."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Mapping, Optional
 
 from mlx_server.contract.errors import BadRequest
 from mlx_server.contract.requests import EmbedRequest
 from mlx_server.engine.kinds.base import Kind
 from mlx_server.engine.loop.budget import ACTIVATION_FACTOR, kv_bound
-from mlx_server.engine.loop.jobs import Admitting, Outcome
+from mlx_server.engine.loop.jobs import Admitting, Outcome, Worker
 from mlx_server.engine.model.embedding import EmbedBatcher, decoder_forward
 from mlx_server.engine.model.loader import Weights
 from mlx_server.engine.prepare.stage import PreparedEmbed, Preparer
@@ -43,7 +43,7 @@ def prepare(preparer: Preparer, request: EmbedRequest) -> EmbedJob:
     )
 
 
-def worker(weights: Weights) -> Optional[EmbedBatcher]:
+def worker(weights: Weights, built: Mapping[str, Worker]) -> Optional[EmbedBatcher]:
     embedder = weights.embedder
     if embedder is not None:
         width = embedder.dimensions

@@ -4,13 +4,13 @@ prefilled in slices and decoded in its model's continuous batch (engine/model/ru
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Optional
+from typing import Mapping, Optional
 
 from mlx_server.contract.errors import BadRequest
 from mlx_server.contract.requests import GenerateRequest
 from mlx_server.engine.kinds.base import Kind
 from mlx_server.engine.loop.budget import kv_bound
-from mlx_server.engine.loop.jobs import Admitting, Outcome
+from mlx_server.engine.loop.jobs import Admitting, Outcome, Worker
 from mlx_server.engine.model.loader import Weights
 from mlx_server.engine.model.runner import GenerateWorker
 from mlx_server.engine.prepare.stage import Prepared, Preparer
@@ -42,7 +42,7 @@ def prepare(preparer: Preparer, request: GenerateRequest) -> GenerateJob:
     )
 
 
-def worker(weights: Weights) -> Optional[GenerateWorker]:
+def worker(weights: Weights, built: Mapping[str, Worker]) -> Optional[GenerateWorker]:
     if weights.model is None:
         return None
     return GenerateWorker(

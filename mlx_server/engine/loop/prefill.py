@@ -39,6 +39,13 @@ class PrefillChunk:
 
 
 @dataclass
+class EncodeGate:
+    """Whether an image may be encoded in this prefill slice (one per slice: its worker reopens it each step)."""
+
+    open: bool = True
+
+
+@dataclass
 class PrefillJob:
     """One prompt being prefilled: `cache` holds the KV of `tokens[:done]` (a cached prefix counts as done)."""
 
@@ -68,13 +75,18 @@ class PrefillJob:
     def remaining(self) -> int:
         return max(0, self.target - self.done)
 
-    def advance(self, model: Any, n: int) -> None:
-        """Run the next `n` prompt tokens through the model into this job's cache."""
+    def ready(self, gate: EncodeGate) -> bool:
+        """It has prefill it can run now (a vision prompt may wait on its next image's encode)."""
+        return self.remaining > 0
+
+    def advance(self, model: Any, n: int, gate: Optional[EncodeGate] = None) -> int:
+        """Run the next `n` prompt tokens through the model into this job's cache; returns how many ran."""
         chunk = mx.array(self.tokens[self.done : self.done + n])[None]
         model(chunk, cache=self.cache)  # the logits stay lazy and are never evaluated: only the KV is needed
         mx.eval([c.state for c in self.cache])
         self.done += n
         self.chunks += 1
+        return n
 
 
 class Prefilling(Protocol):
@@ -252,4 +264,4 @@ def _log_progress(job: Work) -> None:
         )
 
 
-__all__ = ["MIN_CHUNK", "PrefillChunk", "PrefillJob", "PrefillResult", "Prefiller", "Prefilling", "Rate"]
+__all__ = ["MIN_CHUNK", "EncodeGate", "PrefillChunk", "PrefillJob", "PrefillResult", "Prefiller", "Prefilling", "Rate"]

@@ -25,6 +25,7 @@ from mlx_server.contract.errors import ModelLoadFailed
 from mlx_server.engine.distributed.lockstep import Lockstep, all_failed
 from mlx_server.engine.loop.jobs import Model, Worker
 from mlx_server.engine.prepare.stage import ModelFiles, Preparer
+from mlx_server.engine.prepare.vision import needs_mlx_vlm
 from mlx_server.models.info import kv_bytes_per_token
 
 log = logging.getLogger("mlx_server.loader")
@@ -45,14 +46,31 @@ class Weights:
     path: Path
     config: dict[str, Any]
     context_length: int
-    model: Any = None  # the mlx_lm model; None for an embedding model
+    model: Any = None  # the mlx_lm model (a VisionLM over an mlx-vlm model); None for an embedding model
+    vlm: Any = None  # the mlx-vlm model of a vision model: its vision tower and projector
     embedder: Any = None  # the Embedder of an embedding model
     kv_per_token: int = 0  # bytes of KV per token of context on this rank
     max_batch: int = 16
     prompt_cache_bytes: int = 0
 
 
-WorkerFactory = Callable[[Weights], Optional[Worker]]  # None: this kind cannot serve the model
+# Given the loaded weights and the workers made so far (a kind may build on an earlier kind's worker); None: this
+# kind cannot serve the model.
+WorkerFactory = Callable[[Weights, Mapping[str, Worker]], Optional[Worker]]
+
+
+def _load_vision(files: ModelFiles) -> tuple[Any, Any, dict[str, Any]]:
+    """An mlx-vlm model (lazy: weights are evaluated in slices after), and its language model as BatchGenerator
+    steps it."""
+    try:
+        from mlx_vlm.utils import load_model as load_vlm
+    except ImportError as exc:
+        raise ModelLoadFailed(needs_mlx_vlm(files.name, exc)) from exc
+    from mlx_server.engine.model.vision import VisionLM
+
+    vlm = load_vlm(files.path, lazy=True)
+    assert files.vision is not None
+    return vlm, VisionLM(vlm, mrope=files.vision.mrope, features=files.vision.family.features), files.config
 
 
 class ModelLoader:
@@ -132,6 +150,8 @@ class ModelLoader:
         files = self.preparer.files(name)
         if files.embedding is not None:
             return self._load_embedder(name, files)  # small: a whole copy on every rank
+        if files.vision is not None:
+            raise ModelLoadFailed(f'model "{name}" is a vision model: vision models are not split across ranks')
         method, problem = self.split(name)
         if problem is not None:
             raise ModelLoadFailed(problem)  # the same verdict on every rank, from the same config.json
@@ -181,12 +201,18 @@ class ModelLoader:
         files = yield from self._files(name)
         if files.embedding is not None:
             return self._load_embedder(name, files)
+        vlm = None
         try:
-            model, cfg = load_model(files.path, lazy=True)
+            if files.vision is not None:
+                vlm, model, cfg = _load_vision(files)
+            else:
+                model, cfg = load_model(files.path, lazy=True)
             yield
             deadline = time.perf_counter() + self.slice_seconds
             dtype = None
-            for array in _leaves(model):
+            # The language model's weights first: its float type is the KV cache's (a tower may be float32).
+            leaves = _leaves(vlm.language_model) + _leaves(vlm) if vlm is not None else _leaves(model)
+            for array in leaves:
                 mx.eval(array)
                 if dtype is None and mx.issubdtype(array.dtype, mx.floating):
                     dtype = array.dtype  # activations, and so the KV cache, take the weights' float type
@@ -197,7 +223,7 @@ class ModelLoader:
             raise
         except Exception as exc:
             raise ModelLoadFailed(f'failed to load model "{name}" from {files.path}: {exc}') from exc
-        return self._runner(name, files, model, cfg, dtype)
+        return self._runner(name, files, model, cfg, dtype, vlm=vlm)
 
     def _runner(
         self,
@@ -210,6 +236,7 @@ class ModelLoader:
         split: str = "",
         kv_share: tuple[int, int] = (1, 1),
         prompt_cache_bytes: Optional[int] = None,
+        vlm: Any = None,
     ) -> Model:
         # modelinfo counts 2 bytes per element; scale to the real float type, then to this rank's share (rounded up).
         per_token = kv_bytes_per_token(cfg) // 2 * (dtype.size if dtype is not None else 2)
@@ -223,6 +250,7 @@ class ModelLoader:
                 cfg,
                 files.context_length,
                 model=model,
+                vlm=vlm,
                 kv_per_token=kv_per_token,
                 max_batch=self.max_batch,
                 prompt_cache_bytes=cache_bytes,
@@ -254,7 +282,11 @@ class ModelLoader:
         )
 
     def _model(self, weights: Weights, shards: int = 1, split: str = "") -> Model:
-        workers = {kind: worker for kind, make in self.factories.items() if (worker := make(weights)) is not None}
+        workers: dict[str, Worker] = {}
+        for kind, make in self.factories.items():
+            worker = make(weights, workers)
+            if worker is not None:
+                workers[kind] = worker
         return Model(weights.name, workers, weights.context_length, shards=shards, split=split, resources=weights)
 
     def unload(self, loaded: Model) -> None:

@@ -22,9 +22,10 @@ from mlx_server.contract.errors import InternalError, MlxServerError, RequestTim
 from mlx_server.contract.events import Delta, Done, DoneReason, Failed, Sink, Started, Usage
 from mlx_server.contract.requests import GenerateRequest
 from mlx_server.engine.loop.budget import kv_bound
-from mlx_server.engine.loop.prefill import PrefillJob
+from mlx_server.engine.loop.prefill import EncodeGate, PrefillJob
 from mlx_server.engine.model.output import SequenceOutput, make_output
 from mlx_server.engine.model.sampling import guard_processors, guard_sampler, make_processors, make_sampler
+from mlx_server.engine.model.vision import ShiftedKVCache, VisionInputs
 from mlx_server.engine.prepare.stage import Prepared
 
 log = logging.getLogger("mlx_server.engine")
@@ -49,6 +50,8 @@ class Sequence:
     kv_tokens: int = 0  # the most KV it can hold (prompt + budget, within num_ctx): its memory reservation
     max_tokens: int = 0
     job: Optional[PrefillJob] = None  # its prompt's prefill, until it joins the batch
+    key: Optional[list[int]] = None  # its prompt as the prompt cache keys it (images salted in), when not its tokens
+    rope_shift: int = 0  # decode positions ahead of its cache length (Qwen-VL's mRoPE)
 
 
 class GenerateWorker:
@@ -82,6 +85,8 @@ class GenerateWorker:
         self.fresh = 0  # decode steps still owed to sequences that just joined: their first token comes before prefill
         self.by_request: dict[int, int] = {}  # request_id → uid
         self.faults: dict[int, Exception] = {}  # request_id → what its own sampler / processors raised this step
+        self.keys: dict[int, list[int]] = {}  # uid → its prompt's cache key, for sequences whose key is not its tokens
+        self.gate = EncodeGate()
 
     def _new_generator(self) -> BatchGenerator:
         eos = sorted(self.tokenizer.eos_token_ids)
@@ -124,12 +129,19 @@ class GenerateWorker:
 
     # ---- admission ----------------------------------------------------------------------------------------
 
-    def add(self, prepared: Prepared, sink: Sink, load_duration: float = 0.0) -> None:
+    def add(
+        self, prepared: Prepared, sink: Sink, load_duration: float = 0.0, vision: Optional[VisionInputs] = None
+    ) -> None:
         """Admit a request (its prompt already tokenized and fitted): its prefill starts from the longest cached
-        prefix, and it joins the batch once prefilled. Raises MlxServerError for the caller."""
+        prefix, and it joins the batch once prefilled. Raises MlxServerError for the caller. A prompt with images
+        brings `vision`: its images' features fill their positions as it is prefilled."""
         req, tokens = prepared.request, prepared.tokens
         now = self.clock()
-        cache, cached = self._cached_prefix(tokens)
+        key = vision.key(tokens) if vision is not None else None
+        cache, cached = self._cached_prefix(tokens, key)
+        job = PrefillJob(req.request_id, self.name, int(req.priority), list(tokens), cache, cached, now, cached=cached)
+        if vision is not None:
+            job = vision.job(job, self.gate)
         chain = make_processors(req.sampling, prepared.num_ctx) + list(prepared.grammar)
         seq = Sequence(
             request=req,
@@ -144,9 +156,9 @@ class GenerateWorker:
             processors=chain,
             kv_tokens=prepared.kv_tokens,
             max_tokens=prepared.max_tokens,
-            job=PrefillJob(
-                req.request_id, self.name, int(req.priority), list(tokens), cache, cached, now, cached=cached
-            ),
+            job=job,
+            key=key,
+            rope_shift=vision.rope_delta if vision is not None else 0,
         )
         self.prefilling[req.request_id] = seq
         if cached == len(tokens) - 1:
@@ -160,12 +172,12 @@ class GenerateWorker:
     # ---- prefill (scheduled by engine/loop/prefill.py) ------------------------------------------------------
 
     def prefill_jobs(self) -> list[PrefillJob]:
-        return [s.job for s in self.prefilling.values() if s.job is not None and s.job.remaining > 0]
+        return [s.job for s in self.prefilling.values() if s.job is not None and s.job.ready(self.gate)]
 
     def prefill(self, job: PrefillJob, n: int) -> int:
         """Prefill the next `n` tokens of `job`'s prompt (when only its last token is left, it joins the batch);
         returns the tokens run."""
-        job.advance(self.model, n)
+        n = job.advance(self.model, n, self.gate)
         if job.remaining == 0:
             self._join(self.prefilling[job.request_id])
         return n
@@ -177,10 +189,13 @@ class GenerateWorker:
         job, req = seq.job, seq.request
         assert job is not None
         tokens = job.tokens
+        cache = job.cache
+        if seq.rope_shift:
+            cache = [ShiftedKVCache.of(c, seq.rope_shift) for c in cache]
         [uid] = self.generator.insert(
             [tokens[-1:]],
             max_tokens=[seq.max_tokens],
-            caches=[job.cache],
+            caches=[cache],
             all_tokens=[tokens[:-1]],
             samplers=[guard_sampler(make_sampler(req.sampling), req.request_id, self.faults)],
             logits_processors=[guard_processors(seq.processors, req.request_id, self.faults)],
@@ -190,6 +205,8 @@ class GenerateWorker:
         self.fresh = 2  # BatchGenerator returns a new sequence's first token on the second step after it joins
         self.sequences[uid] = seq
         self.by_request[req.request_id] = uid
+        if seq.key is not None:
+            self.keys[uid] = seq.key
 
     def _fail_faulted(self) -> None:
         for request_id, exc in list(self.faults.items()):
@@ -197,10 +214,10 @@ class GenerateWorker:
             self.fail(request_id, InternalError(f"generation failed for this request: {exc}"))
         self.faults.clear()
 
-    def _cached_prefix(self, tokens: list[int]) -> tuple[list[Any], int]:
+    def _cached_prefix(self, tokens: list[int], key: Optional[list[int]] = None) -> tuple[list[Any], int]:
         """A private copy of the longest cached KV prefix (or a fresh cache), and how many tokens it holds: never
         the whole prompt, since the last token must go through the model to give the next logits."""
-        cache, rest = self.prompt_cache.fetch_nearest_cache(self.name, tokens)
+        cache, rest = self.prompt_cache.fetch_nearest_cache(self.name, key if key is not None else tokens)
         if cache is not None and not rest:
             if can_trim_prompt_cache(cache):
                 trim_prompt_cache(cache, 1)
@@ -211,7 +228,11 @@ class GenerateWorker:
             return make_prompt_cache(self.model), 0
         return cache, len(tokens) - len(rest)
 
-    def _keep_cache(self, tokens: Optional[list[int]], cache: Optional[list[Any]]) -> None:
+    def _keep_cache(
+        self, tokens: Optional[list[int]], cache: Optional[list[Any]], key: Optional[list[int]] = None
+    ) -> None:
+        if tokens and key is not None:
+            tokens = key[: len(tokens)] + list(tokens[len(key) :])  # images stay part of what the cache matches
         if tokens and cache and self.prompt_cache_bytes > 0:
             # Extracted caches are lazy slices of the whole batch's KV buffers; left unevaluated, each stored
             # entry would keep those buffers alive (measured: 12x its counted bytes). Materialize it now.
@@ -226,8 +247,8 @@ class GenerateWorker:
 
     def _remove(self, uids: list[int]) -> None:
         """Take sequences out of the batch, keeping their KV caches for later prompts that share a prefix."""
-        for cache, tokens in self.generator.remove(uids, return_prompt_caches=True).values():
-            self._keep_cache(tokens, cache)
+        for uid, (cache, tokens) in self.generator.remove(uids, return_prompt_caches=True).items():
+            self._keep_cache(tokens, cache, self.keys.pop(uid, None))
 
     @property
     def joining(self) -> bool:
@@ -245,6 +266,7 @@ class GenerateWorker:
         (time.monotonic's, the default) decides timeouts: distributed, it is the step plan's, the same on all ranks."""
         self._expire_deadlines(time.monotonic() if now is None else now)
         self.fresh = max(0, self.fresh - 1) if self.sequences else 0
+        self.gate.open = True  # one image encode per prefill slice: the next may run after this step
         if not self.sequences:
             return 0
         _, responses = self.generator.next()
@@ -266,7 +288,7 @@ class GenerateWorker:
                 self._emit(seq, delta)
                 self._finish(seq, "stop", now)
             elif r.finish_reason is not None:
-                self._keep_cache(r.all_tokens, r.prompt_cache)
+                self._keep_cache(r.all_tokens, r.prompt_cache, self.keys.pop(r.uid, None))
                 self._emit(seq, seq.out.finish(delta))
                 self._finish(seq, "stop" if eos else "length", now)
             else:
@@ -325,7 +347,8 @@ class GenerateWorker:
         seq = self.prefilling.pop(request_id, None)
         if seq is not None:
             if seq.job is not None and seq.job.done > 0:
-                self._keep_cache(seq.job.tokens[: seq.job.done], seq.job.cache)  # a retry resumes from here
+                # a retry resumes from here
+                self._keep_cache(seq.job.tokens[: seq.job.done], seq.job.cache, seq.key)
             seq.sink(Done(request_id, self.name, "cancelled", self._usage(seq, self.clock())))
             return True
         uid = self.by_request.pop(request_id, None)
@@ -346,6 +369,7 @@ class GenerateWorker:
         if uid is None:
             return False
         seq = self.sequences.pop(uid)
+        self.keys.pop(uid, None)
         seq.sink(Failed(request_id, error))
         self.generator.remove([uid])
         return True
@@ -356,6 +380,7 @@ class GenerateWorker:
         self.sequences.clear()
         self.prefilling.clear()
         self.by_request.clear()
+        self.keys.clear()
         self.faults.clear()
         for seq in failed:
             seq.sink(Failed(seq.request.request_id, error))

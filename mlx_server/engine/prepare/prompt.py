@@ -20,22 +20,29 @@ log = logging.getLogger("mlx_server.engine")
 
 def render(req: GenerateRequest, tokenizer: Any, model: str) -> list[int]:
     """The request's prompt as token ids, through the model's chat template unless `raw`."""
-    tok = tokenizer
     if req.prompt is not None and req.raw:
-        return list(tok.encode(req.prompt))
+        return list(tokenizer.encode(req.prompt))
+    return list(tokenizer.encode(prompt_text(req, tokenizer, model), add_special_tokens=False))
+
+
+def prompt_text(
+    req: GenerateRequest, tokenizer: Any, model: str, messages: Optional[list[dict[str, Any]]] = None
+) -> str:
+    """The templated prompt text; `messages` replaces the request's own (a vision prompt's content parts)."""
+    tok = tokenizer
     if req.suffix:
         raise BadRequest(f'model "{model}" does not support insert (suffix)')
-    messages = [m.to_template() for m in (req.messages or [])]
-    if req.prompt is not None:
-        messages = [{"role": "user", "content": req.prompt}]
+    if messages is None:
+        messages = [m.to_template() for m in (req.messages or [])]
+        if req.prompt is not None:
+            messages = [{"role": "user", "content": req.prompt}]
     if req.system is not None:
         messages = [m for m in messages if m["role"] != "system"]
         messages.insert(0, {"role": "system", "content": req.system})
     block = forced_tool_block(req, tok)
     if not getattr(tok, "has_chat_template", False):
         turns = _with_block(messages, block, "system") if block else messages
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in turns) + "assistant: "
-        return list(tok.encode(text))
+        return "".join(f"{m['role']}: {m['content']}\n" for m in turns) + "assistant: "
     kwargs: dict[str, Any] = {}
     if req.tools:
         kwargs["tools"] = req.tools
@@ -45,12 +52,11 @@ def render(req: GenerateRequest, tokenizer: Any, model: str) -> list[int]:
     attempts = [_with_block(messages, block, role) for role in ("system", "user")] if block else [messages]
     for i, turns in enumerate(attempts):
         try:
-            text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False, **kwargs)
-            break
+            return str(tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False, **kwargs))
         except Exception as exc:  # noqa: BLE001 - jinja errors name the template problem; the client sent them
             if i == len(attempts) - 1:
                 raise BadRequest(f"chat template failed for these messages: {exc}") from None
-    return list(tok.encode(text, add_special_tokens=False))
+    raise AssertionError("unreachable")
 
 
 def with_default_system(req: GenerateRequest, system: Optional[str]) -> GenerateRequest:
@@ -101,7 +107,11 @@ def _with_block(messages: list[dict[str, Any]], block: str, role: str) -> list[d
     out = [dict(m) for m in messages]
     for m in out:
         if m["role"] == role:
-            m["content"] = f"{m['content']}\n\n{block}" if role == "system" else f"{block}\n\n{m['content']}"
+            if isinstance(m["content"], list):  # content parts (images): the block is a text part of its own
+                part = {"type": "text", "text": block}
+                m["content"] = [*m["content"], part] if role == "system" else [part, *m["content"]]
+            else:
+                m["content"] = f"{m['content']}\n\n{block}" if role == "system" else f"{block}\n\n{m['content']}"
             return out
     return [{"role": role, "content": block}, *out]
 
@@ -134,4 +144,4 @@ def fit(tokens: list[int], req: GenerateRequest, context_length: int, model: str
     return Fitted(tokens=tokens, num_ctx=num_ctx, max_tokens=max_tokens, truncated=truncated)
 
 
-__all__ = ["Fitted", "fit", "forced_tool_block", "render", "template_shows_tools", "tool_instructions"]
+__all__ = ["Fitted", "fit", "forced_tool_block", "prompt_text", "render", "template_shows_tools", "tool_instructions"]

@@ -29,7 +29,19 @@ from mlx_server.contract.requests import EmbedRequest, GenerateRequest
 from mlx_server.engine.loop.budget import pass_tokens
 from mlx_server.engine.prepare.constrained import Constraints
 from mlx_server.engine.prepare.embed_tokenizer import EmbedTokenizer
-from mlx_server.engine.prepare.prompt import fit, render, with_default_system
+from mlx_server.engine.prepare.images import ImageLimits, decode_images
+from mlx_server.engine.prepare.prompt import fit, prompt_text, render, with_default_system
+from mlx_server.engine.prepare.vision import (
+    VisionProcessor,
+    VisionPrompt,
+    cut,
+    has_images,
+    is_vision_config,
+    needs_mlx_vlm,
+    request_images,
+    vision_prompt,
+    with_positions,
+)
 from mlx_server.models.embedinfo import EmbeddingInfo, embedding_info
 from mlx_server.models.info import kv_bytes_per_token, native_context_length
 from mlx_server.models.sources import locate, weights_size
@@ -84,6 +96,7 @@ class ModelFiles:
     tokenizer: Any  # mlx_lm's TokenizerWrapper; an EmbedTokenizer for an embedding model
     constraints: Optional[Constraints]  # None for an embedding model
     embedding: Optional[EmbeddingInfo] = None  # set for an embedding-only model
+    vision: Optional[VisionProcessor] = None  # set for a vision model: its image processor and image tokens
 
     def width(self) -> int:
         """The width of the vectors it embeds."""
@@ -144,6 +157,14 @@ class Preparer:
             raise ModelLoadFailed(f'failed to load the tokenizer of model "{name}": {exc}') from exc
         configured = self.config.models[name].context_length
         native = native_context_length(cfg)
+        vision = None
+        if is_vision_config(cfg) or self.config.models[name].kind == "vision":
+            try:
+                vision = VisionProcessor.load(path, cfg)
+            except ImportError as exc:
+                raise ModelLoadFailed(needs_mlx_vlm(name, exc)) from exc
+            except Exception as exc:  # noqa: BLE001 - a broken processor fails this model only
+                raise ModelLoadFailed(f'failed to load the image processor of model "{name}": {exc}') from exc
         return ModelFiles(
             name=name,
             path=path,
@@ -153,6 +174,7 @@ class Preparer:
             context_length=min(configured, native) if configured else native,
             weights=weights_size(path),
             kv_per_token=_kv_estimate(cfg),
+            vision=vision,
         )
 
     def _embedding_files(self, name: str, path: Path, cfg: dict[str, Any], info: EmbeddingInfo) -> ModelFiles:
@@ -214,13 +236,42 @@ class Preparer:
 
     def prepare(self, req: GenerateRequest) -> Prepared:
         files = self.generation_files(req.model)
+        if files.vision is not None:
+            return self.prepare_vision(req)[0]  # its text tokenized as its processor does, BOS included
+        if has_images(req):
+            raise BadRequest(f'"{req.model}" does not support images')
         req = with_default_system(req, self.config.models[req.model].system)
         return prepare_request(req, files.tokenizer, files.context_length, files.constraints)
 
     def count(self, req: GenerateRequest) -> int:
         files = self.generation_files(req.model)
         req = with_default_system(req, self.config.models[req.model].system)
+        if has_images(req) or files.vision is not None:
+            return len(self.vision_prompt(req, files).tokens)
         return len(render(req, files.tokenizer, req.model))
+
+    def prepare_vision(self, req: GenerateRequest) -> tuple[Prepared, VisionPrompt]:
+        """Decode and check the images, place them by the template, expand them into the family's image tokens,
+        fit the prompt and compile its grammar: raises BadRequest for the client's mistakes."""
+        files = self.generation_files(req.model)
+        req = with_default_system(req, self.config.models[req.model].system)
+        prompt = self.vision_prompt(req, files)
+        fitted = fit(prompt.tokens, req, files.context_length, req.model)
+        assert files.vision is not None
+        prompt = with_positions(cut(prompt, fitted.truncated), files.vision)
+        grammar = (files.constraints or Constraints(files.tokenizer)).processors(req, fitted.max_tokens)
+        prepared = Prepared(req, fitted.tokens, fitted.num_ctx, fitted.max_tokens, fitted.truncated, grammar)
+        return prepared, prompt
+
+    def vision_prompt(self, req: GenerateRequest, files: ModelFiles) -> VisionPrompt:
+        if files.vision is None:
+            raise BadRequest(f'"{req.model}" does not support images')
+        server, model = self.config.server, self.config.models[req.model]
+        limits = ImageLimits(server.max_images, int(server.max_image_bytes), model.max_pixels, server.fetch_image_urls)
+        decoded = decode_images(request_images(req), limits)
+        return vision_prompt(
+            req, files.vision, decoded, lambda messages: prompt_text(req, files.tokenizer, req.model, messages)
+        )
 
     def generation_files(self, name: str) -> ModelFiles:
         files = self.files(name)

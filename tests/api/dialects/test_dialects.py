@@ -19,25 +19,22 @@ import ollama
 import openai
 import pytest
 
-from support.fakeengine import FakeEngine
 from mlx_server.contract.errors import ServerBusy
 from mlx_server.contract.events import Delta, Event, Failed, Started
-from mlx_server.contract.requests import CountTokensRequest, EmbedRequest, EngineRequest, GenerateRequest, LoadRequest, UnloadRequest
+from mlx_server.contract.requests import (
+    CountTokensRequest,
+    EmbedRequest,
+    EngineRequest,
+    GenerateRequest,
+    LoadRequest,
+    UnloadRequest,
+)
+from support.fakeengine import FakeEngine, fake_model
 from support.serving import Server, make_config, serve
 
 HI = [{"role": "user", "content": "one two three four five six seven"}]
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 CONFIGURED = {"temperature": 0.2, "top_k": 7, "num_predict": 5}
-
-
-def fake_model(path: Path, template: str) -> Path:
-    """Just enough files to be found and described (no weights worth loading: the engine is fake)."""
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
-                                                 "num_attention_heads": 1, "max_position_embeddings": 512}))
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-    (path / "model.safetensors").write_bytes(b"\0" * 64)
-    return path
 
 
 @pytest.fixture(scope="module")
