@@ -50,6 +50,8 @@ def health_body(request: Request) -> tuple[dict[str, Any], int]:
                 "load_time_seconds": round(r.load_seconds, 3),
                 "active_requests": r.active,
                 "is_loading": r.is_loading,
+                "kv_cache": r.kv_cache,
+                "kv_bytes_per_token": r.kv_bytes_per_token,
             }
             for r in snapshot
         ],

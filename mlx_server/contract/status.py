@@ -48,6 +48,8 @@ class ModelStatus:
     is_loading: bool = False
     shards: int = 1  # ranks it is split across when served distributed
     split: str = ""  # "tensor" or "pipeline"
+    kv_cache: str = "f16"  # how its KV is stored: f16 (the weights' float type), q8 or q4
+    kv_bytes_per_token: int = 0  # on this rank
 
 
 @dataclass(frozen=True)

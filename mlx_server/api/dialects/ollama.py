@@ -315,6 +315,7 @@ async def ps(request: Request) -> Response:
             "details": entry["details"],
             "expires_at": expires,
             "context_length": r.context_length,
+            "kv_cache": {"type": r.kv_cache, "bytes_per_token": r.kv_bytes_per_token},
         }  # what the loaded model really has
         if r.shards > 1:
             item["sharded"] = {"ranks": r.shards, "method": r.split, "size_per_rank": r.size}

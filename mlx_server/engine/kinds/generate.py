@@ -53,6 +53,7 @@ def worker(weights: Weights, built: Mapping[str, Worker]) -> Optional[GenerateWo
         kv_per_token=weights.kv_per_token,
         max_batch=weights.max_batch,
         prompt_cache_bytes=weights.prompt_cache_bytes,
+        kv=weights.kv_cache,
     )
 
 

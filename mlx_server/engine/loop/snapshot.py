@@ -41,6 +41,8 @@ def resident_status(pool: ModelPool[Model]) -> tuple[list[ModelStatus], MemorySt
                 prompt_cache=model.stored,
                 shards=model.shards,
                 split=model.split,
+                kv_cache=model.kv_cache,
+                kv_bytes_per_token=model.kv_per_token,
             )
         )
     if pool.loading is not None:

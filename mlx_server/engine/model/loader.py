@@ -24,6 +24,7 @@ from mlx_server.config.load import Config
 from mlx_server.contract.errors import ModelLoadFailed
 from mlx_server.engine.distributed.lockstep import Lockstep, all_failed
 from mlx_server.engine.loop.jobs import Model, Worker
+from mlx_server.engine.model.kvquant import make_cache, quantized_per_token
 from mlx_server.engine.prepare.stage import ModelFiles, Preparer
 from mlx_server.engine.prepare.vision import needs_mlx_vlm
 from mlx_server.models.info import kv_bytes_per_token
@@ -52,6 +53,7 @@ class Weights:
     kv_per_token: int = 0  # bytes of KV per token of context on this rank
     max_batch: int = 16
     prompt_cache_bytes: int = 0
+    kv_cache: str = "f16"  # how its KV is stored: f16 (the weights' float type), q8 or q4
 
 
 # Given the loaded weights and the workers made so far (a kind may build on an earlier kind's worker); None: this
@@ -238,8 +240,11 @@ class ModelLoader:
         prompt_cache_bytes: Optional[int] = None,
         vlm: Any = None,
     ) -> Model:
+        kv = self._kv_setting(name, model, files)
         # modelinfo counts 2 bytes per element; scale to the real float type, then to this rank's share (rounded up).
         per_token = kv_bytes_per_token(cfg) // 2 * (dtype.size if dtype is not None else 2)
+        if kv != "f16":
+            per_token = quantized_per_token(cfg, kv, dtype.size if dtype is not None else 2)
         kv_per_token = -(-per_token * kv_share[0] // kv_share[1])
         cache_bytes = self.config.server.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
         return self._model(
@@ -254,10 +259,28 @@ class ModelLoader:
                 kv_per_token=kv_per_token,
                 max_batch=self.max_batch,
                 prompt_cache_bytes=cache_bytes,
+                kv_cache=kv,
             ),
             shards,
             split,
         )
+
+    def _kv_setting(self, name: str, model: Any, files: ModelFiles) -> str:
+        """The model's KV cache setting (models.yaml's, else the server's); a model whose caches have no quantized
+        batched form here (rotating windows, state-space layers, an mRoPE vision model's shifted rows) keeps f16,
+        as Ollama falls back when its quantized cache cannot be used, and says so."""
+        wanted = self.config.models[name].kv_cache or self.config.server.kv_cache
+        if wanted == "f16":
+            return wanted
+        if files.vision is not None and files.vision.mrope:
+            log.warning("model %s: kv_cache %s is not available for mRoPE vision models; using f16", name, wanted)
+            return "f16"
+        try:
+            make_cache(model, wanted)
+        except ValueError as exc:
+            log.warning("model %s: kv_cache %s is not available (%s); using f16", name, wanted, exc)
+            return "f16"
+        return wanted
 
     def _load_embedder(self, name: str, files: ModelFiles) -> Model:
         """Embedding models are small (tens to hundreds of MB): loaded in one go."""
@@ -287,7 +310,16 @@ class ModelLoader:
             worker = make(weights, workers)
             if worker is not None:
                 workers[kind] = worker
-        return Model(weights.name, workers, weights.context_length, shards=shards, split=split, resources=weights)
+        return Model(
+            weights.name,
+            workers,
+            weights.context_length,
+            shards=shards,
+            split=split,
+            resources=weights,
+            kv_cache=weights.kv_cache,
+            kv_per_token=weights.kv_per_token if weights.model is not None else 0,
+        )
 
     def unload(self, loaded: Model) -> None:
         loaded.close()

@@ -16,13 +16,14 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from mlx_server.contract.errors import InternalError, MlxServerError, RequestTimeout
 from mlx_server.contract.events import Delta, Done, DoneReason, Failed, Sink, Started, Usage
 from mlx_server.contract.requests import GenerateRequest
 from mlx_server.engine.loop.budget import kv_bound
 from mlx_server.engine.loop.prefill import EncodeGate, PrefillJob
+from mlx_server.engine.model.kvquant import make_cache
 from mlx_server.engine.model.output import SequenceOutput, make_output
 from mlx_server.engine.model.sampling import guard_processors, guard_sampler, make_processors, make_sampler
 from mlx_server.engine.model.vision import ShiftedKVCache, VisionInputs
@@ -68,8 +69,10 @@ class GenerateWorker:
         max_batch: int = 16,
         prompt_cache_bytes: int = 2**30,
         clock: Clock = time.monotonic,
+        kv: str = "f16",
     ) -> None:
         self.name = name
+        self.kv = kv  # every cache of this model is stored so: one batch cannot mix quantized and float rows
         self.kv_per_token = kv_per_token
         self.model = model
         self.tokenizer = tokenizer
@@ -225,7 +228,7 @@ class GenerateWorker:
             else:
                 cache = None
         if cache is None:
-            return make_prompt_cache(self.model), 0
+            return make_cache(self.model, self.kv), 0
         return cache, len(tokens) - len(rest)
 
     def _keep_cache(
