@@ -56,7 +56,7 @@ from typing import Any, Optional
 import httpx
 import numpy as np
 import psutil
-import yaml
+from benchserve import start_server as start
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-model builder
@@ -127,25 +127,12 @@ def find_openblas() -> Optional[Path]:
 
 def start_server(work: Path, tiny: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = free_port()
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = work / "models.yaml"
-    cfg.write_text(yaml.safe_dump({
+    doc = {
         "server": {"port": port, "memory_budget": "8GB", "cache_dir": str(work / "cache")},
         "models": {"all-minilm": {"source": MINILM, "keep_alive": -1},
-                   "tiny": {"source": str(tiny), "keep_alive": -1, "context_length": 65536}}}))
-    log = work / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_server", "--config", str(cfg), "--log-level", "warning",
-                             "serve"], stdout=open(log, "ab"), stderr=subprocess.STDOUT, env={**os.environ, **env})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server did not come up (exit {proc.poll()}); see {log}")
+                   "tiny": {"source": str(tiny), "keep_alive": -1, "context_length": 65536}},
+    }
+    return start(work, doc, port, env=env)
 
 
 def embed(url: str, texts: list[str]) -> tuple[float, np.ndarray, int]:

@@ -1,0 +1,40 @@
+"""Starting our server as a real process for the benchmark scripts: a models.yaml in `work`, a log file, /health."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import httpx
+import yaml
+
+
+def start_server(
+    work: Path, doc: dict[str, Any], port: int, env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`mlx-server serve` on `doc` (a models.yaml document), once its /health answers: (process, URL, log)."""
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = work / "models.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    log = work / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_server", "--config", str(cfg), "--log-level", "warning", "serve"],
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        cwd=str(cwd) if cwd else None,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url, log
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server did not come up (exit {proc.poll()}); see {log}")
