@@ -57,6 +57,7 @@ import httpx
 import numpy as np
 import psutil
 from benchserve import start_server as start
+from benchserve import stop_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-model builder
@@ -254,11 +255,7 @@ def run_server(work: Path, tiny: Path, short: list[str], long: list[str], env: d
               flush=True)
         out["other_cores"] = meter.other_cores()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return out
 
 

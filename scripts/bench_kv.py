@@ -56,6 +56,7 @@ from typing import Any, Optional
 
 import httpx
 from benchserve import start_server as start
+from benchserve import stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -435,11 +436,7 @@ def main() -> None:
     try:
         res["server"] = server_part(url, args, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     res["server_s"] = round(time.perf_counter() - started, 1)
     res["dirs"] = {"demo": str(demo_dir(work / "cache")), "tiny": str(tiny["tiny"])}
     res["quality"] = {}

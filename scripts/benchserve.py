@@ -38,3 +38,11 @@ def start_server(
             pass
         time.sleep(0.2)
     raise RuntimeError(f"server did not come up (exit {proc.poll()}); see {log}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
