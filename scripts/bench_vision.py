@@ -77,6 +77,7 @@ from typing import Any, Optional
 
 import httpx
 import yaml
+from benchserve import stop_server, wait_healthy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-VLM builder
@@ -109,10 +110,17 @@ def build_model(work: Path, image_size: int) -> tuple[Path, dict[str, Any]]:
         (path / name).write_text(json.dumps(cfg, indent=2))
     config = json.loads((path / "config.json").read_text())
     tokens = (image_size // 16) ** 2  # 8-px patches merged 2 × 2 (image_size a multiple of 16)
-    desc = {"builder": "tests/support/tinyvlm.py build_qwen2_vl(seed=0)", "model_type": config["model_type"],
-            "hidden_size": config["hidden_size"], "text_layers": config["num_hidden_layers"],
-            "vision_depth": config["vision_config"]["depth"], "dtype": "float32",
-            "image": f"{image_size}x{image_size} PNG (sample_image)", "image_tokens": tokens, "max_pixels": pixels}
+    desc = {
+        "builder": "tests/support/tinyvlm.py build_qwen2_vl(seed=0)",
+        "model_type": config["model_type"],
+        "hidden_size": config["hidden_size"],
+        "text_layers": config["num_hidden_layers"],
+        "vision_depth": config["vision_config"]["depth"],
+        "dtype": "float32",
+        "image": f"{image_size}x{image_size} PNG (sample_image)",
+        "image_tokens": tokens,
+        "max_pixels": pixels,
+    }
     return path, desc
 
 
@@ -136,8 +144,10 @@ class Images:
 
 
 def image_message(images: Images, tag: str, text: str = QUESTION) -> dict[str, Any]:
-    return {"role": "user", "content": [{"type": "text", "text": text},
-                                        {"type": "image_url", "image_url": {"url": images.url(tag)}}]}
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": images.url(tag)}}],
+    }
 
 
 # ----------------------------------------------------------------------------------------------------- peer venv
@@ -155,20 +165,29 @@ def tower_ms(model_dir: Path, images: Images, runs: int = 3) -> dict[str, Any]:
     prompt = apply_chat_template(proc, model.config, QUESTION, num_images=1)
     times = []
     for i in range(runs + 1):
-        inputs = prepare_inputs(proc, images=[sample_image(10_000 + i, size=(images.size, images.size))],
-                                prompts=prompt)
+        inputs = prepare_inputs(
+            proc, images=[sample_image(10_000 + i, size=(images.size, images.size))], prompts=prompt
+        )
         t = time.monotonic()
         mx.eval(model.vision_tower(inputs["pixel_values"], inputs["image_grid_thw"], output_hidden_states=False))
         times.append(1000 * (time.monotonic() - t))
-    return {"median_ms": statistics.median(times[1:]), "runs_ms": times[1:], "warmup_ms": times[0],
-            "patches": int(inputs["pixel_values"].shape[0])}
+    return {
+        "median_ms": statistics.median(times[1:]),
+        "runs_ms": times[1:],
+        "warmup_ms": times[0],
+        "patches": int(inputs["pixel_values"].shape[0]),
+    }
 
 
 def ensure_peer_venv(venv: Path) -> tuple[Path, dict[str, Any]]:
     """The venv's python, building the venv if it cannot import mlx_vlm.server; what building it took."""
     python = venv / "bin" / "python"
-    check = [str(python), "-c", "import mlx_vlm, mlx_vlm.server, fastapi, uvicorn; "
-             f"assert mlx_vlm.__version__ == {PEER_VERSION!r}, mlx_vlm.__version__"]
+    check = [
+        str(python),
+        "-c",
+        "import mlx_vlm, mlx_vlm.server, fastapi, uvicorn; "
+        f"assert mlx_vlm.__version__ == {PEER_VERSION!r}, mlx_vlm.__version__",
+    ]
     info_file = venv / BUILD_INFO
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
         info = json.loads(info_file.read_text()) if info_file.exists() else {}
@@ -183,16 +202,36 @@ def ensure_peer_venv(venv: Path) -> tuple[Path, dict[str, Any]]:
     seconds = time.monotonic() - start
     done = subprocess.run(check, capture_output=True, text=True)
     if done.returncode != 0:  # mlx_vlm.server needs more than mlx-vlm's own requirements: say what
-        raise RuntimeError(f"the peer venv cannot import mlx_vlm.server after `pip install {' '.join(reqs)}`:\n"
-                           f"{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"the peer venv cannot import mlx_vlm.server after `pip install {' '.join(reqs)}`:\n{done.stderr[-2000:]}"
+        )
     size = int(subprocess.run(["du", "-sb", str(venv)], capture_output=True, text=True).stdout.split()[0])
     freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout.split()
-    keep = ("mlx", "mlx-cpu", "mlx-vlm", "mlx-lm", "mlx-audio", "fastapi", "uvicorn", "transformers", "pillow",
-            "numpy", "torch", "opencv-python", "datasets")
+    keep = (
+        "mlx",
+        "mlx-cpu",
+        "mlx-vlm",
+        "mlx-lm",
+        "mlx-audio",
+        "fastapi",
+        "uvicorn",
+        "transformers",
+        "pillow",
+        "numpy",
+        "torch",
+        "opencv-python",
+        "datasets",
+    )
     pkgs = {n: v for n, _, v in (x.partition("==") for x in freeze) if n.lower() in keep}
-    info = {"requirements": reqs, "install_s": round(seconds, 1), "size_bytes": size, "packages": pkgs,
-            "packages_total": len(freeze), "built": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "python": platform.python_version()}
+    info = {
+        "requirements": reqs,
+        "install_s": round(seconds, 1),
+        "size_bytes": size,
+        "packages": pkgs,
+        "packages_total": len(freeze),
+        "built": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+    }
     info_file.write_text(json.dumps(info, indent=2))
     return python, {**info, "built_now": True, "venv": str(venv)}
 
@@ -216,43 +255,53 @@ def start(key: str, model_dir: Path, work: Path, peer_python: Optional[Path], pr
     log = work / f"{key}.log"
     if key == "ours":
         cfg = work / "models.yaml"
-        cfg.write_text(yaml.safe_dump({
-            "server": {"port": port, "memory_budget": "8GB", "cache_dir": str(work / "cache")},
-            "models": {"vlm": {"source": str(model_dir), "keep_alive": -1}}}))
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "server": {"port": port, "memory_budget": "8GB", "cache_dir": str(work / "cache")},
+                    "models": {"vlm": {"source": str(model_dir), "keep_alive": -1}},
+                }
+            )
+        )
         argv = ["--config", str(cfg), "--log-level", "warning", "serve"]
         if preimport:
-            cmd = [sys.executable, "-c", f"import runpy, sys, {PREIMPORT}; sys.argv = ['mlx_server', *sys.argv[1:]]; "
-                   "runpy.run_module('mlx_server', run_name='__main__')", *argv]
+            cmd = [
+                sys.executable,
+                "-c",
+                f"import runpy, sys, {PREIMPORT}; sys.argv = ['mlx_server', *sys.argv[1:]]; "
+                "runpy.run_module('mlx_server', run_name='__main__')",
+                *argv,
+            ]
         else:
             cmd = [sys.executable, "-m", "mlx_server", *argv]
         model = "vlm"
     else:
         assert peer_python is not None
-        cmd = [str(peer_python), "-m", "mlx_vlm.server", "--model", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "WARNING"]
+        cmd = [
+            str(peer_python),
+            "-m",
+            "mlx_vlm.server",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "WARNING",
+        ]
         model = str(model_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
     srv = Server(key, f"http://127.0.0.1:{port}", model, proc, log, cmd)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{srv.url}/health", timeout=1).status_code == 200:
-                return srv
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    if wait_healthy(srv.url, proc, 180):
+        return srv
     stop(srv)
     raise RuntimeError(f"{SERVERS[key]} did not come up (exit code {proc.poll()}); see {log}")
 
 
 def stop(srv: Server) -> None:
-    srv.proc.terminate()
-    try:
-        srv.proc.wait(30)
-    except subprocess.TimeoutExpired:
-        srv.proc.kill()
-        srv.proc.wait()
+    stop_server(srv.proc)
 
 
 # ----------------------------------------------------------------------------------------------------- client
@@ -288,8 +337,15 @@ class Stream:
 
 
 def body_for(srv: Server, messages: list[dict[str, Any]], max_tokens: int, **extra: Any) -> dict[str, Any]:
-    return {"model": srv.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, **extra}
+    return {
+        "model": srv.model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
 
 
 async def chat(client: httpx.AsyncClient, srv: Server, messages: list[dict[str, Any]], max_tokens: int) -> Stream:
@@ -428,8 +484,9 @@ async def warm_up(client: httpx.AsyncClient, srv: Server, images: Images, check:
     return time.monotonic() - t
 
 
-async def ttft_single(client: httpx.AsyncClient, srv: Server, images: Images, z: Sizes, check: Check,
-                      rnd: int) -> list[dict[str, Any]]:
+async def ttft_single(
+    client: httpx.AsyncClient, srv: Server, images: Images, z: Sizes, check: Check, rnd: int
+) -> list[dict[str, Any]]:
     out = []
     for i in range(z.ttft_runs):
         tag = f"ttft.{rnd}.{i}"
@@ -440,21 +497,29 @@ async def ttft_single(client: httpx.AsyncClient, srv: Server, images: Images, z:
     return out
 
 
-async def concurrent(client: httpx.AsyncClient, srv: Server, images: Images, z: Sizes, check: Check, rnd: int,
-                     n: int) -> dict[str, Any]:
+async def concurrent(
+    client: httpx.AsyncClient, srv: Server, images: Images, z: Sizes, check: Check, rnd: int, n: int
+) -> dict[str, Any]:
     t0 = time.monotonic()
-    streams = await asyncio.gather(*(chat(client, srv, [image_message(images, f"conc{n}.{rnd}.{i}")], z.tokens)
-                                     for i in range(n)))
+    streams = await asyncio.gather(
+        *(chat(client, srv, [image_message(images, f"conc{n}.{rnd}.{i}")], z.tokens) for i in range(n))
+    )
     wall = max(s.end or t0 for s in streams) - t0
     for s in streams:
         check("single", s)
     total = sum(s.generated for s in streams)
-    decode = [(s.end - s.times[0]) / (s.generated - 1) for s in streams
-              if s.end is not None and s.times and s.generated > 1]
-    return {"tps": total / wall, "tokens": total, "wall_s": wall,
-            "decode_ms_per_token_p50": 1000 * statistics.median(decode) if decode else None,
-            "ttft_p50_s": statistics.median(s.ttft for s in streams),
-            "ttft_max_s": max(s.ttft for s in streams), "early_stops": sum(s.finish == "stop" for s in streams)}
+    decode = [
+        (s.end - s.times[0]) / (s.generated - 1) for s in streams if s.end is not None and s.times and s.generated > 1
+    ]
+    return {
+        "tps": total / wall,
+        "tokens": total,
+        "wall_s": wall,
+        "decode_ms_per_token_p50": 1000 * statistics.median(decode) if decode else None,
+        "ttft_p50_s": statistics.median(s.ttft for s in streams),
+        "ttft_max_s": max(s.ttft for s in streams),
+        "early_stops": sum(s.finish == "stop" for s in streams),
+    }
 
 
 async def follow_up(client: httpx.AsyncClient, srv: Server, images: Images, check: Check, rnd: int) -> dict[str, Any]:
@@ -464,13 +529,19 @@ async def follow_up(client: httpx.AsyncClient, srv: Server, images: Images, chec
     await asyncio.sleep(0.2)
     msgs = [*first_msgs, {"role": "assistant", "content": first.text}, {"role": "user", "content": FOLLOW_UP}]
     second = check("turn2", await chat(client, srv, msgs, 8))
-    return {"turn1_ttft_s": first.ttft, "turn2_ttft_s": second.ttft, "ratio": second.ttft / first.ttft,
-            "turn1_prompt_tokens": first.prompt_tokens, "turn2_prompt_tokens": second.prompt_tokens,
-            "turn2_cached_tokens": second.cached_tokens}
+    return {
+        "turn1_ttft_s": first.ttft,
+        "turn2_ttft_s": second.ttft,
+        "ratio": second.ttft / first.ttft,
+        "turn1_prompt_tokens": first.prompt_tokens,
+        "turn2_prompt_tokens": second.prompt_tokens,
+        "turn2_cached_tokens": second.cached_tokens,
+    }
 
 
-async def encode_stall(client: httpx.AsyncClient, srv: Server, images: Images, z: Sizes, check: Check,
-                       rnd: int) -> dict[str, Any]:
+async def encode_stall(
+    client: httpx.AsyncClient, srv: Server, images: Images, z: Sizes, check: Check, rnd: int
+) -> dict[str, Any]:
     ts = TextStream(srv, z.stream_tokens)
     ts.start()
     try:
@@ -486,8 +557,9 @@ async def encode_stall(client: httpx.AsyncClient, srv: Server, images: Images, z
         alone_tokens = sum(k for t, k in zip(t_alone, ts.tokens, strict=False) if t > a0)
         for i in range(z.stall_images):
             images.url(f"stall.{rnd}.{i}")  # PNG-encoded before the window opens
-        streams = await asyncio.gather(*(chat(client, srv, [image_message(images, f"stall.{rnd}.{i}")], 4)
-                                         for i in range(z.stall_images)))
+        streams = await asyncio.gather(
+            *(chat(client, srv, [image_message(images, f"stall.{rnd}.{i}")], 4) for i in range(z.stall_images))
+        )
         # The window: the first image request sent to the last one's first token (one clock, CLOCK_MONOTONIC).
         start_m, end_m = min(s.sent for s in streams), max(s.sent + s.ttft for s in streams)
         await asyncio.sleep(0.3)  # a couple more chunks, to close the last gap
@@ -501,12 +573,18 @@ async def encode_stall(client: httpx.AsyncClient, srv: Server, images: Images, z
     if not gaps:
         raise RuntimeError("text stream made no chunks around the image requests")
     worst, worst_k = max(gaps)
-    return {"alone_max_gap_s": max(alone), "alone_median_gap_s": statistics.median(alone),
-            "alone_ms_per_token": 1000 * (t_alone[-1] - a0) / max(alone_tokens, 1),
-            "during_max_gap_s": worst, "during_max_gap_tokens": worst_k,
-            "during_max_gap_per_token_s": max(g / k for g, k in gaps),
-            "window_s": end_m - start_m, "chunks_during": sum(start_m <= t <= end_m for t in ts.times),
-            "image_ttfts_s": sorted(s.ttft for s in streams), "stream_ended_early": ts.ended_early}
+    return {
+        "alone_max_gap_s": max(alone),
+        "alone_median_gap_s": statistics.median(alone),
+        "alone_ms_per_token": 1000 * (t_alone[-1] - a0) / max(alone_tokens, 1),
+        "during_max_gap_s": worst,
+        "during_max_gap_tokens": worst_k,
+        "during_max_gap_per_token_s": max(g / k for g, k in gaps),
+        "window_s": end_m - start_m,
+        "chunks_during": sum(start_m <= t <= end_m for t in ts.times),
+        "image_ttfts_s": sorted(s.ttft for s in streams),
+        "stream_ended_early": ts.ended_early,
+    }
 
 
 async def measure(srv: Server, images: Images, z: Sizes, check: Check, rnd: int) -> dict[str, Any]:
@@ -515,13 +593,20 @@ async def measure(srv: Server, images: Images, z: Sizes, check: Check, rnd: int)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
         out: dict[str, Any] = {"warm_s": await warm_up(client, srv, images, check, rnd)}
         out["ttft"] = await ttft_single(client, srv, images, z, check, rnd)
-        print(f"  {name}: TTFT " + ", ".join(f"{1000 * r['ttft_s']:.0f}" for r in out["ttft"])
-              + f" ms ({out['ttft'][0]['prompt_tokens']} prompt tokens)", flush=True)
+        print(
+            f"  {name}: TTFT "
+            + ", ".join(f"{1000 * r['ttft_s']:.0f}" for r in out["ttft"])
+            + f" ms ({out['ttft'][0]['prompt_tokens']} prompt tokens)",
+            flush=True,
+        )
         out["levels"] = {}
         for n in z.levels:
             r = out["levels"][n] = await concurrent(client, srv, images, z, check, rnd, n)
-            print(f"  {name}: {n} concurrent: {r['tokens']} tokens in {r['wall_s']:.2f} s = {r['tps']:.1f} tok/s "
-                  f"(TTFT p50 {1000 * r['ttft_p50_s']:.0f} ms)", flush=True)
+            print(
+                f"  {name}: {n} concurrent: {r['tokens']} tokens in {r['wall_s']:.2f} s = {r['tps']:.1f} tok/s "
+                f"(TTFT p50 {1000 * r['ttft_p50_s']:.0f} ms)",
+                flush=True,
+            )
             await asyncio.sleep(0.2)
         r = out["follow_up"] = await follow_up(client, srv, images, check, rnd)
         if srv.key == "peer":  # its vision-feature cache's counters: did turn 2 skip the tower?
@@ -529,18 +614,33 @@ async def measure(srv: Server, images: Images, z: Sizes, check: Check, rnd: int)
                 out["peer_cache_stats"] = (await client.get(f"{srv.url}/v1/cache/stats")).json()
             except (httpx.HTTPError, ValueError) as exc:
                 out["peer_cache_stats"] = {"error": str(exc)}
-        print(f"  {name}: follow-up TTFT {1000 * r['turn2_ttft_s']:.0f} ms vs turn 1 {1000 * r['turn1_ttft_s']:.0f} "
-              f"ms ({r['turn2_cached_tokens']} of {r['turn2_prompt_tokens']} tokens cached)", flush=True)
+        print(
+            f"  {name}: follow-up TTFT {1000 * r['turn2_ttft_s']:.0f} ms vs turn 1 {1000 * r['turn1_ttft_s']:.0f} "
+            f"ms ({r['turn2_cached_tokens']} of {r['turn2_prompt_tokens']} tokens cached)",
+            flush=True,
+        )
         await asyncio.sleep(0.2)
         r = out["stall"] = await encode_stall(client, srv, images, z, check, rnd)
-        print(f"  {name}: text stream gaps alone max {1000 * r['alone_max_gap_s']:.1f} / median "
-              f"{1000 * r['alone_median_gap_s']:.1f} ms; while {z.stall_images} images encode "
-              f"({1000 * r['window_s']:.0f} ms) max {1000 * r['during_max_gap_s']:.1f} ms", flush=True)
+        print(
+            f"  {name}: text stream gaps alone max {1000 * r['alone_max_gap_s']:.1f} / median "
+            f"{1000 * r['alone_median_gap_s']:.1f} ms; while {z.stall_images} images encode "
+            f"({1000 * r['window_s']:.0f} ms) max {1000 * r['during_max_gap_s']:.1f} ms",
+            flush=True,
+        )
     return out
 
 
-def run_one(key: str, model_dir: Path, work: Path, peer_python: Optional[Path], preimport: bool, images: Images,
-            z: Sizes, check: Check, rnd: int) -> dict[str, Any]:
+def run_one(
+    key: str,
+    model_dir: Path,
+    work: Path,
+    peer_python: Optional[Path],
+    preimport: bool,
+    images: Images,
+    z: Sizes,
+    check: Check,
+    rnd: int,
+) -> dict[str, Any]:
     srv = start(key, model_dir, work, peer_python, preimport)
     try:
         meter = CpuMeter(srv.proc.pid)
@@ -583,13 +683,24 @@ def summarize(runs: dict[str, list[dict[str, Any]]], z: Sizes) -> dict[str, dict
         for n in z.levels:
             row[f"tps_{n}"] = med([r["levels"][n]["tps"] for r in rs])
             row[f"ttft_p50_{n}"] = med([r["levels"][n]["ttft_p50_s"] for r in rs])
-            row[f"decode_{n}"] = med([r["levels"][n]["decode_ms_per_token_p50"] for r in rs
-                                      if r["levels"][n]["decode_ms_per_token_p50"] is not None])
+            row[f"decode_{n}"] = med(
+                [
+                    r["levels"][n]["decode_ms_per_token_p50"]
+                    for r in rs
+                    if r["levels"][n]["decode_ms_per_token_p50"] is not None
+                ]
+            )
         for k in ("turn1_ttft_s", "turn2_ttft_s", "ratio", "turn2_cached_tokens", "turn2_prompt_tokens"):
             vals = [r["follow_up"][k] for r in rs if r["follow_up"][k] is not None]
             row[f"fu_{k}"] = med(vals)
-        for k in ("alone_max_gap_s", "alone_median_gap_s", "during_max_gap_s", "during_max_gap_per_token_s",
-                  "window_s", "alone_ms_per_token"):
+        for k in (
+            "alone_max_gap_s",
+            "alone_median_gap_s",
+            "during_max_gap_s",
+            "during_max_gap_per_token_s",
+            "window_s",
+            "alone_ms_per_token",
+        ):
             row[f"st_{k}"] = med([r["stall"][k] for r in rs])
         row["other_cores"] = med([r["other_cores"] for r in rs])
         rows[key] = row
@@ -607,20 +718,23 @@ def table(rows: dict[str, dict[str, Optional[float]]], z: Sizes, image_tokens: i
         return "-" if a is None or not b else f"{a / b:.2f}"
 
     spec: list[tuple[str, str, float, str, bool]] = [
-        (f"1. TTFT, 1 image ({image_tokens} img tokens), ms", "ttft_s", 1000, ".0f", True)]
+        (f"1. TTFT, 1 image ({image_tokens} img tokens), ms", "ttft_s", 1000, ".0f", True)
+    ]
     for n in z.levels:
         spec.append((f"2. {n} concurrent images, aggregate tok/s", f"tps_{n}", 1, ".1f", True))
         spec.append((f"   {n} concurrent, median TTFT ms", f"ttft_p50_{n}", 1000, ".0f", True))
         spec.append((f"   {n} concurrent, ms/token after first", f"decode_{n}", 1, ".2f", True))
-    spec += [("3. turn 1 TTFT, ms", "fu_turn1_ttft_s", 1000, ".0f", True),
-             ("   follow-up turn TTFT, ms", "fu_turn2_ttft_s", 1000, ".0f", True),
-             ("   follow-up ÷ turn 1", "fu_ratio", 1, ".2f", True),
-             ("   follow-up cached / prompt tokens", "", 1, "", False),
-             ("4. text stream, ms/token alone", "st_alone_ms_per_token", 1, ".2f", True),
-             ("   longest gap alone, ms", "st_alone_max_gap_s", 1000, ".1f", True),
-             (f"   longest gap, {z.stall_images} images arriving, ms", "st_during_max_gap_s", 1000, ".1f", True),
-             ("   their encode+prefill window, ms", "st_window_s", 1000, ".0f", True),
-             ("other cores busy (CPU of others)", "other_cores", 1, ".2f", False)]
+    spec += [
+        ("3. turn 1 TTFT, ms", "fu_turn1_ttft_s", 1000, ".0f", True),
+        ("   follow-up turn TTFT, ms", "fu_turn2_ttft_s", 1000, ".0f", True),
+        ("   follow-up ÷ turn 1", "fu_ratio", 1, ".2f", True),
+        ("   follow-up cached / prompt tokens", "", 1, "", False),
+        ("4. text stream, ms/token alone", "st_alone_ms_per_token", 1, ".2f", True),
+        ("   longest gap alone, ms", "st_alone_max_gap_s", 1000, ".1f", True),
+        (f"   longest gap, {z.stall_images} images arriving, ms", "st_during_max_gap_s", 1000, ".1f", True),
+        ("   their encode+prefill window, ms", "st_window_s", 1000, ".0f", True),
+        ("other cores busy (CPU of others)", "other_cores", 1, ".2f", False),
+    ]
     w = max(len(s[0]) for s in spec) + 2
     lines = [f"{'metric':<{w}}{'mlx-server':>12}{'mlx_vlm.server':>16}{'ours ÷ peer':>13}"]
     for label, k, scale, fmt, with_ratio in spec:
@@ -631,8 +745,10 @@ def table(rows: dict[str, dict[str, Optional[float]]], z: Sizes, image_tokens: i
                 vals.append(f"{'-' if c is None else format(c, '.0f')}/{'-' if p is None else format(p, '.0f')}")
             lines.append(f"{label:<{w}}{vals[0]:>12}{vals[1]:>16}{'':>13}")
             continue
-        lines.append(f"{label:<{w}}{cell(ours.get(k), scale, fmt):>12}{cell(peer.get(k), scale, fmt):>16}"
-                     f"{ratio(k) if with_ratio else '':>13}")
+        lines.append(
+            f"{label:<{w}}{cell(ours.get(k), scale, fmt):>12}{cell(peer.get(k), scale, fmt):>16}"
+            f"{ratio(k) if with_ratio else '':>13}"
+        )
     return "\n".join(lines)
 
 
@@ -645,10 +761,18 @@ def detok_norm(text: str) -> str:
 def versions(peer_python: Optional[Path]) -> dict[str, str]:
     from importlib.metadata import version
 
-    rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    out = {"mlx-server": f"{version('mlx-server')} ({rev})", "mlx": version("mlx"),
-           "mlx-vlm (ours)": version("mlx-vlm"), "transformers (ours)": version("transformers")}
+    rev = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout.strip()
+    out = {
+        "mlx-server": f"{version('mlx-server')} ({rev})",
+        "mlx": version("mlx"),
+        "mlx-vlm (ours)": version("mlx-vlm"),
+        "transformers (ours)": version("transformers"),
+    }
     if peer_python is not None:
         code = "from importlib.metadata import version as v; print(v('mlx-vlm'), v('mlx'), v('transformers'))"
         got = subprocess.run([str(peer_python), "-c", code], capture_output=True, text=True).stdout.split()
@@ -668,16 +792,27 @@ def main() -> int:
     ap.add_argument("--alone", type=float, default=None, help="s the text stream decodes alone (1.5; quick 1)")
     ap.add_argument("--servers", default="ours,peer", help="comma-separated subset of ours,peer")
     ap.add_argument("--peer-venv", type=Path, default=DEFAULT_VENV, help="venv with mlx-vlm (built if missing)")
-    ap.add_argument("--ours-preimport", choices=("auto", "yes", "no"), default="auto",
-                    help=f"start our server with {PREIMPORT} imported first (see above)")
+    ap.add_argument(
+        "--ours-preimport",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help=f"start our server with {PREIMPORT} imported first (see above)",
+    )
     ap.add_argument("--json", type=Path, default=Path("bench_vision.json"))
     args = ap.parse_args()
     q = args.quick
     if args.image_size % 16:
         ap.error("--image-size must be a multiple of 16")
     levels = [int(x) for x in (args.levels or ("1,4" if q else "1,4,8")).split(",") if x]
-    z = Sizes(rounds=args.rounds or (1 if q else 4), ttft_runs=args.ttft_runs or (2 if q else 3), levels=levels,
-              tokens=args.tokens, alone=args.alone or (1.0 if q else 1.5), stall_images=4, stream_tokens=3500)
+    z = Sizes(
+        rounds=args.rounds or (1 if q else 4),
+        ttft_runs=args.ttft_runs or (2 if q else 3),
+        levels=levels,
+        tokens=args.tokens,
+        alone=args.alone or (1.0 if q else 1.5),
+        stall_images=4,
+        stream_tokens=3500,
+    )
     keys = [k for k in args.servers.split(",") if k]
     if unknown := set(keys) - set(SERVERS):
         ap.error(f"unknown servers {sorted(unknown)}; choose from {list(SERVERS)}")
@@ -693,9 +828,12 @@ def main() -> int:
         try:
             peer_python, venv_info = ensure_peer_venv(args.peer_venv)
             state = "built now" if venv_info["built_now"] else "cached"
-            print(f"peer venv {venv_info['venv']} ({state}; build took {venv_info.get('install_s', '?')} s, "
-                  f"{venv_info.get('size_bytes', 0) / 1e6:.0f} MB, pip install "
-                  f"{' '.join(venv_info.get('requirements', []))})", flush=True)
+            print(
+                f"peer venv {venv_info['venv']} ({state}; build took {venv_info.get('install_s', '?')} s, "
+                f"{venv_info.get('size_bytes', 0) / 1e6:.0f} MB, pip install "
+                f"{' '.join(venv_info.get('requirements', []))})",
+                flush=True,
+            )
         except (RuntimeError, subprocess.CalledProcessError) as exc:
             errors["peer"] = f"peer venv: {exc}"
             print(f"peer unavailable: {exc}", file=sys.stderr)
@@ -705,8 +843,11 @@ def main() -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()), flush=True)
 
     tower = tower_ms(model_dir, images)
-    print(f"vision tower in-process, one {args.image_size}x{args.image_size} picture ({tower['patches']} patches): "
-          f"{tower['median_ms']:.0f} ms (runs " + ", ".join(f"{t:.0f}" for t in tower["runs_ms"]) + ")", flush=True)
+    print(
+        f"vision tower in-process, one {args.image_size}x{args.image_size} picture ({tower['patches']} patches): "
+        f"{tower['median_ms']:.0f} ms (runs " + ", ".join(f"{t:.0f}" for t in tower["runs_ms"]) + ")",
+        flush=True,
+    )
 
     preimport = args.ours_preimport == "yes"
     plain_error: Optional[str] = None
@@ -714,8 +855,11 @@ def main() -> int:
         plain_error = probe_ours(model_dir, work / "probe", images)
         if plain_error:
             preimport = True
-            print(f"NOTE our server, started plainly, fails image requests: {plain_error.splitlines()[0]}\n"
-                  f"     (full answer in the JSON); measuring it started with {PREIMPORT} imported first", flush=True)
+            print(
+                f"NOTE our server, started plainly, fails image requests: {plain_error.splitlines()[0]}\n"
+                f"     (full answer in the JSON); measuring it started with {PREIMPORT} imported first",
+                flush=True,
+            )
         else:
             print("our server, started plainly, answers image requests", flush=True)
 
@@ -747,29 +891,54 @@ def main() -> int:
     print()
     for key in keys:
         c = checks[key]
-        print(f"{SERVERS[key]}: prompt tokens per kind {({k: sorted(v) for k, v in c.prompt_tokens.items()})}; "
-              f"empty answers: {len(c.empty)}{' ' + str(c.empty[:3]) if c.empty else ''}")
+        print(
+            f"{SERVERS[key]}: prompt tokens per kind { ({k: sorted(v) for k, v in c.prompt_tokens.items()}) }; "
+            f"empty answers: {len(c.empty)}{' ' + str(c.empty[:3]) if c.empty else ''}"
+        )
     if shared:
-        print(f"greedy answers to the same pictures: {same} of {len(shared)} identical between the servers, "
-              f"{same_norm} up to detokenization (a first token's leading space, byte 0 as U+0100); ours gave "
-              f"{distinct} distinct answers to {len(a.answers)} different pictures")
+        print(
+            f"greedy answers to the same pictures: {same} of {len(shared)} identical between the servers, "
+            f"{same_norm} up to detokenization (a first token's leading space, byte 0 as U+0100); ours gave "
+            f"{distinct} distinct answers to {len(a.answers)} different pictures"
+        )
     if plain_error:
-        print(f"our server started plainly: {plain_error.splitlines()[0][:200]} (measured with {PREIMPORT} "
-              "pre-imported)")
+        print(
+            f"our server started plainly: {plain_error.splitlines()[0][:200]} (measured with {PREIMPORT} pre-imported)"
+        )
     for key, e in errors.items():
         print(f"ERROR {SERVERS[key]}: {e[:500]}")
     elapsed = time.monotonic() - t_start
     print(f"(medians of {z.rounds} round(s); total {elapsed:.0f} s; JSON in {args.json})")
-    args.json.write_text(json.dumps({
-        "model": model_desc, "sizes": z.__dict__, "versions": vers, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
-        "peer_venv": venv_info, "tower_in_process": tower, "ours_plain_start_error": plain_error,
-        "ours_preimport": preimport,
-        "summary": rows, "answers": {"ours": a.answers, "peer": b.answers, "identical": same,
-                    "identical_up_to_detokenization": same_norm, "compared": len(shared)},
-        "prompt_tokens": {k: {kk: sorted(v) for kk, v in c.prompt_tokens.items()} for k, c in checks.items()},
-        "empty_answers": {k: c.empty for k, c in checks.items()}, "errors": errors,
-        "runs": {k: v for k, v in runs.items()}, "elapsed_s": elapsed}, indent=2, default=str))
+    args.json.write_text(
+        json.dumps(
+            {
+                "model": model_desc,
+                "sizes": z.__dict__,
+                "versions": vers,
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+                "peer_venv": venv_info,
+                "tower_in_process": tower,
+                "ours_plain_start_error": plain_error,
+                "ours_preimport": preimport,
+                "summary": rows,
+                "answers": {
+                    "ours": a.answers,
+                    "peer": b.answers,
+                    "identical": same,
+                    "identical_up_to_detokenization": same_norm,
+                    "compared": len(shared),
+                },
+                "prompt_tokens": {k: {kk: sorted(v) for kk, v in c.prompt_tokens.items()} for k, c in checks.items()},
+                "empty_answers": {k: c.empty for k, c in checks.items()},
+                "errors": errors,
+                "runs": {k: v for k, v in runs.items()},
+                "elapsed_s": elapsed,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     return 1 if errors else 0
 
 

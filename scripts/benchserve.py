@@ -29,20 +29,28 @@ def start_server(
         cwd=str(cwd) if cwd else None,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url, log
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    if wait_healthy(url, proc, 120):
+        return proc, url, log
     raise RuntimeError(f"server did not come up (exit {proc.poll()}); see {log}")
 
 
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen[Any], seconds: float) -> bool:
+    """Whether `url`/health answered 200 within `seconds` (False at once if the process exited)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def stop_server(proc: subprocess.Popen[Any]) -> None:
     proc.terminate()
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
