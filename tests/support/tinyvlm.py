@@ -234,6 +234,146 @@ def _finish(out_dir: Path, config: dict[str, Any], *, seed: int, head_name: str,
     return out_dir
 
 
+LM_HEAD = "language_model.lm_head.weight"
+
+
+def _start(path: Path, *, prepend_bos: str | None = None, **tokenizer: Any) -> tuple[Path, dict[str, int], int]:
+    """A builder's first steps: the folder, the tokenizer (``build_tokenizer``'s arguments; ``prepend_bos`` makes
+    it add that BOS, for templates that write none), and its added-token ids and vocabulary size."""
+    out_dir = Path(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out_dir, **tokenizer)
+    if prepend_bos is not None:
+        _prepend_bos(out_dir, prepend_bos)
+    added, vocab_size = _added_ids(out_dir)
+    return out_dir, added, vocab_size
+
+
+def _write_processor(out_dir: Path, preprocessor: dict[str, Any], processor: dict[str, Any]) -> None:
+    _write_json(out_dir / "preprocessor_config.json", preprocessor)
+    _write_json(out_dir / "processor_config.json", processor)
+
+
+def _finish_lm(out_dir: Path, config: dict[str, Any], *, seed: int, added: dict[str, int]) -> Path:
+    """``_finish`` for the usual layout: the head at ``language_model.lm_head``, every added token special."""
+    return _finish(out_dir, config, seed=seed, head_name=LM_HEAD, special_ids=sorted(added.values()))
+
+
+def _clip_vision_config(image_size: int, patch_size: int) -> dict[str, Any]:
+    return {
+        "model_type": "clip_vision_model",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "projection_dim": 64,
+        "num_channels": 3,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "quick_gelu",
+    }
+
+
+def _clip_processor(out_dir: Path, processor_class: str, image_size: int, patch_size: int, **image: Any) -> None:
+    """CLIP-style preprocessing (``image``: the image processor's type and any further settings) and a llava-style
+    processor config, as llava and llava_next write them."""
+    _write_processor(
+        out_dir,
+        {
+            "image_processor_type": "CLIPImageProcessor",
+            "processor_class": processor_class,
+            "do_resize": True,
+            "size": {"shortest_edge": image_size},
+            "resample": 3,
+            "do_center_crop": True,
+            "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD,
+            "do_convert_rgb": True,
+            **image,
+        },
+        {
+            "processor_class": processor_class,
+            "image_token": "<image>",
+            "patch_size": patch_size,
+            "vision_feature_select_strategy": "default",
+            # The CLS position, which "default" then drops again.
+            "num_additional_image_tokens": 1,
+        },
+    )
+
+
+def _llava_config(model_type: str, architecture: str, added: dict[str, int], vocab_size: int, **extra: Any):
+    """The root of a llava-style config up to its text and vision configs (``extra``: after the image token)."""
+    return {
+        "model_type": model_type,
+        "architectures": [architecture],
+        "image_token_index": added["<image>"],
+        **extra,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "projector_hidden_act": "gelu",
+        "vocab_size": vocab_size,
+        "eos_token_id": added["</s>"],
+        "bos_token_id": added["<s>"],
+        "pad_token_id": added["<|endoftext|>"],
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+
+
+def _qwen_vl_token_ids(added: dict[str, int]) -> dict[str, int]:
+    """The vision and special token ids a Qwen-VL config carries at its root."""
+    return {
+        "image_token_id": added["<|image_pad|>"],
+        "video_token_id": added["<|video_pad|>"],
+        "vision_start_token_id": added["<|vision_start|>"],
+        "vision_end_token_id": added["<|vision_end|>"],
+        "bos_token_id": added["<|endoftext|>"],
+        "eos_token_id": added["<|im_end|>"],
+        "pad_token_id": added["<|endoftext|>"],
+    }
+
+
+def _qwen_vl_processor(
+    out_dir: Path,
+    processor_class: str,
+    image_settings: dict[str, Any],
+    *,
+    image_type: str,
+    video_type: str,
+    **video: Any,
+) -> None:
+    """mlx-vlm's Qwen-VL processors build their own numpy image (and video) processors from these files and ask
+    the hub for whichever of them is missing, so all three are written (``video``: further video settings)."""
+    _write_json(
+        out_dir / "preprocessor_config.json",
+        {
+            "image_processor_type": image_type,
+            "processor_class": processor_class,
+            "do_resize": True,
+            "resample": 3,
+            **image_settings,
+        },
+    )
+    _write_json(
+        out_dir / "video_preprocessor_config.json",
+        {
+            "video_processor_type": video_type,
+            "processor_class": processor_class,
+            "do_resize": True,
+            "resample": 3,
+            **video,
+            **image_settings,
+        },
+    )
+    _write_json(out_dir / "processor_config.json", {"processor_class": processor_class})
+
+
 def _llama_text_config(vocab_size: int, **extra: Any) -> dict[str, Any]:
     return {
         "model_type": "llama",
@@ -256,79 +396,23 @@ def build_llava(path: Path, *, seed: int = 0) -> Path:
     8x8 patches, so every image becomes 16 ``<image>`` tokens after the CLS
     token is dropped), 2-layer MLP projector, llama text model.  The prompt
     carries one ``<image>`` per image; ``LlavaProcessor`` expands it."""
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
     image_size, patch_size = 32, 8
-    build_tokenizer(
-        out_dir, chat_template=LLAVA_TEMPLATE, extra_special=("<image>",), eos_token="</s>", bos_token="<s>"
-    )
     # The chat template writes no BOS: the tokenizer adds it, as in llava-hf.
-    _prepend_bos(out_dir, "<s>")
-    added, vocab_size = _added_ids(out_dir)
+    out_dir, added, vocab_size = _start(
+        path,
+        chat_template=LLAVA_TEMPLATE,
+        extra_special=("<image>",),
+        eos_token="</s>",
+        bos_token="<s>",
+        prepend_bos="<s>",
+    )
     config = {
-        "model_type": "llava",
-        "architectures": ["LlavaForConditionalGeneration"],
-        "image_token_index": added["<image>"],
-        "vision_feature_layer": -2,
-        "vision_feature_select_strategy": "default",
-        "projector_hidden_act": "gelu",
-        "vocab_size": vocab_size,
-        "eos_token_id": added["</s>"],
-        "bos_token_id": added["<s>"],
-        "pad_token_id": added["<|endoftext|>"],
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
+        **_llava_config("llava", "LlavaForConditionalGeneration", added, vocab_size),
         "text_config": _llama_text_config(vocab_size),
-        "vision_config": {
-            "model_type": "clip_vision_model",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": image_size,
-            "patch_size": patch_size,
-            "projection_dim": 64,
-            "num_channels": 3,
-            "layer_norm_eps": 1e-5,
-            "hidden_act": "quick_gelu",
-        },
+        "vision_config": _clip_vision_config(image_size, patch_size),
     }
-    _write_json(
-        out_dir / "preprocessor_config.json",
-        {
-            "image_processor_type": "CLIPImageProcessor",
-            "processor_class": "LlavaProcessor",
-            "do_resize": True,
-            "size": {"shortest_edge": image_size},
-            "resample": 3,
-            "do_center_crop": True,
-            "crop_size": {"height": image_size, "width": image_size},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": CLIP_MEAN,
-            "image_std": CLIP_STD,
-            "do_convert_rgb": True,
-        },
-    )
-    _write_json(
-        out_dir / "processor_config.json",
-        {
-            "processor_class": "LlavaProcessor",
-            "image_token": "<image>",
-            "patch_size": patch_size,
-            "vision_feature_select_strategy": "default",
-            # The CLS position, which "default" then drops again.
-            "num_additional_image_tokens": 1,
-        },
-    )
-    return _finish(
-        out_dir,
-        config,
-        seed=seed,
-        head_name="language_model.lm_head.weight",
-        special_ids=sorted(added.values()),
-    )
+    _clip_processor(out_dir, "LlavaProcessor", image_size, patch_size)
+    return _finish_lm(out_dir, config, seed=seed, added=added)
 
 
 QWEN2_VL_SPECIAL = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -354,14 +438,11 @@ def _build_qwen_vl(
     vision tokens, the ChatML template with vision markers, a qwen2 text
     model with mRoPE (sections [2, 3, 3] of the 8 rotary frequencies), the
     numpy image/video processor configs and the token ids at the root."""
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
     patch_size, merge_size = QWEN_VL_PATCH_SIZE, QWEN_VL_MERGE_SIZE
     temporal_patch_size = QWEN_VL_TEMPORAL_PATCH_SIZE
     min_pixels = (patch_size * merge_size) ** 2 * 4
     max_pixels = (patch_size * merge_size) ** 2 * 16
-    build_tokenizer(out_dir, chat_template=QWEN2_VL_TEMPLATE, extra_special=QWEN2_VL_SPECIAL)
-    added, vocab_size = _added_ids(out_dir)
+    out_dir, added, vocab_size = _start(path, chat_template=QWEN2_VL_TEMPLATE, extra_special=QWEN2_VL_SPECIAL)
     text = {
         "model_type": model_type,
         "hidden_size": 64,
@@ -382,13 +463,7 @@ def _build_qwen_vl(
     config = {
         **text,
         "architectures": [architecture],
-        "image_token_id": added["<|image_pad|>"],
-        "video_token_id": added["<|video_pad|>"],
-        "vision_start_token_id": added["<|vision_start|>"],
-        "vision_end_token_id": added["<|vision_end|>"],
-        "bos_token_id": added["<|endoftext|>"],
-        "eos_token_id": added["<|im_end|>"],
-        "pad_token_id": added["<|endoftext|>"],
+        **_qwen_vl_token_ids(added),
         "torch_dtype": "float32",
         # Newer transformers nest the text settings; mlx-vlm reads the root.
         "text_config": {**text, "model_type": f"{model_type}_text"},
@@ -417,39 +492,15 @@ def _build_qwen_vl(
         "temporal_patch_size": temporal_patch_size,
         "merge_size": merge_size,
     }
-    # mlx-vlm's Qwen2VLProcessor / Qwen2_5_VLProcessor build their own numpy
-    # image processor from these files; they ask the hub for whichever of
-    # processor_config.json and video_preprocessor_config.json is missing,
-    # so both are written.  The real Qwen2.5-VL checkpoints keep the Qwen2-VL
-    # image/video processor types too.
-    _write_json(
-        out_dir / "preprocessor_config.json",
-        {
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": processor_class,
-            "do_resize": True,
-            "resample": 3,
-            **image_settings,
-        },
-    )
-    _write_json(
-        out_dir / "video_preprocessor_config.json",
-        {
-            "video_processor_type": "Qwen2VLVideoProcessor",
-            "processor_class": processor_class,
-            "do_resize": True,
-            "resample": 3,
-            **image_settings,
-        },
-    )
-    _write_json(out_dir / "processor_config.json", {"processor_class": processor_class})
-    return _finish(
+    # The real Qwen2.5-VL checkpoints keep the Qwen2-VL image/video processor types too.
+    _qwen_vl_processor(
         out_dir,
-        config,
-        seed=seed,
-        head_name="language_model.lm_head.weight",
-        special_ids=sorted(added.values()),
+        processor_class,
+        image_settings,
+        image_type="Qwen2VLImageProcessor",
+        video_type="Qwen2VLVideoProcessor",
     )
+    return _finish_lm(out_dir, config, seed=seed, added=added)
 
 
 def build_qwen2_vl(path: Path, *, seed: int = 0) -> Path:
@@ -517,18 +568,15 @@ def build_idefics3(path: Path, *, seed: int = 0) -> Path:
     is resized to one 48x48 tile and expands to
     ``<fake_token_around_image><global-img>`` + 9 ``<image>`` +
     ``<fake_token_around_image>``."""
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
     image_size, patch_size, scale_factor = 48, 8, 2
     image_seq_len = (image_size // patch_size) ** 2 // scale_factor**2
-    build_tokenizer(
-        out_dir,
+    out_dir, added, vocab_size = _start(
+        path,
         chat_template=IDEFICS3_TEMPLATE,
         extra_special=("<|begin_of_text|>", *IDEFICS3_SPECIAL),
         eos_token="<end_of_utterance>",
         bos_token="<|begin_of_text|>",
     )
-    added, vocab_size = _added_ids(out_dir)
     config = {
         "model_type": "idefics3",
         "architectures": ["Idefics3ForConditionalGeneration"],
@@ -554,8 +602,8 @@ def build_idefics3(path: Path, *, seed: int = 0) -> Path:
             "hidden_act": "gelu_pytorch_tanh",
         },
     }
-    _write_json(
-        out_dir / "preprocessor_config.json",
+    _write_processor(
+        out_dir,
         {
             "image_processor_type": "Idefics3ImageProcessor",
             "processor_class": "Idefics3Processor",
@@ -572,18 +620,9 @@ def build_idefics3(path: Path, *, seed: int = 0) -> Path:
             "do_image_splitting": False,
             "max_image_size": {"longest_edge": image_size},
         },
-    )
-    _write_json(
-        out_dir / "processor_config.json",
         {"processor_class": "Idefics3Processor", "image_seq_len": image_seq_len},
     )
-    return _finish(
-        out_dir,
-        config,
-        seed=seed,
-        head_name="language_model.lm_head.weight",
-        special_ids=sorted(added.values()),
-    )
+    return _finish_lm(out_dir, config, seed=seed, added=added)
 
 
 # The token each image expands to (repeated) in the processed prompt, and how

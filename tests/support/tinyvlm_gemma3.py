@@ -18,8 +18,15 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from support.tinymodels import build_tokenizer
-from support.tinyvlm import EMBED_STD, SPECIAL_ROW_SCALE, _added_ids, _random_weights, _write_json
+from support.tinyvlm import (
+    EMBED_STD,
+    SPECIAL_ROW_SCALE,
+    _added_ids,
+    _random_weights,
+    _start,
+    _write_json,
+    _write_processor,
+)
 
 # google/gemma-3-*-it's template: BOS written by the template, the system prompt folded into the first user
 # turn, "model" for the assistant role, <start_of_image> where each image part goes, text parts trimmed.
@@ -86,10 +93,8 @@ SIGLIP_STD = [0.5, 0.5, 0.5]
 def build_gemma3(path: Path, *, seed: int = 0) -> Path:
     """Gemma 3 style (model_type "gemma3"): SigLIP vision tower, RMSNorm + average pool + projection
     (``Gemma3MultiModalProjector``), gemma3 text model with q/k norms, sliding-window and global layers."""
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(
-        out_dir,
+    out_dir, _, _ = _start(
+        path,
         chat_template=GEMMA3_TEMPLATE,
         extra_special=GEMMA3_SPECIAL,
         eos_token="<end_of_turn>",
@@ -155,8 +160,8 @@ def build_gemma3(path: Path, *, seed: int = 0) -> Path:
             "vision_use_head": False,
         },
     }
-    _write_json(
-        out_dir / "preprocessor_config.json",
+    _write_processor(
+        out_dir,
         {
             "image_processor_type": "Gemma3ImageProcessor",
             "processor_class": "Gemma3Processor",
@@ -175,9 +180,6 @@ def build_gemma3(path: Path, *, seed: int = 0) -> Path:
             "rescale_factor": 1 / 255,
             "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         },
-    )
-    _write_json(
-        out_dir / "processor_config.json",
         {"processor_class": "Gemma3Processor", "image_seq_length": MM_TOKENS_PER_IMAGE},
     )
     _write_json(out_dir / "config.json", config)

@@ -18,8 +18,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from support.tinymodels import build_tokenizer
-from support.tinyvlm import CLIP_MEAN, CLIP_STD, _added_ids, _finish, _prepend_bos, _write_json
+from support.tinyvlm import (
+    _clip_processor,
+    _clip_vision_config,
+    _finish_lm,
+    _llama_text_config,
+    _llava_config,
+    _start,
+)
 
 # llava-hf/llava-v1.6-mistral-7b-hf's template (plus plain-string content, which the server sends for turns
 # without images): images of a user turn first as "<image>\n", then its text, in [INST] ... [/INST].
@@ -56,91 +62,32 @@ def build_llava_next(path: Path, *, seed: int = 0) -> Path:
     """LLaVA-NeXT style (model_type "llava_next"): CLIP vision tower on 32x32 tiles of 8 px patches, 2-layer MLP
     projector, a learned ``image_newline`` vector, mistral text model; LlavaNextImageProcessor with small
     ``image_grid_pinpoints``."""
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(
-        out_dir, chat_template=LLAVA_NEXT_TEMPLATE, extra_special=("<image>",), eos_token="</s>", bos_token="<s>"
-    )
     # The chat template writes no BOS: the tokenizer adds it, as in llava-hf.
-    _prepend_bos(out_dir, "<s>")
-    added, vocab_size = _added_ids(out_dir)
-    text = {
-        "model_type": "mistral",
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": vocab_size,
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 4096,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": False,
-    }
+    out_dir, added, vocab_size = _start(
+        path,
+        chat_template=LLAVA_NEXT_TEMPLATE,
+        extra_special=("<image>",),
+        eos_token="</s>",
+        bos_token="<s>",
+        prepend_bos="<s>",
+    )
+    text = _llama_text_config(
+        vocab_size, model_type="mistral", rms_norm_eps=1e-5, max_position_embeddings=4096, rope_theta=1000000.0
+    )
     config = {
-        "model_type": "llava_next",
-        "architectures": ["LlavaNextForConditionalGeneration"],
-        "image_token_index": added["<image>"],
-        "image_grid_pinpoints": PINPOINTS,
-        "vision_feature_layer": -2,
-        "vision_feature_select_strategy": "default",
-        "projector_hidden_act": "gelu",
-        "vocab_size": vocab_size,
-        "eos_token_id": added["</s>"],
-        "bos_token_id": added["<s>"],
-        "pad_token_id": added["<|endoftext|>"],
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
+        **_llava_config(
+            "llava_next", "LlavaNextForConditionalGeneration", added, vocab_size, image_grid_pinpoints=PINPOINTS
+        ),
         "text_config": text,
-        "vision_config": {
-            "model_type": "clip_vision_model",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": TILE,
-            "patch_size": PATCH,
-            "projection_dim": 64,
-            "num_channels": 3,
-            "layer_norm_eps": 1e-5,
-            "hidden_act": "quick_gelu",
-        },
+        "vision_config": _clip_vision_config(TILE, PATCH),
     }
-    _write_json(
-        out_dir / "preprocessor_config.json",
-        {
-            "image_processor_type": "LlavaNextImageProcessor",
-            "processor_class": "LlavaNextProcessor",
-            "do_resize": True,
-            "size": {"shortest_edge": TILE},
-            "resample": 3,
-            "do_center_crop": True,
-            "crop_size": {"height": TILE, "width": TILE},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": CLIP_MEAN,
-            "image_std": CLIP_STD,
-            "do_convert_rgb": True,
-            "do_pad": True,
-            "image_grid_pinpoints": PINPOINTS,
-        },
-    )
-    _write_json(
-        out_dir / "processor_config.json",
-        {
-            "processor_class": "LlavaNextProcessor",
-            "image_token": "<image>",
-            "patch_size": PATCH,
-            "vision_feature_select_strategy": "default",
-            # The CLS position, which "default" then drops again.
-            "num_additional_image_tokens": 1,
-        },
-    )
-    return _finish(
+    _clip_processor(
         out_dir,
-        config,
-        seed=seed,
-        head_name="language_model.lm_head.weight",
-        special_ids=sorted(added.values()),
+        "LlavaNextProcessor",
+        TILE,
+        PATCH,
+        image_processor_type="LlavaNextImageProcessor",
+        do_pad=True,
+        image_grid_pinpoints=PINPOINTS,
     )
+    return _finish_lm(out_dir, config, seed=seed, added=added)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from support.tinymodels import build_tokenizer
-from support.tinyvlm import CLIP_MEAN, CLIP_STD, _added_ids, _finish, _write_json
+from support.tinyvlm import CLIP_MEAN, CLIP_STD, _finish_lm, _start, _write_processor
 
 # Mistral Small 3.1's template (HF), without the dated default system prompt: BOS written by the template, a
 # system prompt always, user turns in [INST] ... [/INST] with [IMG] where each image part goes, assistant turns
@@ -83,12 +82,9 @@ def build_pixtral(path: Path, *, seed: int = 0) -> Path:
 
 def _build(path: Path, *, seed: int, model_type: str, patch_size: int, merge: int) -> Path:
     assert patch_size * merge == CELL
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(
-        out_dir, chat_template=MISTRAL3_TEMPLATE, extra_special=MISTRAL3_SPECIAL, eos_token="</s>", bos_token="<s>"
+    out_dir, added, vocab_size = _start(
+        path, chat_template=MISTRAL3_TEMPLATE, extra_special=MISTRAL3_SPECIAL, eos_token="</s>", bos_token="<s>"
     )
-    added, vocab_size = _added_ids(out_dir)
     text = {
         "model_type": "mistral",
         "hidden_size": 64,
@@ -141,8 +137,8 @@ def _build(path: Path, *, seed: int, model_type: str, patch_size: int, merge: in
             "hidden_act": "silu",
         },
     }
-    _write_json(
-        out_dir / "preprocessor_config.json",
+    _write_processor(
+        out_dir,
         {
             "image_processor_type": "PixtralImageProcessor",
             "processor_class": "PixtralProcessor",
@@ -157,9 +153,6 @@ def _build(path: Path, *, seed: int, model_type: str, patch_size: int, merge: in
             "image_mean": CLIP_MEAN,
             "image_std": CLIP_STD,
         },
-    )
-    _write_json(
-        out_dir / "processor_config.json",
         {
             "processor_class": "PixtralProcessor",
             "image_token": "[IMG]",
@@ -169,10 +162,4 @@ def _build(path: Path, *, seed: int, model_type: str, patch_size: int, merge: in
             "spatial_merge_size": merge,
         },
     )
-    return _finish(
-        out_dir,
-        config,
-        seed=seed,
-        head_name="language_model.lm_head.weight",
-        special_ids=sorted(added.values()),
-    )
+    return _finish_lm(out_dir, config, seed=seed, added=added)

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from support.tinymodels import build_tokenizer
-from support.tinyvlm import QWEN2_VL_SPECIAL, _added_ids, _finish, _write_json
+from support.tinyvlm import QWEN2_VL_SPECIAL, _finish_lm, _qwen_vl_processor, _qwen_vl_token_ids, _start
 
 # Qwen/Qwen3-VL-*-Instruct's template, without tools: no default system turn (unlike Qwen2-VL's), ChatML turns,
 # each image part <|vision_start|><|image_pad|><|vision_end|> in place (the processor repeats <|image_pad|>).
@@ -66,12 +65,9 @@ HALF = [0.5, 0.5, 0.5]
 
 def build_qwen3_vl(path: Path, *, seed: int = 0) -> Path:
     """Qwen3-VL style (model_type "qwen3_vl"): see the module docstring."""
-    out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
     min_pixels = (PATCH_SIZE * MERGE_SIZE) ** 2 * 4
     max_pixels = (PATCH_SIZE * MERGE_SIZE) ** 2 * 16
-    build_tokenizer(out_dir, chat_template=QWEN3_VL_TEMPLATE, extra_special=QWEN2_VL_SPECIAL)
-    added, vocab_size = _added_ids(out_dir)
+    out_dir, added, vocab_size = _start(path, chat_template=QWEN3_VL_TEMPLATE, extra_special=QWEN2_VL_SPECIAL)
     text = {
         "model_type": "qwen3_vl_text",
         "hidden_size": 64,
@@ -92,13 +88,7 @@ def build_qwen3_vl(path: Path, *, seed: int = 0) -> Path:
     config = {
         "model_type": "qwen3_vl",
         "architectures": ["Qwen3VLForConditionalGeneration"],
-        "image_token_id": added["<|image_pad|>"],
-        "video_token_id": added["<|video_pad|>"],
-        "vision_start_token_id": added["<|vision_start|>"],
-        "vision_end_token_id": added["<|vision_end|>"],
-        "bos_token_id": added["<|endoftext|>"],
-        "eos_token_id": added["<|im_end|>"],
-        "pad_token_id": added["<|endoftext|>"],
+        **_qwen_vl_token_ids(added),
         "vocab_size": vocab_size,
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
@@ -132,37 +122,15 @@ def build_qwen3_vl(path: Path, *, seed: int = 0) -> Path:
         "temporal_patch_size": TEMPORAL_PATCH_SIZE,
         "merge_size": MERGE_SIZE,
     }
-    # mlx-vlm's Qwen3VLProcessor builds its numpy image and video processors from these files and asks the hub
-    # for any that is missing, so all three are written.
-    _write_json(
-        out_dir / "preprocessor_config.json",
-        {
-            "image_processor_type": "Qwen2VLImageProcessorFast",
-            "processor_class": "Qwen3VLProcessor",
-            "do_resize": True,
-            "resample": 3,
-            **image_settings,
-        },
-    )
-    _write_json(
-        out_dir / "video_preprocessor_config.json",
-        {
-            "video_processor_type": "Qwen3VLVideoProcessor",
-            "processor_class": "Qwen3VLProcessor",
-            "do_resize": True,
-            "resample": 3,
-            "fps": 2,
-            **image_settings,
-        },
-    )
-    _write_json(out_dir / "processor_config.json", {"processor_class": "Qwen3VLProcessor"})
-    return _finish(
+    _qwen_vl_processor(
         out_dir,
-        config,
-        seed=seed,
-        head_name="language_model.lm_head.weight",
-        special_ids=sorted(added.values()),
+        "Qwen3VLProcessor",
+        image_settings,
+        image_type="Qwen2VLImageProcessorFast",
+        video_type="Qwen3VLVideoProcessor",
+        fps=2,
     )
+    return _finish_lm(out_dir, config, seed=seed, added=added)
 
 
 __all__ = ["DEEPSTACK_INDEXES", "QWEN3_VL_TEMPLATE", "SAMPLE_IMAGE_TOKENS", "build_qwen3_vl"]

@@ -4,31 +4,32 @@ random-weight models (llava, qwen2_vl with mRoPE, idefics3), images and prompts.
 from __future__ import annotations
 
 import base64
-import io
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import mlx.core as mx
 import pytest
-from PIL import Image
 
 from mlx_server.contract.errors import BadRequest
-from mlx_server.contract.events import Delta, Done, Failed, Started
-from mlx_server.contract.requests import ChatMessage, CountTokensRequest, GenerateRequest, SamplingParams
+from mlx_server.contract.events import Done, Failed
+from mlx_server.contract.requests import ChatMessage, CountTokensRequest, GenerateRequest
 from mlx_server.engine.engine import Engine
 from support.enginetools import Waiter
-from support.serving import make_config
 from support.tinyvlm import VLM_BUILDERS, sample_image
-from support.vlm_reference import MAX_TOKENS, Reference
-
-GREEDY = SamplingParams(temperature=0.0)
-
-
-def b64(img: Image.Image, fmt: str = "PNG") -> str:
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return base64.b64encode(buf.getvalue()).decode()
+from support.vlm_reference import (
+    GREEDY,
+    MAX_TOKENS,
+    Reference,
+    answer,
+    b64,
+    image_request,
+    start_engine,
+    started,
+    submit,
+    text_request,
+    vision_worker,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,7 @@ def vlm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(vlm_dirs: dict[str, Path], tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    models: dict[str, Any] = {family: {"source": str(path)} for family, path in vlm_dirs.items()}
-    models["text"] = {"source": str(tiny_llama)}
-    e = Engine(make_config(tmp_path_factory.mktemp("cfg"), models, max_images=3))
-    e.start()
+    e = start_engine(tmp_path_factory.mktemp("cfg"), {**vlm_dirs, "text": tiny_llama}, max_images=3)
     yield e
     e.stop()
 
@@ -52,34 +50,8 @@ def refs(vlm_dirs: dict[str, Path]) -> dict[str, Reference]:
     return {family: Reference(path) for family, path in vlm_dirs.items()}
 
 
-def ask(engine: Engine, model: str, seed: int, text: str = "describe", **kw: Any) -> Waiter:
-    images = [b64(sample_image(seed))]
-    req = GenerateRequest(
-        model=model,
-        messages=[ChatMessage(role="user", content=text, images=images)],
-        sampling=GREEDY,
-        max_tokens=MAX_TOKENS,
-        **kw,
-    )
-    waiter = Waiter(req)
-    engine.submit(req, waiter)
-    return waiter
-
-
-def answer(w: Waiter, timeout: float = 120) -> str:
-    end = w.wait(timeout)
-    assert isinstance(end, Done), end
-    return "".join(e.content for e in w.seen if isinstance(e, Delta))
-
-
-def started(w: Waiter) -> Started:
-    return next(e for e in w.seen if isinstance(e, Started))
-
-
-def vision_worker(engine: Engine, model: str) -> Any:
-    entry = engine.core.pool.get(model)
-    assert entry is not None
-    return entry.model.workers["vision"]
+def ask(engine: Engine, model: str, seed: int, text: str = "describe") -> Waiter:
+    return submit(engine, image_request(model, text, [b64(sample_image(seed))]))
 
 
 FAMILIES = sorted(VLM_BUILDERS)
@@ -101,17 +73,10 @@ def test_concurrent_images_and_text_share_the_batch(
 ) -> None:
     seeds = [11, 12, 13, 14]
     wants = {s: refs[family](s)[0] for s in seeds}
-    text_alone = GenerateRequest(model=family, prompt="plain words", sampling=GREEDY, max_tokens=MAX_TOKENS)
-    w0 = Waiter(text_alone)
-    engine.submit(text_alone, w0)
-    text_want = answer(w0)
+    text_want = answer(text_request(engine, family))
     waiters = [ask(engine, family, s) for s in seeds]
-    texts = []
-    for _ in range(2):
-        req = GenerateRequest(model=family, prompt="plain words", sampling=GREEDY, max_tokens=MAX_TOKENS)
-        texts.append(Waiter(req))
-        engine.submit(req, texts[-1])
-    assert {s: answer(w) for s, w in zip(seeds, waiters)} == wants
+    texts = [text_request(engine, family) for _ in range(2)]
+    assert {s: answer(w) for s, w in zip(seeds, waiters, strict=True)} == wants
     assert [answer(w) for w in texts] == [text_want, text_want]
     assert len(set(wants.values())) > 1  # the images really steer the answers
 
@@ -139,15 +104,7 @@ def test_image_a_then_b_then_a_never_reuses_the_wrong_image(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_follow_up_turn_does_not_run_the_tower_again(engine: Engine, refs: dict[str, Reference], family: str) -> None:
     image = b64(sample_image(31))
-    first = GenerateRequest(
-        model=family,
-        messages=[ChatMessage(role="user", content="what is it", images=[image])],
-        sampling=GREEDY,
-        max_tokens=MAX_TOKENS,
-    )
-    w = Waiter(first)
-    engine.submit(first, w)
-    reply = answer(w)
+    reply = answer(submit(engine, image_request(family, "what is it", [image])))
     worker = vision_worker(engine, family)
     encodes = worker.features.encodes
     follow = GenerateRequest(
@@ -161,9 +118,7 @@ def test_follow_up_turn_does_not_run_the_tower_again(engine: Engine, refs: dict[
         sampling=GREEDY,
         max_tokens=MAX_TOKENS,
     )
-    w2 = Waiter(follow)
-    engine.submit(follow, w2)
-    answer(w2)
+    answer(submit(engine, follow))
     assert worker.features.encodes == encodes  # the features came from the image cache
     assert worker.features.hits >= 1
     assert worker.stored >= worker.features.nbytes > 0  # counted in the budget like stored prompt caches

@@ -5,37 +5,38 @@ projected, and a text model whose sliding-window layers keep a RotatingKVCache s
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from mlx_server.contract.events import Delta, Done, Started
-from mlx_server.contract.requests import ChatMessage, GenerateRequest, SamplingParams
+from mlx_server.contract.events import Done
+from mlx_server.contract.requests import ChatMessage, GenerateRequest
 from mlx_server.engine.engine import Engine
 from mlx_server.engine.prepare.families import FAMILIES
 from mlx_server.engine.prepare.images import DecodedImage
 from mlx_server.engine.prepare.vision import VisionProcessor, expand
 from support.enginetools import Waiter
-from support.serving import make_config
 from support.tinyvlm import sample_image
 from support.tinyvlm_gemma3 import MM_TOKENS_PER_IMAGE, SLIDING_WINDOW, build_gemma3
-from support.vlm_reference import MAX_TOKENS, Reference
+from support.vlm_reference import (
+    GREEDY,
+    MAX_TOKENS,
+    Reference,
+    answer,
+    b64,
+    image_request,
+    start_engine,
+    started,
+    submit,
+    text_request,
+    vision_worker,
+)
 
-GREEDY = SamplingParams(temperature=0.0)
 MODEL = "gemma3"
 LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 3)  # longer than the sliding window
-
-
-def b64(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 class Gemma3Reference(Reference):
@@ -43,44 +44,11 @@ class Gemma3Reference(Reference):
 
     def inputs(self, parts: list[Any]) -> tuple[str, dict[str, Any]]:
         """`parts`: text (str) and images (seed: int) in message order."""
-        content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]
-        messages = [{"role": "user", "content": content}]
-        prompt = self.processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        images = [sample_image(p) for p in parts if not isinstance(p, str)]
-        return prompt, dict(self.processor(text=[prompt], images=images))
+        return self.parts_inputs(parts, sample_image)
 
     def parts(self, parts: list[Any]) -> tuple[str, int]:
         """The greedy answer to one user message of these parts, and the prompt's token count."""
-        from mlx_lm.tokenizer_utils import load as load_tokenizer
-        from mlx_vlm import stream_generate
-
-        memo = (-1, repr(parts))
-        if memo in self.memo:
-            return self.memo[memo]
-        prompt, inputs = self.inputs(parts)
-        tokens = [
-            r.token
-            for r in stream_generate(
-                self.model,
-                self.processor,
-                prompt,
-                max_tokens=MAX_TOKENS,
-                temperature=0.0,
-                input_ids=inputs["input_ids"],
-                pixel_values=inputs["pixel_values"],
-                mask=inputs["attention_mask"],
-            )
-        ][:MAX_TOKENS]
-        wrapper = load_tokenizer(self.path)
-        eos = set(wrapper.eos_token_ids)
-        detok = wrapper.detokenizer
-        for t in tokens:
-            if t in eos:
-                break
-            detok.add_token(t)
-        detok.finalize()
-        self.memo[memo] = (detok.text, int(inputs["input_ids"].shape[1]))
-        return self.memo[memo]
+        return self.generate((-1, repr(parts)), lambda: (*self.inputs(parts), {}))
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +56,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_gemma3(tmp_path_factory.mktemp("vlms") / "gemma3")
 
 
-def start_engine(path: Path, tmp: Path, **server: Any) -> Engine:
-    engine = Engine(make_config(tmp, {MODEL: {"source": str(path)}}, max_images=3, **server))
-    engine.start()
-    return engine
-
-
 @pytest.fixture(scope="module")
 def engine(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    e = start_engine(model_dir, tmp_path_factory.mktemp("cfg"))
+    e = start_engine(tmp_path_factory.mktemp("cfg"), {MODEL: model_dir}, max_images=3)
     yield e
     e.stop()
 
@@ -107,32 +69,11 @@ def ref(model_dir: Path) -> Gemma3Reference:
 
 
 def request(seed: int, text: str = "describe", model: str = MODEL) -> GenerateRequest:
-    return GenerateRequest(
-        model=model,
-        messages=[ChatMessage(role="user", content=text, images=[b64(sample_image(seed))])],
-        sampling=GREEDY,
-        max_tokens=MAX_TOKENS,
-    )
-
-
-def submit(engine: Engine, req: GenerateRequest) -> Waiter:
-    waiter = Waiter(req)
-    engine.submit(req, waiter)
-    return waiter
+    return image_request(model, text, [b64(sample_image(seed))])
 
 
 def ask(engine: Engine, seed: int, text: str = "describe") -> Waiter:
     return submit(engine, request(seed, text))
-
-
-def answer(w: Waiter, timeout: float = 120) -> str:
-    end = w.wait(timeout)
-    assert isinstance(end, Done), end
-    return "".join(e.content for e in w.seen if isinstance(e, Delta))
-
-
-def started(w: Waiter) -> Started:
-    return next(e for e in w.seen if isinstance(e, Started))
 
 
 def test_family_is_registered_with_its_marker(ref: Gemma3Reference) -> None:
@@ -187,14 +128,9 @@ def test_concurrent_images_and_text_share_the_batch(engine: Engine, ref: Gemma3R
     seeds = [11, 12, 13, 14]
     wants = {s: ref.parts([s, "describe"])[0] for s in seeds}
 
-    def text_request() -> Waiter:
-        return submit(
-            engine, GenerateRequest(model=MODEL, prompt="plain words", sampling=GREEDY, max_tokens=MAX_TOKENS)
-        )
-
-    text_want = answer(text_request())
+    text_want = answer(text_request(engine, MODEL))
     waiters = [ask(engine, s) for s in seeds]
-    text = text_request()
+    text = text_request(engine, MODEL)
     assert {s: answer(w) for s, w in zip(seeds, waiters, strict=True)} == wants
     assert answer(text) == text_want
     assert len(set(wants.values())) > 1  # the images really steer the answers
@@ -228,7 +164,7 @@ def test_follow_up_turn_does_not_run_the_tower_again(engine: Engine) -> None:
     turn = ChatMessage(role="user", content="what is it", images=[image])
     first = GenerateRequest(model=MODEL, messages=[turn], sampling=GREEDY, max_tokens=MAX_TOKENS)
     reply = answer(submit(engine, first))
-    worker = engine.core.pool.get(MODEL).model.workers["vision"]  # type: ignore[union-attr]
+    worker = vision_worker(engine, MODEL)
     encodes = worker.features.encodes
     follow = GenerateRequest(
         model=MODEL,
@@ -248,7 +184,7 @@ def test_chunked_prefill_through_the_sliding_window(
 ) -> None:
     """Chunks shorter than the window, an image split across two of them, the cache wrapping between chunks:
     still mlx_vlm's answers (it prefills the prompt in one pass)."""
-    e = start_engine(model_dir, tmp_path_factory.mktemp("cfg"), prefill_chunk=5)
+    e = start_engine(tmp_path_factory.mktemp("cfg"), {MODEL: model_dir}, max_images=3, prefill_chunk=5)
     try:
         cases = [[3, "describe"], [LONG, 5, "describe"]]
         waiters = [

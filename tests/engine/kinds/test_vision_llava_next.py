@@ -10,8 +10,6 @@ its own `cached_image_features` input; everything else — tower, projector, mer
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,29 +18,31 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_server.contract.events import Delta, Done, Started
-from mlx_server.contract.requests import ChatMessage, GenerateRequest, SamplingParams
+from mlx_server.contract.events import Done
+from mlx_server.contract.requests import GenerateRequest
 from mlx_server.engine.engine import Engine
 from mlx_server.engine.prepare.families import FAMILIES
 from mlx_server.engine.prepare.families.llava_next import image_features
 from support.enginetools import Waiter
-from support.serving import make_config
 from support.tinyvlm import sample_image
 from support.tinyvlm_llava_next import PINPOINTS, build_llava_next
-from support.vlm_reference import MAX_TOKENS, Reference
+from support.vlm_reference import (
+    Inputs,
+    Reference,
+    answer,
+    b64,
+    image_request,
+    start_engine,
+    started,
+    submit,
+    text_request,
+)
 
-GREEDY = SamplingParams(temperature=0.0)
 MODEL = "llava_next"
 WIDE = (64, 48)  # pinpoint 32x64: 2 tiles, unpadded 4x6 → 16 + 24 + 4 = 44 <image>
 SMALL = (16, 16)  # pinpoint 32x32: 1 tile, 4x4 → 16 + 16 + 4 = 36 <image>
 TALL = (24, 40)  # pinpoint 64x32: 2 tiles, unpadded 6x4 → 16 + 24 + 6 = 46 <image>
 COUNTS = {WIDE: 44, SMALL: 36, TALL: 46}
-
-
-def b64(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def hf_unpad_image(tensor: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
@@ -88,46 +88,19 @@ class LlavaNextReference(Reference):
     """tests/support/vlm_reference.py's reference for images of any size, with HF-packed anyres features."""
 
     def inputs(self, image: Image.Image, text: str) -> tuple[str, dict[str, Any]]:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        prompt = self.processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return prompt, dict(self.processor(text=[prompt], images=[image]))
+        return self.chat_inputs([{"type": "image"}, {"type": "text", "text": text}], [image])
 
     def sized(self, seed: int, text: str = "describe", size: tuple[int, int] = WIDE) -> tuple[str, int]:
         """The greedy answer for one (seed, size) image before `text`, and the prompt's token count."""
-        from mlx_lm.tokenizer_utils import load as load_tokenizer
-        from mlx_vlm import stream_generate
 
-        memo = (seed, f"{text}\0{size}")
-        if memo in self.memo:
-            return self.memo[memo]
-        prompt, inputs = self.inputs(sample_image(seed, size), text)
-        packed = hf_packed_features(self.model, inputs["pixel_values"], inputs["image_sizes"])
-        tokens = [
-            r.token
-            for r in stream_generate(
-                self.model,
-                self.processor,
-                prompt,
-                max_tokens=MAX_TOKENS,
-                temperature=0.0,
-                input_ids=inputs["input_ids"],
-                pixel_values=inputs["pixel_values"],
-                mask=inputs["attention_mask"],
-                image_sizes=inputs["image_sizes"],
-                # one feature per <image> token: mlx-vlm's merge puts chunk k at the k-th image token
-                cached_image_features=mx.array(packed)[:, None, :],
-            )
-        ][:MAX_TOKENS]
-        wrapper = load_tokenizer(self.path)
-        eos = set(wrapper.eos_token_ids)
-        detok = wrapper.detokenizer
-        for t in tokens:
-            if t in eos:
-                break
-            detok.add_token(t)
-        detok.finalize()
-        self.memo[memo] = (detok.text, int(inputs["input_ids"].shape[1]))
-        return self.memo[memo]
+        def build() -> Inputs:
+            prompt, inputs = self.inputs(sample_image(seed, size), text)
+            packed = hf_packed_features(self.model, inputs["pixel_values"], inputs["image_sizes"])
+            # one feature per <image> token: mlx-vlm's merge puts chunk k at the k-th image token
+            extra = {"image_sizes": inputs["image_sizes"], "cached_image_features": mx.array(packed)[:, None, :]}
+            return prompt, inputs, extra
+
+        return self.generate((seed, f"{text}\0{size}"), build)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +110,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    e = Engine(make_config(tmp_path_factory.mktemp("cfg"), {MODEL: {"source": str(model_dir)}}, max_images=3))
-    e.start()
+    e = start_engine(tmp_path_factory.mktemp("cfg"), {MODEL: model_dir}, max_images=3)
     yield e
     e.stop()
 
@@ -149,29 +121,11 @@ def ref(model_dir: Path) -> LlavaNextReference:
 
 
 def request(seed: int, text: str = "describe", size: tuple[int, int] = WIDE) -> GenerateRequest:
-    return GenerateRequest(
-        model=MODEL,
-        messages=[ChatMessage(role="user", content=text, images=[b64(sample_image(seed, size))])],
-        sampling=GREEDY,
-        max_tokens=MAX_TOKENS,
-    )
+    return image_request(MODEL, text, [b64(sample_image(seed, size))])
 
 
 def ask(engine: Engine, seed: int, text: str = "describe", size: tuple[int, int] = WIDE) -> Waiter:
-    req = request(seed, text, size)
-    waiter = Waiter(req)
-    engine.submit(req, waiter)
-    return waiter
-
-
-def answer(w: Waiter, timeout: float = 120) -> str:
-    end = w.wait(timeout)
-    assert isinstance(end, Done), end
-    return "".join(e.content for e in w.seen if isinstance(e, Delta))
-
-
-def started(w: Waiter) -> Started:
-    return next(e for e in w.seen if isinstance(e, Started))
+    return submit(engine, request(seed, text, size))
 
 
 def test_family_is_registered() -> None:
@@ -248,15 +202,9 @@ def test_concurrent_images_and_text_share_the_batch(engine: Engine, ref: LlavaNe
     sizes = [WIDE, SMALL, WIDE, TALL]
     wants = {s: ref.sized(s, size=z)[0] for s, z in zip(seeds, sizes, strict=True)}
 
-    def text_request() -> Waiter:
-        req = GenerateRequest(model=MODEL, prompt="plain words", sampling=GREEDY, max_tokens=MAX_TOKENS)
-        waiter = Waiter(req)
-        engine.submit(req, waiter)
-        return waiter
-
-    text_want = answer(text_request())
+    text_want = answer(text_request(engine, MODEL))
     waiters = [ask(engine, s, size=z) for s, z in zip(seeds, sizes, strict=True)]
-    text = text_request()
+    text = text_request(engine, MODEL)
     assert {s: answer(w) for s, w in zip(seeds, waiters, strict=True)} == wants
     assert answer(text) == text_want
     assert len(set(wants.values())) > 1  # the images really steer the answers

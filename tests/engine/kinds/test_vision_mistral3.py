@@ -5,8 +5,6 @@ size."""
 
 from __future__ import annotations
 
-import base64
-import io
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,74 +12,48 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_server.contract.events import Delta, Done, Started
-from mlx_server.contract.requests import ChatMessage, GenerateRequest, SamplingParams
+from mlx_server.contract.events import Done
+from mlx_server.contract.requests import GenerateRequest
 from mlx_server.engine.engine import Engine
 from mlx_server.engine.prepare.families import FAMILIES
 from support.enginetools import Waiter
-from support.serving import make_config
 from support.tinyvlm import sample_image
 from support.tinyvlm_mistral3 import build_mistral3, build_pixtral
-from support.vlm_reference import MAX_TOKENS, Reference
+from support.vlm_reference import (
+    Inputs,
+    Reference,
+    answer,
+    b64,
+    image_request,
+    start_engine,
+    started,
+    submit,
+    text_request,
+)
 
-GREEDY = SamplingParams(temperature=0.0)
 BUILDERS = {"mistral3": build_mistral3, "pixtral": build_pixtral}
 MODELS = sorted(BUILDERS)
 WIDE = (64, 48)  # resized to 32x24: 3 rows of 4 [IMG]
 SMALL = (16, 16)  # kept: 2 rows of 2 [IMG]
 
 
-def b64(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 class SizedReference(Reference):
     """tests/support/vlm_reference.py's reference, for images of any size and several images in one message."""
 
     def inputs(self, images: list[Image.Image], text: str) -> tuple[str, dict[str, Any]]:
-        parts = [*({"type": "image"} for _ in images), {"type": "text", "text": text}]
-        messages = [{"role": "user", "content": parts}]
-        prompt = self.processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return prompt, dict(self.processor(text=[prompt], images=images))
+        return self.chat_inputs([*({"type": "image"} for _ in images), {"type": "text", "text": text}], images)
 
     def sized(self, seed: int, text: str = "describe", size: tuple[int, int] = WIDE) -> tuple[str, int]:
         return self.images([(seed, size)], text)
 
     def images(self, images: list[tuple[int, tuple[int, int]]], text: str = "describe") -> tuple[str, int]:
         """The greedy answer for these (seed, size) images before `text`, and the prompt's token count."""
-        from mlx_lm.tokenizer_utils import load as load_tokenizer
-        from mlx_vlm import stream_generate
 
-        memo = (-1, f"{text}\0{images}")
-        if memo in self.memo:
-            return self.memo[memo]
-        prompt, inputs = self.inputs([sample_image(seed, size) for seed, size in images], text)
-        tokens = [
-            r.token
-            for r in stream_generate(
-                self.model,
-                self.processor,
-                prompt,
-                max_tokens=MAX_TOKENS,
-                temperature=0.0,
-                input_ids=inputs["input_ids"],
-                pixel_values=inputs["pixel_values"],
-                mask=inputs["attention_mask"],
-                image_sizes=inputs["image_sizes"],
-            )
-        ][:MAX_TOKENS]
-        wrapper = load_tokenizer(self.path)
-        eos = set(wrapper.eos_token_ids)
-        detok = wrapper.detokenizer
-        for t in tokens:
-            if t in eos:
-                break
-            detok.add_token(t)
-        detok.finalize()
-        self.memo[memo] = (detok.text, int(inputs["input_ids"].shape[1]))
-        return self.memo[memo]
+        def build() -> Inputs:
+            prompt, inputs = self.inputs([sample_image(seed, size) for seed, size in images], text)
+            return prompt, inputs, {"image_sizes": inputs["image_sizes"]}
+
+        return self.generate((-1, f"{text}\0{images}"), build)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +64,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    models = {name: {"source": str(path)} for name, path in model_dirs.items()}
-    e = Engine(make_config(tmp_path_factory.mktemp("cfg"), models, max_images=3))
-    e.start()
+    e = start_engine(tmp_path_factory.mktemp("cfg"), model_dirs, max_images=3)
     yield e
     e.stop()
 
@@ -105,29 +75,11 @@ def refs(model_dirs: dict[str, Path]) -> dict[str, SizedReference]:
 
 
 def request(model: str, seed: int, text: str = "describe", size: tuple[int, int] = WIDE) -> GenerateRequest:
-    return GenerateRequest(
-        model=model,
-        messages=[ChatMessage(role="user", content=text, images=[b64(sample_image(seed, size))])],
-        sampling=GREEDY,
-        max_tokens=MAX_TOKENS,
-    )
+    return image_request(model, text, [b64(sample_image(seed, size))])
 
 
 def ask(engine: Engine, model: str, seed: int, text: str = "describe", size: tuple[int, int] = WIDE) -> Waiter:
-    req = request(model, seed, text, size)
-    waiter = Waiter(req)
-    engine.submit(req, waiter)
-    return waiter
-
-
-def answer(w: Waiter, timeout: float = 120) -> str:
-    end = w.wait(timeout)
-    assert isinstance(end, Done), end
-    return "".join(e.content for e in w.seen if isinstance(e, Delta))
-
-
-def started(w: Waiter) -> Started:
-    return next(e for e in w.seen if isinstance(e, Started))
+    return submit(engine, request(model, seed, text, size))
 
 
 def test_family_is_registered_for_mistral3_and_pixtral() -> None:
@@ -183,15 +135,9 @@ def test_concurrent_images_and_text_share_the_batch(
     sizes = [WIDE, SMALL, WIDE, (24, 40)]
     wants = {s: refs[model].sized(s, size=z)[0] for s, z in zip(seeds, sizes, strict=True)}
 
-    def text_request() -> Waiter:
-        req = GenerateRequest(model=model, prompt="plain words", sampling=GREEDY, max_tokens=MAX_TOKENS)
-        waiter = Waiter(req)
-        engine.submit(req, waiter)
-        return waiter
-
-    text_want = answer(text_request())
+    text_want = answer(text_request(engine, model))
     waiters = [ask(engine, model, s, size=z) for s, z in zip(seeds, sizes, strict=True)]
-    text = text_request()
+    text = text_request(engine, model)
     assert {s: answer(w) for s, w in zip(seeds, waiters, strict=True)} == wants
     assert answer(text) == text_want
     assert len(set(wants.values())) > 1  # the images really steer the answers
@@ -221,14 +167,8 @@ def test_two_images_of_different_sizes_in_one_message(
     """The processor pads both into one pixel batch; the server encodes each on its own: same tokens, same answer."""
     want = refs[model].images([(51, WIDE), (52, SMALL)])
     images = [b64(sample_image(51, WIDE)), b64(sample_image(52, SMALL))]
-    req = GenerateRequest(
-        model=model,
-        messages=[ChatMessage(role="user", content="describe", images=images)],
-        sampling=GREEDY,
-        max_tokens=MAX_TOKENS,
-    )
-    w = Waiter(req)
-    engine.submit(req, w)
+    req = image_request(model, "describe", images)
+    w = submit(engine, req)
     assert (answer(w), started(w).prompt_tokens) == want
     prompt = engine.preparer.prepare_vision(req)[1]
     assert [image.tokens for image in prompt.images] == [12, 4]

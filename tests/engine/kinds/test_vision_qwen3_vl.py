@@ -6,8 +6,6 @@ so the token-for-token checks would catch them missing)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import subprocess
 import sys
@@ -17,19 +15,27 @@ from typing import Any, Iterator, Union
 import mlx.core as mx
 import numpy as np
 import pytest
-from PIL import Image
 
-from mlx_server.contract.events import Delta, Done, Started
-from mlx_server.contract.requests import ChatMessage, GenerateRequest, SamplingParams
+from mlx_server.contract.events import Done
+from mlx_server.contract.requests import GenerateRequest
 from mlx_server.engine.engine import Engine
 from mlx_server.engine.prepare.families import FAMILIES, qwen_vl
 from support.enginetools import Waiter
-from support.serving import make_config
 from support.tinyvlm import sample_image
 from support.tinyvlm_qwen3_vl import DEEPSTACK_INDEXES, SAMPLE_IMAGE_TOKENS, build_qwen3_vl
-from support.vlm_reference import MAX_TOKENS, Reference
+from support.vlm_reference import (
+    Inputs,
+    Reference,
+    answer,
+    b64,
+    image_request,
+    start_engine,
+    started,
+    submit,
+    text_request,
+    vision_worker,
+)
 
-GREEDY = SamplingParams(temperature=0.0)
 MODEL = "qwen3_vl"
 WIDE = (64, 48)  # kept: 6x8 patches, 12 tokens
 TALL = (32, 64)  # kept: 8x4 patches, 8 tokens
@@ -38,62 +44,27 @@ Size = tuple[int, int]
 Part = Union[str, tuple[int, Size]]  # text, or an image as (seed, size)
 
 
-def b64(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 class Qwen3Reference(Reference):
     """tests/support/vlm_reference.py's reference, for one user message of text and images in any order, and
     optionally with the deepstack features left out (what an engine that dropped them would answer)."""
 
     def inputs(self, parts: list[Part]) -> tuple[str, dict[str, Any]]:
-        content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]
-        messages = [{"role": "user", "content": content}]
-        prompt = self.processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        images = [sample_image(seed, size) for seed, size in (p for p in parts if not isinstance(p, str))]
-        return prompt, dict(self.processor(text=[prompt], images=images))
+        return self.parts_inputs(parts, lambda image: sample_image(*image))
 
     def parts(self, parts: list[Part], *, deepstack: bool = True) -> tuple[str, int]:
         """The greedy answer to one user message of these parts, and the prompt's token count."""
-        from mlx_lm.tokenizer_utils import load as load_tokenizer
-        from mlx_vlm import stream_generate
 
-        memo = (-1 if deepstack else -2, repr(parts))
-        if memo in self.memo:
-            return self.memo[memo]
-        prompt, inputs = self.inputs(parts)
+        def build() -> Inputs:
+            prompt, inputs = self.inputs(parts)
+            return prompt, inputs, {"image_grid_thw": inputs["image_grid_thw"]}
+
         inner = self.model.language_model.model
         if not deepstack:
             inner._deepstack_process = lambda hidden, _mask, _embeds: hidden
         try:
-            tokens = [
-                r.token
-                for r in stream_generate(
-                    self.model,
-                    self.processor,
-                    prompt,
-                    max_tokens=MAX_TOKENS,
-                    temperature=0.0,
-                    input_ids=inputs["input_ids"],
-                    pixel_values=inputs["pixel_values"],
-                    mask=inputs["attention_mask"],
-                    image_grid_thw=inputs["image_grid_thw"],
-                )
-            ][:MAX_TOKENS]
+            return self.generate((-1 if deepstack else -2, repr(parts)), build)
         finally:
             inner.__dict__.pop("_deepstack_process", None)
-        wrapper = load_tokenizer(self.path)
-        eos = set(wrapper.eos_token_ids)
-        detok = wrapper.detokenizer
-        for t in tokens:
-            if t in eos:
-                break
-            detok.add_token(t)
-        detok.finalize()
-        self.memo[memo] = (detok.text, int(inputs["input_ids"].shape[1]))
-        return self.memo[memo]
 
     def one(self, seed: int, text: str = "describe", **kw: Any) -> tuple[str, int]:
         """An image before its text: what a chat message with one image renders as."""
@@ -107,8 +78,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    e = Engine(make_config(tmp_path_factory.mktemp("cfg"), {MODEL: {"source": str(model_dir)}}, max_images=3))
-    e.start()
+    e = start_engine(tmp_path_factory.mktemp("cfg"), {MODEL: model_dir}, max_images=3)
     yield e
     e.stop()
 
@@ -122,42 +92,16 @@ def message_request(parts: list[Part]) -> GenerateRequest:
     """The server request for these parts: each image placed by an [img] tag where it stands."""
     text = "".join(p if isinstance(p, str) else "[img]" for p in parts)
     images = [b64(sample_image(seed, size)) for seed, size in (p for p in parts if not isinstance(p, str))]
-    return GenerateRequest(
-        model=MODEL,
-        messages=[ChatMessage(role="user", content=text, images=images)],
-        sampling=GREEDY,
-        max_tokens=MAX_TOKENS,
-    )
+    return image_request(MODEL, text, images)
 
 
 def request(seed: int, text: str = "describe") -> GenerateRequest:
     """One image, untagged: it goes before the message's text."""
-    return GenerateRequest(
-        model=MODEL,
-        messages=[ChatMessage(role="user", content=text, images=[b64(sample_image(seed, WIDE))])],
-        sampling=GREEDY,
-        max_tokens=MAX_TOKENS,
-    )
-
-
-def submit(engine: Engine, req: GenerateRequest) -> Waiter:
-    waiter = Waiter(req)
-    engine.submit(req, waiter)
-    return waiter
+    return image_request(MODEL, text, [b64(sample_image(seed, WIDE))])
 
 
 def ask(engine: Engine, seed: int, text: str = "describe") -> Waiter:
     return submit(engine, request(seed, text))
-
-
-def answer(w: Waiter, timeout: float = 120) -> str:
-    end = w.wait(timeout)
-    assert isinstance(end, Done), end
-    return "".join(e.content for e in w.seen if isinstance(e, Delta))
-
-
-def started(w: Waiter) -> Started:
-    return next(e for e in w.seen if isinstance(e, Started))
 
 
 CASES: dict[str, list[Part]] = {
@@ -217,7 +161,7 @@ def test_the_deepstack_features_steer_the_answers(engine: Engine, ref: Qwen3Refe
     assert changed(CASES["two-sizes"])  # two images
     w = ask(engine, 5)
     assert answer(w) == ref.one(5)[0]
-    worker: Any = engine.core.pool.get(MODEL).model.workers["vision"]  # type: ignore[union-attr]
+    worker: Any = vision_worker(engine, MODEL)
     feats = list(worker.features.entries.values())
     assert feats and all(len(f.deep) == len(DEEPSTACK_INDEXES) for f in feats)
     assert all(d.shape == f.main.shape for f in feats for d in f.deep)  # a row per image token, per layer
@@ -237,14 +181,9 @@ def test_concurrent_images_and_text_share_the_batch(engine: Engine, ref: Qwen3Re
     seeds = [11, 12, 13, 14]
     wants = {s: ref.one(s)[0] for s in seeds}
 
-    def text_request() -> Waiter:
-        return submit(
-            engine, GenerateRequest(model=MODEL, prompt="plain words", sampling=GREEDY, max_tokens=MAX_TOKENS)
-        )
-
-    text_want = answer(text_request())
+    text_want = answer(text_request(engine, MODEL))
     waiters = [ask(engine, s) for s in seeds]
-    text = text_request()
+    text = text_request(engine, MODEL)
     assert {s: answer(w) for s, w in zip(seeds, waiters, strict=True)} == wants
     assert answer(text) == text_want
     assert len(set(wants.values())) > 1  # the images really steer the answers
@@ -276,8 +215,7 @@ def test_chunked_prefill_splits_images_and_their_deepstack_rows(
     model_dir: Path, ref: Qwen3Reference, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """5-token chunks: each image's rows (main and every deepstack layer) and positions span several chunks."""
-    e = Engine(make_config(tmp_path_factory.mktemp("cfg"), {MODEL: {"source": str(model_dir)}}, prefill_chunk=5))
-    e.start()
+    e = start_engine(tmp_path_factory.mktemp("cfg"), {MODEL: model_dir}, prefill_chunk=5)
     try:
         cases: list[list[Part]] = [[(3, WIDE), "describe"], CASES["two-sizes"]]
         waiters = [submit(e, message_request(parts)) for parts in cases]
