@@ -213,7 +213,12 @@ class ModelLoader:
             deadline = time.perf_counter() + self.slice_seconds
             dtype = None
             # The language model's weights first: its float type is the KV cache's (a tower may be float32).
-            leaves = _leaves(vlm.language_model) + _leaves(vlm) if vlm is not None else _leaves(model)
+            if vlm is None:
+                leaves = _leaves(model)
+            else:
+                leaves = _leaves(vlm.language_model)
+                seen = {id(a) for a in leaves}
+                leaves += [a for a in _leaves(vlm) if id(a) not in seen]  # then the tower and projector
             for array in leaves:
                 mx.eval(array)
                 if dtype is None and mx.issubdtype(array.dtype, mx.floating):

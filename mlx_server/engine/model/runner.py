@@ -144,7 +144,7 @@ class GenerateWorker:
         cache, cached = self._cached_prefix(tokens, key)
         job = PrefillJob(req.request_id, self.name, int(req.priority), list(tokens), cache, cached, now, cached=cached)
         if vision is not None:
-            job = vision.job(job, self.gate)
+            job = vision.job(job)
         chain = make_processors(req.sampling, prepared.num_ctx) + list(prepared.grammar)
         seq = Sequence(
             request=req,

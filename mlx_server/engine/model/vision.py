@@ -148,13 +148,22 @@ class VisionPrefillJob(PrefillJob):
     """A vision prompt's prefill: a chunk that reaches an image waits until the image is encoded, which is a
     call of its own (at most one tower run per slice: the worker hides this job until the next step)."""
 
-    lm: Any = None
-    images: tuple[ImageInput, ...] = ()
-    image_token_id: int = -1
-    mrope: Optional[np.ndarray] = None
+    inputs: Optional[VisionInputs] = None  # always set (a default only because PrefillJob's fields have them)
     features: dict[int, ImageFeatures] = field(default_factory=dict)  # image index → its features
-    feature_cache: Optional[FeatureCache] = None
-    activation: int = 0  # bytes the tower's peak takes for its largest image (held while any is left)
+
+    @property
+    def vision(self) -> VisionInputs:
+        assert self.inputs is not None
+        return self.inputs
+
+    @property
+    def images(self) -> tuple[ImageInput, ...]:
+        return self.vision.images
+
+    @property
+    def activation(self) -> int:
+        """Bytes the tower's peak takes for its largest image (held while any is left to encode)."""
+        return self.vision.activation
 
     def blocked(self) -> Optional[int]:
         """The image whose features the next token needs and does not have yet (None: it can run)."""
@@ -167,8 +176,7 @@ class VisionPrefillJob(PrefillJob):
         if self.remaining <= 0:
             return False
         index = self.blocked()
-        cache = self.feature_cache
-        return index is None or gate.open or (cache is not None and self.images[index].key in cache.entries)
+        return index is None or gate.open or self.images[index].key in self.vision.feature_cache.entries
 
     def advance(self, model: Any, n: int, gate: Optional[EncodeGate] = None) -> int:
         """Encode the image the prompt has reached (a call of its own: returns 0 tokens), else prefill up to
@@ -198,18 +206,16 @@ class VisionPrefillJob(PrefillJob):
 
     def features_for(self, index: int) -> bool:
         """Take the image's features from the cache if they are there; True when they were."""
-        cache = self.feature_cache
-        found = cache.get(self.images[index].key) if cache is not None else None
+        found = self.vision.feature_cache.get(self.images[index].key)
         if found is not None:
             self.features[index] = found
         return found is not None
 
     def encode(self, index: int) -> None:
-        features = self.lm.encode(self.images[index], self.image_token_id)
+        features = self.vision.lm.encode(self.images[index], self.vision.image_token_id)
         self.features[index] = features
-        if self.feature_cache is not None:
-            self.feature_cache.encodes += 1
-            self.feature_cache.put(self.images[index].key, features)
+        self.vision.feature_cache.encodes += 1
+        self.vision.feature_cache.put(self.images[index].key, features)
 
     def run_tokens(self, n: int) -> int:
         """Prefill up to `n` tokens, stopping before an image whose features are not there yet."""
@@ -220,7 +226,7 @@ class VisionPrefillJob(PrefillJob):
             return 0
         lo, hi = self.done, self.done + n
         ids = mx.array(self.tokens[lo:hi])[None]
-        embeds = self.lm.embed_text(ids)
+        embeds = self.vision.lm.embed_text(ids)
         rows: list[int] = []
         values: list[mx.array] = []
         deep: list[list[mx.array]] = []
@@ -243,9 +249,10 @@ class VisionPrefillJob(PrefillJob):
                 extra["visual_pos_masks"] = mx.array(mask)
                 extra["deepstack_visual_embeds"] = [mx.concatenate(list(layer)) for layer in zip(*deep, strict=True)]
         positions = None
-        if self.mrope is not None:
-            positions = mx.array(self.mrope[:, lo:hi])[:, None, :]
-        self.lm(ids, cache=self.cache, inputs_embeds=embeds, positions=positions, **extra)
+        mrope = self.vision.mrope
+        if mrope is not None:
+            positions = mx.array(mrope[:, lo:hi])[:, None, :]
+        self.vision.lm(ids, cache=self.cache, inputs_embeds=embeds, positions=positions, **extra)
         mx.eval([c.state for c in self.cache])
         self.done += n
         self.chunks += 1
@@ -274,17 +281,9 @@ class VisionInputs:
                 out[p] = salt
         return out
 
-    def job(self, base: PrefillJob, gate: EncodeGate) -> VisionPrefillJob:
-        fields_ = {f: getattr(base, f) for f in base.__dataclass_fields__}
-        return VisionPrefillJob(
-            **fields_,
-            lm=self.lm,
-            images=self.images,
-            image_token_id=self.image_token_id,
-            mrope=self.mrope,
-            feature_cache=self.feature_cache,
-            activation=self.activation,
-        )
+    def job(self, base: PrefillJob) -> VisionPrefillJob:
+        """`base` (the prompt's tokens, cache and cached prefix) as this prompt's vision prefill."""
+        return VisionPrefillJob(**{f: getattr(base, f) for f in base.__dataclass_fields__}, inputs=self)
 
 
 __all__ = ["FeatureCache", "ShiftedKVCache", "VisionInputs", "VisionLM", "VisionPrefillJob"]

@@ -50,7 +50,6 @@ class ImageInput:
     arrays: dict[str, np.ndarray]  # pixel_values and the family's extras (image_grid_thw, pixel_attention_mask)
     ids: tuple[int, ...]  # its placeholder tokens on their own: what its features are encoded from
     positions: tuple[int, ...] = ()  # prompt positions its features fill, in order
-    pixels: int = 0  # width × height fed to the processor (sizes the tower's activation reserve)
 
     @property
     def tokens(self) -> int:
@@ -229,7 +228,6 @@ def expand(
                 key=f"{image.digest}:{settings}",
                 arrays=arrays,
                 ids=tuple(_plain(vp, expansion)),
-                pixels=image.width * image.height,
             )
         )
         body += expansion + piece
