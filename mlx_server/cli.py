@@ -42,8 +42,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from mlx_server.models.info import InfoCache, context_note
+    from mlx_server.models.sources import locate
+
     config = load_config(args.path or args.config)
     print(f"{config.path}: OK ({len(config.models)} models)")
+    infos = InfoCache()
+    for name, model in config.models.items():
+        if model.context_length is None or model.source.strip().endswith(".zip"):
+            continue  # nothing to compare, or a zip this check must not extract
+        info = infos.describe(locate(model, config.path.parent if config.path else None, config.server.cache_dir))
+        note = context_note(name, model.context_length, info.context_length if info is not None else 0)
+        if note is not None:
+            print(f"warning: {note}")
     return 0
 
 

@@ -52,6 +52,7 @@ def health_body(request: Request) -> tuple[dict[str, Any], int]:
                 "is_loading": r.is_loading,
                 "kv_cache": r.kv_cache,
                 "kv_bytes_per_token": r.kv_bytes_per_token,
+                "draft": r.draft or None,
             }
             for r in snapshot
         ],

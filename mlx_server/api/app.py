@@ -21,6 +21,7 @@ from mlx_server.api.context import AppContext
 from mlx_server.api.errors_shape import error_response, http_error_payload
 from mlx_server.api.limits import RateLimit
 from mlx_server.api.metrics import Metrics
+from mlx_server.api.responses_store import ResponseStore
 from mlx_server.api.security import Security
 from mlx_server.config.load import Config
 from mlx_server.contract.errors import InternalError, MlxServerError
@@ -83,8 +84,14 @@ def create_app(config: Config, engine: EngineClient, catalog: Optional[Catalog] 
     catalog is created here unless a test hands one in."""
     metrics = Metrics(engine)
     engine.observe(metrics.observe)
+    server = config.server
     ctx = AppContext(
-        config=config, engine=engine, metrics=metrics, catalog=catalog or Catalog(config), problems=ProblemCache(config)
+        config=config,
+        engine=engine,
+        metrics=metrics,
+        catalog=catalog or Catalog(config),
+        problems=ProblemCache(config),
+        responses=ResponseStore(server.responses_store, server.responses_store_bytes, server.responses_ttl),
     )
 
     @contextlib.asynccontextmanager
@@ -100,8 +107,9 @@ def create_app(config: Config, engine: EngineClient, catalog: Optional[Catalog] 
 
     async def on_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, MlxServerError)
-        if exc.status >= 500:
-            log.warning("%s %s → %d %s", request.method, request.url.path, exc.status, exc.message)
+        # 4xx too: an operator must be able to tell from the log why a user's request was refused
+        level = logging.WARNING if exc.status >= 500 else logging.INFO
+        log.log(level, "%s %s → %d %s", request.method, request.url.path, exc.status, exc.message)
         return error_response(request.url.path, exc)  # OpenAI / Anthropic / Ollama body by route prefix
 
     async def on_http(request: Request, exc: Exception) -> Response:

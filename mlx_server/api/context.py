@@ -13,6 +13,7 @@ from typing import Any, AsyncGenerator, AsyncIterator, Optional
 from starlette.requests import Request
 
 from mlx_server.api.catalog import Catalog
+from mlx_server.api.responses_store import ResponseStore
 from mlx_server.config.load import Config
 from mlx_server.contract.errors import BadRequest, MlxServerError
 from mlx_server.contract.events import Delta, Done, Event, Failed, Started, TokenLogprob, Usage
@@ -31,6 +32,8 @@ class AppContext:
     catalog: Catalog  # model files and info, read off the event loop
     metrics: Any = None  # mlx_server.api.metrics.Metrics
     problems: Any = None  # mlx_server.models.diagnose.ProblemCache: why configured models cannot serve (/health)
+    responses: Optional[ResponseStore] = None  # stored /v1/responses (previous_response_id, GET)
+    tools_warned: set[str] = field(default_factory=set)  # ignored-tool notes logged once already (by model, by kind)
     started: float = field(default_factory=time.time)
 
     # Disk work (locate, GGUF headers) runs in the catalog's workers: handlers await, the loop never blocks.
@@ -120,11 +123,44 @@ class Collected:
     thinking: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    thinking_tokens: int = 0  # tokens of deltas that carried thinking only (the Responses API reports them)
     done: Optional[Done] = None
 
     @property
     def usage(self) -> Usage:
         return self.done.usage if self.done else Usage()
+
+
+@dataclass
+class Progress:
+    """What a request has done so far, from its events: its log line when it ends without a Done (the client
+    went away) still says what it prompted, generated and when its first token came."""
+
+    started_at: float  # time.perf_counter() at arrival
+    prompt: int = 0
+    cached: int = 0
+    generated: int = 0
+    first: Optional[float] = None
+
+    def see(self, event: Event) -> None:
+        if isinstance(event, Started):
+            self.prompt, self.cached = event.prompt_tokens, event.cached_tokens
+        elif isinstance(event, Delta):
+            self.generated += event.tokens
+            if self.first is None and event.tokens:
+                self.first = time.perf_counter()
+
+    def usage(self) -> Usage:
+        now = time.perf_counter()
+        first = self.first if self.first is not None else now
+        return Usage(
+            prompt_tokens=self.prompt,
+            cached_tokens=self.cached,
+            completion_tokens=self.generated,
+            prompt_eval_duration=first - self.started_at if self.first is not None else 0.0,
+            eval_duration=now - first,
+            total_duration=now - self.started_at,
+        )
 
 
 async def first_event(events: AsyncIterator[Event], request: Request) -> Event:
@@ -146,7 +182,9 @@ async def first_event(events: AsyncIterator[Event], request: Request) -> Event:
         raise
 
 
-async def collect(events: AsyncIterator[Event], request: Request, first: Event) -> Collected:
+async def collect(
+    events: AsyncIterator[Event], request: Request, first: Event, progress: Optional[Progress] = None
+) -> Collected:
     """Gather a non-streaming generation; a client that disconnects cancels it within one step."""
     out = Collected()
     event: Optional[Event] = first
@@ -154,6 +192,8 @@ async def collect(events: AsyncIterator[Event], request: Request, first: Event) 
         while True:
             if event is None:
                 event = await first_event(events, request)
+            if progress is not None:
+                progress.see(event)
             if isinstance(event, Failed):
                 raise event.error
             if isinstance(event, Started):
@@ -163,6 +203,8 @@ async def collect(events: AsyncIterator[Event], request: Request, first: Event) 
                 out.thinking += event.thinking
                 out.tool_calls.extend(event.tool_calls)
                 out.logprobs.extend(event.logprobs)
+                if event.thinking and not event.content:
+                    out.thinking_tokens += event.tokens
             elif isinstance(event, Done):
                 out.done = event
                 return out
@@ -191,8 +233,10 @@ async def follow(
     happens at once rather than whenever the generator is collected.
     """
     status, usage, event = "ok", Usage(), first
+    progress = Progress(started_at)
     try:
         while True:
+            progress.see(event)
             yield event
             if isinstance(event, Done):
                 usage = event.usage
@@ -202,7 +246,7 @@ async def follow(
                 return
             event = await events.__anext__()
     except BaseException:
-        status = "disconnected"
+        status, usage = "disconnected", progress.usage()
         raise
     finally:
         await close_events(events)

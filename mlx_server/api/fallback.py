@@ -121,7 +121,7 @@ class FallbackMiddleware:
                 "%s %s model=%s served_by=%s status=%s total=%.3fs%s",
                 scope["method"],
                 path,
-                ex.model or "-",
+                ex.model or scope.get("state", {}).get("model") or "-",  # the app notes the model it resolved
                 ex.served_by,
                 ex.status or "-",
                 time.perf_counter() - ex.started,

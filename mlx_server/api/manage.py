@@ -32,10 +32,16 @@ def _requested(body: dict[str, Any]) -> str:
     return requested
 
 
-def _configured(ctx: AppContext, requested: str) -> str:
+def _configured(ctx: AppContext, requested: str, pulling: bool = False) -> str:
     name = ctx.config.resolve(requested)
     if name is None:
-        raise ModelNotFound(requested)
+        where = ctx.config.path or "models.yaml"
+        hint = (
+            f"only models configured in {where} can be pulled: add it under models: with a source (a Hugging Face "
+            f'repo id, a local path, or ollama:NAME for a model in the Ollama store), e.g. "{requested}": '
+            "{source: mlx-community/...}, then restart"
+        )
+        raise ModelNotFound(requested, hint if pulling else "")
     return name
 
 
@@ -57,7 +63,7 @@ async def pull(request: Request) -> Response:
     ctx = ctx_of(request)
     body = await read_json(request)
     requested = _requested(body)
-    name = _configured(ctx, requested)
+    name = _configured(ctx, requested, pulling=True)
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
         raise BadRequest('invalid value for field "stream": expected a boolean')

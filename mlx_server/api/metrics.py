@@ -91,6 +91,21 @@ class Metrics:
         self.tokens_out = Counter(
             "mlx_generated_tokens", "Generated tokens by model", ["model"], registry=self.registry
         )
+        self.tools_ignored = Counter(
+            "mlx_tools_ignored",
+            "Requests offering tools to a model with no tool-call format (not called)",
+            ["model"],
+            registry=self.registry,
+        )
+        self.drafted = Counter(
+            "mlx_server_draft_tokens", "Tokens drafted for speculative decoding", ["model"], registry=self.registry
+        )
+        self.accepted = Counter(
+            "mlx_server_draft_accepted",
+            "Drafted tokens the target model accepted",
+            ["model"],
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             "mlx_time_to_first_token_seconds",
             "From submission to the first token",
@@ -128,6 +143,9 @@ class Metrics:
             self._last.pop(request.request_id, None)
             if isinstance(event, Done):
                 self.tokens_out.labels(model).inc(event.usage.completion_tokens)
+                if event.usage.draft_tokens:
+                    self.drafted.labels(model).inc(event.usage.draft_tokens)
+                    self.accepted.labels(model).inc(event.usage.draft_accepted)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,7 +38,7 @@ KEEP_ALIVE: JSON = {
     "oneOf": [{"type": "number"}, {"type": "string", "pattern": r"^\s*[+-]?(\d|\.\d)"}],
 }
 FORMAT: JSON = {"oneOf": [{"enum": ["", "json"]}, {"type": "object", "description": "a JSON schema"}]}
-THINK: JSON = {"oneOf": [BOOL, {"enum": ["low", "medium", "high"]}]}
+THINK: JSON = {"oneOf": [BOOL, {"enum": ["low", "medium", "high", "max"]}]}
 
 OLLAMA_OPTIONS: JSON = {
     "type": "object",
@@ -81,6 +81,9 @@ OLLAMA_COMMON: JSON = {
     "keep_alive": KEEP_ALIVE,
     "format": FORMAT,
     "think": THINK,
+    "logprobs": BOOL,
+    "top_logprobs": {**INT, "minimum": 0, "maximum": 20},
+    "truncate": BOOL,
     "tools": {"type": "array"},
     "max_tokens": INT64,
     "temperature": {"type": "number"},
@@ -180,6 +183,29 @@ OPENAI_COMPLETION = _obj(
     **OPENAI_SAMPLING,
 )
 
+RESPONSES_ITEM = _obj(
+    [],
+    type={"enum": ["message", "function_call", "function_call_output", "reasoning"]},
+    role={"enum": ["user", "system", "developer", "assistant"]},
+)
+RESPONSES_CREATE = _obj(
+    ["model"],
+    model={**STR, "minLength": 1},
+    input={"oneOf": [STR, {"type": "array", "items": RESPONSES_ITEM}]},
+    instructions=STR,
+    previous_response_id=STR,
+    max_output_tokens={**INT, "minimum": 1},
+    temperature=_num(0, 2),
+    top_p=_num(0, 1),
+    stream=BOOL,
+    store=BOOL,
+    tools={"type": "array"},
+    tool_choice={"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
+    text=_obj([], format=_obj(["type"], type={"enum": ["text", "json_object", "json_schema"]})),
+    reasoning=_obj([], effort=STR, summary={"type": ["string", "null"]}),
+    include={"type": "array", "items": STR},
+)
+
 ANTHROPIC_BLOCK = _obj(
     ["type"], type={"enum": ["text", "thinking", "redacted_thinking", "tool_use", "tool_result", "image"]}
 )
@@ -209,6 +235,18 @@ ANTHROPIC_MESSAGES = _obj(
 )
 ANTHROPIC_COUNT = _obj(["model", "messages"], **ANTHROPIC_COMMON)
 
+RERANK = _obj(
+    ["model", "query", "documents"],
+    model={**STR, "minLength": 1},
+    query=STR,
+    documents={"type": "array", "items": {"oneOf": [STR, _obj(["text"], text=STR)]}},
+    top_n={**INT64, "minimum": 0, "description": "results kept, best first; absent or 0: all"},
+    return_documents={**BOOL, "default": True},
+    instruction={**STR, "description": "a decoder reranker's task line (Qwen3-Reranker's Instruct)"},
+    keep_alive=KEEP_ALIVE,
+    options=OLLAMA_OPTIONS,
+)
+
 ERRORS: JSON = {
     "OllamaError": _obj(["error"], error=STR),
     "OpenAIError": _obj(["error"], error=_obj(["message", "type"], message=STR, type=STR)),
@@ -227,6 +265,8 @@ SCHEMAS: JSON = {
     "CompletionRequest": OPENAI_COMPLETION,
     "MessagesRequest": ANTHROPIC_MESSAGES,
     "CountTokensRequest": ANTHROPIC_COUNT,
+    "ResponsesRequest": RESPONSES_CREATE,
+    "RerankRequest": RERANK,
     **ERRORS,
 }
 
@@ -263,8 +303,9 @@ def _operation(summary: str, body: Any, error: str, streams: bool, path: str) ->
             "required": False,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
         }
-    if "{model}" in path:
-        op["parameters"] = [{"name": "model", "in": "path", "required": True, "schema": STR}]
+    for name in ("model", "response_id"):
+        if "{" + name + "}" in path:
+            op["parameters"] = [{"name": name, "in": "path", "required": True, "schema": STR}]
     op["x-request-priority"] = "X-Request-Priority: high | medium | low (generation routes)"
     return op
 

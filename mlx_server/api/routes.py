@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, AsyncGenerator, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Optional
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -17,8 +17,8 @@ from starlette.routing import Route
 
 from mlx_server.api import admin
 from mlx_server.api import manage as models
-from mlx_server.api.context import begin, collect, ctx_of, follow, note_model, read_json, request_log
-from mlx_server.api.dialects import anthropic, embeddings, ollama, openai
+from mlx_server.api.context import Progress, begin, collect, ctx_of, follow, note_model, read_json, request_log
+from mlx_server.api.dialects import anthropic, embeddings, ollama, openai, rerank, responses, responses_reply
 from mlx_server.api.dialects.base import Call, Dialect, Endpoint, Generation, Handler, Incoming
 from mlx_server.contract.errors import BadRequest, MlxServerError
 from mlx_server.contract.events import Usage
@@ -164,7 +164,65 @@ ANTHROPIC = Dialect(
     ),
 )
 
-DIALECTS: tuple[Dialect, ...] = (OLLAMA, OPENAI, ANTHROPIC)
+RESPONSES = Dialect(
+    name="responses",
+    prefixes=("/v1/responses",),
+    error_body=openai.error_body,
+    http_error_body=openai.http_error_body,
+    error_frame=responses_reply.error_frame,
+    stream_response=openai.stream_response,
+    error_schema="OpenAIError",
+    endpoints=(
+        Endpoint(
+            "/v1/responses",
+            ("POST",),
+            "OpenAI Responses API (SSE events when stream)",
+            generation=responses.CREATE,
+            schema="ResponsesRequest",
+            names_model=True,
+            rate_limited=True,
+            streams=True,
+        ),
+        Endpoint("/v1/responses/{response_id}", ("GET",), "A stored response", handler=responses.retrieve),
+        Endpoint("/v1/responses/{response_id}", ("DELETE",), "Delete a stored response", handler=responses.delete),
+        Endpoint(
+            "/v1/responses/{response_id}/input_items",
+            ("GET",),
+            "A stored response's input items",
+            handler=responses.input_items,
+        ),
+    ),
+)
+
+
+def _rerank_endpoint(path: str, summary: str, handler: Handler) -> Endpoint:
+    return Endpoint(
+        path, ("POST",), summary, handler=handler, schema="RerankRequest", names_model=True, rate_limited=True
+    )
+
+
+# One body on four paths (api/dialects/rerank.py). Errors take the shape of the path's dialect: /v1/rerank
+# OpenAI's, /api/rerank Ollama's; the bare /rerank and Cohere's /v2/rerank, which are no dialect's, this one's
+# (OpenAI's).
+RERANK = Dialect(
+    name="rerank",
+    prefixes=("/rerank", "/v2/rerank"),
+    error_body=rerank.error_body,
+    http_error_body=rerank.http_error_body,
+    error_frame=openai.error_frame,
+    stream_response=openai.stream_response,
+    error_schema="OpenAIError",
+    endpoints=(
+        _rerank_endpoint(
+            "/v1/rerank", "Rerank documents by relevance to a query (Jina / Cohere shape)", rerank.openai_rerank
+        ),
+        _rerank_endpoint("/rerank", "Rerank, as /v1/rerank", rerank.rerank),
+        _rerank_endpoint("/v2/rerank", "Rerank, at Cohere's path", rerank.rerank),
+        _rerank_endpoint("/api/rerank", "Rerank, with Ollama-style errors", rerank.ollama_rerank),
+    ),
+)
+
+DIALECTS: tuple[Dialect, ...] = (OLLAMA, OPENAI, ANTHROPIC, RESPONSES, RERANK)
 
 # Not a dialect's: the server's own routes (their errors take the shape of the path's dialect, Ollama's).
 SERVER = (
@@ -219,15 +277,16 @@ def generation_route(dialect: Dialect, generation: Generation) -> Handler:
             logged = follow(events, first, dialect.name, requested, started_at)
             response = dialect.stream_response(_frames(generation, incoming, call, logged))
         else:
-            status, usage = "disconnected", Usage()
+            status, progress = "disconnected", Progress(started_at)
+            usage: Optional[Usage] = None
             try:
-                result = await collect(events, request, first)
+                result = await collect(events, request, first, progress)
                 status, usage = "ok", result.usage
             except MlxServerError as exc:
                 status = f"error: {exc.message}"
                 raise
             finally:
-                request_log(dialect.name, requested, status, usage, started_at)
+                request_log(dialect.name, requested, status, usage or progress.usage(), started_at)
             response = JSONResponse(generation.final(incoming, call, result))
         response.headers.update(call.headers)
         return response
@@ -259,6 +318,8 @@ __all__ = [
     "ENDPOINTS",
     "OLLAMA",
     "OPENAI",
+    "RERANK",
+    "RESPONSES",
     "SERVER",
     "dialect_for",
     "generation_route",

@@ -15,7 +15,16 @@ import yaml
 from pydantic import ValidationError
 
 from mlx_server.config.errors import ConfigError, config_error
-from mlx_server.config.tree import DEFAULT_PORT, Config, FileContext, Layers, ModelConfig, ServerConfig, directory
+from mlx_server.config.tree import (
+    DEFAULT_PORT,
+    PROMPT_LOOKUP,
+    Config,
+    FileContext,
+    Layers,
+    ModelConfig,
+    ServerConfig,
+    directory,
+)
 from mlx_server.config.units import parse_duration, parse_size
 
 DEFAULT_CONFIG_NAME = "models.yaml"
@@ -74,6 +83,21 @@ def _check_names(config: Config, path: Optional[Path]) -> None:
     default = config.server.default_model
     if default is not None and config.resolve(default) is None:
         raise ConfigError(path, "server.default_model", f"{default!r} is not a configured model or alias")
+    for name, model in config.models.items():
+        if model.draft is None or model.draft == PROMPT_LOOKUP:
+            continue
+        draft = config.resolve(model.draft)
+        problem = (
+            f"{model.draft!r} is not a configured model or alias (nor {PROMPT_LOOKUP})"
+            if draft is None
+            else "a model cannot be its own draft"
+            if draft == name
+            else f"its draft {draft!r} has a draft of its own"
+            if config.models[draft].draft is not None
+            else None
+        )
+        if problem is not None:
+            raise ConfigError(path, f"models.{name}.draft", problem)
 
 
 def build_config(

@@ -121,6 +121,7 @@ def _kv_type(value: Any) -> Any:
     return value
 
 
+PROMPT_LOOKUP = "prompt-lookup"  # `draft:` value for n-gram drafting from the prompt, no second model
 KVType = Annotated[Literal["f16", "q8", "q4"], BeforeValidator(_kv_type, json_schema_input_type=str)]
 Strings = Annotated[tuple[str, ...], BeforeValidator(_strings, json_schema_input_type=list[str])]
 Budget = Annotated[int, BeforeValidator(_budget, json_schema_input_type=Union[int, float, str])]
@@ -206,6 +207,13 @@ class ServerConfig(_Frozen):
         "size 64; Ollama's f16 / q8_0 / q4_0 accepted; env OLLAMA_KV_CACHE_TYPE)",
     )
     max_images: int = Field(default=8, ge=0, description="images one request may carry (more get 400)")
+    responses_store: int = Field(
+        default=1000, ge=0, description="/v1/responses kept for previous_response_id and GET (least recent go first)"
+    )
+    responses_store_bytes: Size = Field(default=256 * 2**20, description="cap on the stored responses' JSON bytes")
+    responses_ttl: Duration = Field(
+        default=24 * 3600.0, description=f"a stored response expires after: {_DURATION_TEXT}"
+    )
     max_image_bytes: Size = Field(default=20 * 2**20, description="larger images (decoded bytes) get 400")
     fetch_image_urls: Strings = Field(
         default=(),
@@ -256,12 +264,24 @@ class ModelConfig(_Frozen):
         default=None,
         description="default system prompt for requests that send none (an ollama: source's system layer otherwise)",
     )
-    kind: Optional[Literal["generation", "embedding", "vision"]] = Field(
+    kind: Optional[Literal["generation", "embedding", "vision", "rerank"]] = Field(
         default=None,
         description="what the model does (default: inferred from its files, e.g. "
-        "sentence-transformers configs mean embedding, a vision_config means vision)",
+        "sentence-transformers configs mean embedding, a vision_config means vision, a one-label "
+        "sequence-classification head or a Qwen3-Reranker name means rerank)",
     )
     kv_cache: Optional[KVType] = Field(default=None, description="overrides server.kv_cache for this model")
+    draft: Optional[str] = Field(
+        default=None,
+        description="speculative decoding: another configured model with the same vocabulary that drafts tokens "
+        "for this one to verify, or prompt-lookup (n-gram drafts from the prompt and the text so far)",
+    )
+    num_draft: int = Field(
+        default=4,
+        ge=0,
+        le=32,
+        description="tokens drafted per step when draft is set (0: off); a request's draft_num_predict option wins",
+    )
     max_pixels: int = Field(
         default=1024 * 1024,
         ge=28 * 28,

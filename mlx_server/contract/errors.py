@@ -45,6 +45,24 @@ class ModelNotFound(MlxServerError):
         self.name = name
 
 
+class ContextTooLong(BadRequest):
+    """A prompt that does not fit the context window, for a request that must not be cut (OpenAI, Anthropic, Ollama's
+    `truncate: false`). Each dialect words it as its real API does; this message is Anthropic's."""
+
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"prompt is too long: {tokens} tokens > {limit} maximum")
+        self.tokens = tokens
+        self.limit = limit
+
+
+class NotFound(MlxServerError):
+    """Something other than a model that the request names and this server does not hold (a stored response)."""
+
+    status = 404
+    openai_type = "invalid_request_error"
+    anthropic_type = "not_found_error"
+
+
 class ModelBusy(MlxServerError):
     """The model has requests in flight, so it cannot be deleted now."""
 

@@ -1,4 +1,4 @@
-"""What the engine sends back for a request: Started, Delta, Embeddings, then one Done or Failed."""
+"""What the engine sends back for a request: Started, Delta, Embeddings or Scores, then one Done or Failed."""
 
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ class Usage:
     prompt_eval_duration: float = 0.0
     eval_duration: float = 0.0
     total_duration: float = 0.0
+    draft_tokens: int = 0  # tokens drafted for it (speculative decoding) ...
+    draft_accepted: int = 0  # ... and how many of them the target kept
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Done:
     reason: DoneReason
     usage: Usage
     stop_sequence: Optional[str] = None  # the stop string that ended the output, when one did
+    window: bool = False  # a "length" end that came from the context window filling, not the request's max tokens
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,7 +83,17 @@ class Failed:
     error: MlxServerError
 
 
-Event = Union[Started, Delta, Embeddings, Done, Failed]
+@dataclass(frozen=True, eq=False)
+class Scores:
+    """A RerankRequest's result: one relevance score in [0, 1] per document, in document order (float32)."""
+
+    request_id: int
+    model: str
+    scores: Any  # numpy.ndarray, shape (documents,)
+    prompt_tokens: int  # tokens scored (every pair, after truncation)
+
+
+Event = Union[Started, Delta, Embeddings, Done, Failed, Scores]
 
 Sink = Callable[[Event], None]
 """Where a request's events go; the engine calls it from its own threads."""

@@ -105,6 +105,7 @@ class GenerateRequest:
     raw: bool = False
     tools: Optional[list[dict[str, Any]]] = None
     think: Optional[bool] = None
+    think_level: Optional[str] = None  # "low" | "medium" | "high": a reasoning effort, for templates that take one
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: Optional[int] = None  # None = until the context is full
     num_ctx: Optional[int] = None  # None = the model's configured context length
@@ -116,6 +117,10 @@ class GenerateRequest:
     top_logprobs: int = 0
     timeout: Optional[float] = None  # seconds from submission; None = no limit
     force_tool: Optional[ToolChoice] = None  # constrain the reply to one call of the request's tools
+    num_draft: Optional[int] = None  # tokens drafted per step (Ollama's draft_num_predict); None = the model's
+    # A prompt longer than the context: True cuts it as Ollama does (the oldest messages whole, system messages and
+    # the latest kept; a raw prompt from the left); False refuses it (ContextTooLong), as OpenAI and Anthropic do.
+    truncate: bool = True
     request_id: int = field(default_factory=next_request_id)
     created: float = field(default_factory=time.monotonic)  # arrival: Ollama's durations include queue and load
 
@@ -187,4 +192,26 @@ class EmbedRequest:
     created: float = field(default_factory=time.monotonic)
 
 
-EngineRequest = Union[GenerateRequest, LoadRequest, UnloadRequest, CountTokensRequest, EmbedRequest]
+@dataclass(frozen=True)
+class RerankRequest:
+    """Score how relevant each document is to `query`; ends with Scores, then Done(reason="stop").
+
+    Each (query, document) pair is read as one input by a reranker (a cross-encoder, or a decoder asked a yes/no
+    question): one score in [0, 1] per document, in document order; ordering and `top_n` are the dialect's.
+    A pair longer than the context is cut from the document's end, never the query's.
+    """
+
+    generates: ClassVar[bool] = False
+    model: str
+    query: str
+    documents: tuple[str, ...] = ()
+    instruction: Optional[str] = None  # a decoder reranker's task line (Qwen3-Reranker's "Instruct"); None: its own
+    num_ctx: Optional[int] = None  # None = the model's context length
+    keep_alive: Optional[float] = None
+    priority: Priority = Priority.MEDIUM
+    timeout: Optional[float] = None
+    request_id: int = field(default_factory=next_request_id)
+    created: float = field(default_factory=time.monotonic)
+
+
+EngineRequest = Union[GenerateRequest, LoadRequest, UnloadRequest, CountTokensRequest, EmbedRequest, RerankRequest]

@@ -50,6 +50,7 @@ class ModelStatus:
     split: str = ""  # "tensor" or "pipeline"
     kv_cache: str = "f16"  # how its KV is stored: f16 (the weights' float type), q8 or q4
     kv_bytes_per_token: int = 0  # on this rank
+    draft: str = ""  # speculative decoding: its draft model's name, "prompt-lookup", or "" (none)
 
 
 @dataclass(frozen=True)

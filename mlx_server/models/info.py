@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from mlx_server.models.embedinfo import EmbeddingInfo, embedding_info
 from mlx_server.models.ollama_store import OllamaError
+from mlx_server.models.rerankinfo import RERANK_KINDS, rerank_info
 from mlx_server.models.sources import Located
 
 
@@ -50,6 +51,7 @@ class ModelInfo:
     kv_bytes_per_token: int = 0
     embedding: Optional[EmbeddingInfo] = None  # set for an embedding-only model (see with_embedding)
     vision: bool = False  # takes images: a vision_config in config.json, or models.yaml `kind: vision`
+    rerank: bool = False  # scores (query, document) pairs: a reranker's files, or models.yaml `kind: rerank`
 
     @property
     def parameter_size(self) -> str:
@@ -62,6 +64,8 @@ class ModelInfo:
 
     @property
     def capabilities(self) -> list[str]:
+        if self.rerank:
+            return ["rerank"]  # it neither chats nor embeds
         if self.embedding is not None:
             return ["embedding"]  # as Ollama lists an embedding model; generation models embed too, unlisted
         caps = ["completion"]
@@ -89,12 +93,15 @@ _POOLING_TYPES = {"mean": 1, "cls": 2, "last": 3}
 
 
 def with_embedding(info: Optional[ModelInfo], found: Located, kind: Optional[str]) -> Optional[ModelInfo]:
-    """`info` marked as an embedding-only model when its files say so, or models.yaml's `kind` (see embedinfo).
+    """`info` marked as an embedding-only model when its files say so, or models.yaml's `kind` (see embedinfo); or
+    as a reranker, likewise (see rerankinfo).
 
     Only model dirs are looked at (GGUF embedding models are not served). Its model_info then states the length
     and width an input is embedded with. A pooling we cannot reproduce leaves `info` as it was: the engine refuses
     that model when it is used.
     """
+    if info is not None and _reranks(found, kind):
+        return replace(info, rerank=True)
     if info is None or found.path is None or not found.path.is_dir():
         return info
     try:
@@ -109,6 +116,13 @@ def with_embedding(info: Optional[ModelInfo], found: Located, kind: Optional[str
     if emb.pooling in _POOLING_TYPES:
         arch[f"{info.family}.pooling_type"] = _POOLING_TYPES[emb.pooling]
     return replace(info, embedding=emb, arch_info=arch)
+
+
+def _reranks(found: Located, kind: Optional[str]) -> bool:
+    """models.yaml says `kind: rerank` (whatever the source, a GGUF too), or a model dir's files say reranker."""
+    if kind in RERANK_KINDS:
+        return True
+    return found.path is not None and found.path.is_dir() and rerank_info(found.path, kind) is not None
 
 
 def with_vision(info: Optional[ModelInfo], kind: Optional[str]) -> Optional[ModelInfo]:
@@ -251,6 +265,16 @@ def _read(path: Path, size: int, kind: str) -> Optional[ModelInfo]:
         return _gguf_info(path) if kind in ("gguf", "package", "ollama") else _dir_info(path, size)
     except (OSError, ValueError, KeyError, OllamaError):
         return None
+
+
+def context_note(name: str, configured: Optional[int], native: int) -> Optional[str]:
+    """The warning for a configured context_length past the model's own window (honoured, as Ollama's num_ctx is)."""
+    if configured is None or not native or configured <= native:
+        return None
+    return (
+        f"model {name}: context_length {configured} is above its native {native} (max_position_embeddings); "
+        "it is honoured, but past the native window the model's quality is its own"
+    )
 
 
 class InfoCache:

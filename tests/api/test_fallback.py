@@ -126,6 +126,7 @@ def black_hole() -> Iterator[str]:
         yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+@pytest.mark.serial  # asserts on wall-clock latency: run alone, not beside a parallel worker
 def test_upstream_down(black_hole: str, tiny_llama: Path, tmp_path: Path) -> None:
     config = make_config(tmp_path, {"llama-tiny": {"source": str(tiny_llama)}}, fallback_url=black_hole,
                          request_timeout="1s", max_body_bytes="4KB")

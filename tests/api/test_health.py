@@ -20,6 +20,7 @@ def heavy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("heavy"), hidden_size=1024, num_layers=8, seed=5)
 
 
+@pytest.mark.serial  # asserts on wall-clock latency: run alone, not beside a parallel worker
 def test_health_fast_while_loading_and_generating(heavy: Path, tiny_llama: Path, tmp_path: Path) -> None:
     config = make_config(tmp_path, {"heavy": {"source": str(heavy)}, "small": {"source": str(tiny_llama)}})
     with serve(config) as server, httpx.Client(base_url=server.url, timeout=30) as client:
@@ -62,6 +63,7 @@ def test_health_fast_while_loading_and_generating(heavy: Path, tiny_llama: Path,
     assert "mlx_model_loads_total 2.0" in metrics and 'mlx_requests_total{model="heavy"' in metrics
 
 
+@pytest.mark.serial  # asserts on wall-clock latency: run alone, not beside a parallel worker
 def test_health_and_metrics_show_prefill_progress(tmp_path: Path) -> None:
     model = build_tiny_model(tmp_path / "long", seed=6, max_position_embeddings=8192)
     config = make_config(tmp_path, {"m": {"source": str(model)}}, prefill_chunk=16, prefill_slice=0.01)
@@ -94,6 +96,7 @@ def test_health_and_metrics_show_prefill_progress(tmp_path: Path) -> None:
         assert client.get("/health").json()["prefill"] == []
 
 
+@pytest.mark.serial  # asserts on wall-clock latency: run alone, not beside a parallel worker
 def test_health_says_why_models_cannot_be_served(tiny_llama: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama, broken)

@@ -77,12 +77,24 @@ def test_memory_budget_percentage_of_physical_ram() -> None:
     ({"models": {"a": {"source": "x/y", "aliases": ["c"]}, "b": {"source": "z/w", "aliases": ["c"]}}},
      "models.b.aliases"),
     ({"server": {"default_model": "ghost"}, "models": {}}, "server.default_model"),
+    ({"models": {"a": {"source": "x/y", "draft": "ghost"}}}, "models.a.draft"),
+    ({"models": {"a": {"source": "x/y", "draft": "a"}}}, "models.a.draft"),
+    ({"models": {"a": {"source": "x/y", "draft": "b"}, "b": {"source": "z/w", "draft": "prompt-lookup"}}},
+     "models.a.draft"),
+    ({"models": {"a": {"source": "x/y", "num_draft": -1}}}, "models.a.num_draft"),
 ])
 def test_validation_names_the_key(doc: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         cfg(doc)
     assert err.value.key == key
     assert "/etc/models.yaml" in str(err.value)
+
+
+def test_drafts() -> None:
+    config = cfg({"models": {"big": {"source": "a/b", "draft": "small:latest"}, "small": {"source": "c/d"},
+                             "quoting": {"source": "a/b", "draft": "prompt-lookup", "num_draft": 8}}})
+    assert config.models["big"].draft == "small:latest" and config.models["big"].num_draft == 4
+    assert config.models["quoting"].num_draft == 8 and config.models["small"].draft is None
 
 
 def test_resolution_order() -> None:

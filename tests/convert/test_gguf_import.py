@@ -166,6 +166,7 @@ def test_digits_are_split_one_per_token(auto_model: tuple) -> None:
     assert "<|im_start|>" in tokenizer.chat_template
 
 
+@pytest.mark.serial  # asserts on wall-clock latency: run alone, not beside a parallel worker
 def test_reimport_is_a_noop(gguf_path: Path, cache_dir: Path, auto_dir: Path) -> None:
     weights_file = auto_dir / "model.safetensors"
     before = weights_file.stat().st_mtime_ns

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -54,7 +54,8 @@ class ReferenceEncoder:
         self.w = {k[len(prefix):]: v.astype(np.float64) for k, v in tensors.items() if k.startswith(prefix)}
         self.xlmr = self.cfg.get("model_type") in ("xlm-roberta", "roberta")
 
-    def hidden_states(self, ids: list[int]) -> np.ndarray:
+    def hidden_states(self, ids: list[int], types: Optional[list[int]] = None) -> np.ndarray:
+        """`types`: a pair's token types (a cross-encoder's); None, one segment (type 0)."""
         cfg, w = self.cfg, self.w
         eps = float(cfg.get("layer_norm_eps", 1e-12))
         heads = int(cfg["num_attention_heads"])
@@ -65,7 +66,8 @@ class ReferenceEncoder:
         else:
             positions = np.arange(n)
         x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][positions]
-             + w["embeddings.token_type_embeddings.weight"][np.zeros(n, dtype=np.int64)])
+             + w["embeddings.token_type_embeddings.weight"][
+                 np.zeros(n, dtype=np.int64) if types is None else np.asarray(types)])
         x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
         act = ACT[str(cfg.get("hidden_act", "gelu"))]
         for i in range(int(cfg["num_hidden_layers"])):

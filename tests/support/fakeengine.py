@@ -19,13 +19,14 @@ from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 import numpy as np
 
 from mlx_server.contract.errors import BadRequest, MlxServerError
-from mlx_server.contract.events import Delta, Done, Embeddings, Event, Failed, Started, Usage
+from mlx_server.contract.events import Delta, Done, Embeddings, Event, Failed, Scores, Started, Usage
 from mlx_server.contract.requests import (
     CountTokensRequest,
     EmbedRequest,
     EngineRequest,
     GenerateRequest,
     LoadRequest,
+    RerankRequest,
     UnloadRequest,
 )
 from mlx_server.contract.status import EngineClient, EngineStatus, Observer
@@ -133,6 +134,8 @@ class FakeEngine:
             return [Done(rid, req.model, "stop", Usage(prompt_tokens=self.prompt_tokens))]
         if isinstance(req, EmbedRequest):
             return self.embed(req)
+        if isinstance(req, RerankRequest):
+            return self.rerank(req)
         words = reply_words(req)
         limit = req.max_tokens if req.max_tokens is not None else len(words)
         said = words[:limit]
@@ -158,6 +161,15 @@ class FakeEngine:
         usage = Usage(prompt_tokens=tokens, load_duration=0.25, prompt_eval_duration=0.5, total_duration=1.0)
         return [Embeddings(rid, req.model, fake_vectors(req.inputs, req.dimensions), tokens),
                 Done(rid, req.model, "stop", usage)]
+
+    def rerank(self, req: RerankRequest) -> list[Event]:
+        """A document's score is the share of the query's words it contains, in document order."""
+        query = set(req.query.lower().split())
+        scores = [len(query & set(d.lower().split())) / max(len(query), 1) for d in req.documents]
+        tokens = sum(len(req.query.split()) + len(d.split()) for d in req.documents)
+        usage = Usage(prompt_tokens=tokens, prompt_eval_duration=0.1, total_duration=0.2)
+        return [Scores(req.request_id, req.model, np.array(scores, dtype=np.float32), tokens),
+                Done(req.request_id, req.model, "stop", usage)]
 
 
 __all__ = ["FAKE_CONTEXT", "FAKE_WIDTH", "FakeEngine", "fake_model", "fake_vectors", "reply_words"]

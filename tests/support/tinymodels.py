@@ -368,3 +368,23 @@ def reference_greedy(
             break
         out.append(token)
     return out
+
+
+def perturbed_copy(src: Path, out_dir: Path, scale: float, seed: int = 3) -> Path:
+    """A copy of the checkpoint at ``src`` (same tokenizer) whose weights carry Gaussian noise of ``scale`` times
+    each tensor's spread: a draft model that agrees with its target often, not always."""
+    import shutil
+
+    import mlx.core as mx
+
+    out_dir = Path(out_dir)
+    shutil.copytree(src, out_dir, dirs_exist_ok=True)
+    weights = mx.load(str(Path(src) / "model.safetensors"))
+    key = mx.random.key(seed)
+    noisy = {}
+    for name in sorted(weights):
+        key, sub = mx.random.split(key)
+        w = weights[name]
+        noisy[name] = (w + scale * mx.std(w) * mx.random.normal(w.shape, key=sub)).astype(w.dtype)
+    mx.save_safetensors(str(out_dir / "model.safetensors"), noisy)
+    return out_dir

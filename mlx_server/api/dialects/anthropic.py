@@ -48,10 +48,27 @@ def _plain(content: Any, where: str) -> tuple[str, Optional[list[str]]]:
     return "".join(texts), images or None
 
 
+# Claude Code's first system block: a per-session attribution value ahead of everything else. It tells the model
+# nothing, and left in it would make each new session's prompt differ from the first token on, so no session could
+# reuse another's cached prefix (measured: 49 of ~31,800 tokens).
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
+def _without_billing(system: Any) -> Any:
+    if not isinstance(system, list):
+        return system
+    return [
+        b
+        for b in system
+        if not (isinstance(b, dict) and b.get("type") == "text" and str(b.get("text") or "").startswith(BILLING_HEADER))
+    ]
+
+
 def parse_messages(raw: Any, system: Any) -> list[ChatMessage]:
     if not isinstance(raw, list) or not raw:
         raise BadRequest("messages: expected a non-empty array")
     out: list[ChatMessage] = []
+    system = _without_billing(system)
     if system is not None:
         text, images = _plain(system, "system")
         if images:
@@ -162,8 +179,10 @@ def _request(incoming: Incoming, body: CountTokensBody, fields: dict[str, Any]) 
         sampling=resolved.sampling,
         max_tokens=resolved.max_tokens,
         num_ctx=resolved.num_ctx,
+        num_draft=resolved.num_draft,
         stop=resolved.stop,
         think=thinking.get("type") in ("enabled", "adaptive") if isinstance(thinking, dict) else None,
+        truncate=False,  # the real API answers an over-long prompt with a 400, which lets Claude Code compact
         priority=incoming.priority,
         timeout=incoming.timeout,
         created=incoming.arrival,
@@ -204,7 +223,8 @@ def stop_reason(done: Done) -> str:
     if done.reason == "tool_calls":
         return "tool_use"
     if done.reason == "length":
-        return "max_tokens"
+        # The window, not max_tokens, ended it: Claude Code reads "max_tokens" as having exceeded its own limit.
+        return "model_context_window_exceeded" if done.window else "max_tokens"
     return "stop_sequence" if done.stop_sequence is not None else "end_turn"
 
 
@@ -311,7 +331,8 @@ async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -
                 "message_delta",
                 {
                     "delta": {"stop_reason": stop_reason(event), "stop_sequence": event.stop_sequence},
-                    "usage": {"output_tokens": event.usage.completion_tokens},
+                    # the whole usage, as the real API's message_delta carries it (clients read the input side here)
+                    "usage": usage_json(event.usage),
                 },
             )
             yield _event("message_stop", {})

@@ -58,9 +58,17 @@ class Incoming:
         """
         if not tools or self.info is None or "tools" in self.info.capabilities:
             return {}
-        log.warning(
-            "model %s has no tool-call format: the request's %d tool(s) will not be called", self.name, len(tools)
-        )
+        # Once per model, then counted: Open WebUI attaches its tools to every chat, which would flood the log.
+        if self.name not in self.ctx.tools_warned:
+            self.ctx.tools_warned.add(self.name)
+            log.warning(
+                "model %s has no tool-call format: requests' tools will not be called (this request: %d; further "
+                "requests are counted in mlx_tools_ignored_total)",
+                self.name,
+                len(tools),
+            )
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.tools_ignored.labels(self.name).inc()
         return {TOOLS_IGNORED_HEADER: "model has no tool-call format"}
 
 

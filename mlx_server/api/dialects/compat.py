@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Any, Optional
 
 from mlx_server.contract.errors import BadRequest
 
@@ -32,8 +32,15 @@ def arguments_object(raw: Any, where: str) -> dict[str, Any]:
     raise BadRequest(f"{where}: arguments must be a JSON object")
 
 
+def effort_level(effort: Any) -> Optional[str]:
+    """OpenAI's reasoning effort as a template's thinking level (gpt-oss takes low / medium / high); None for none."""
+    if not isinstance(effort, str) or effort == "none":
+        return None
+    return {"minimal": "low", "xhigh": "high"}.get(effort, effort)
+
+
 def json_dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-__all__ = ["arguments_object", "json_dumps", "new_id"]
+__all__ = ["arguments_object", "effort_level", "json_dumps", "new_id"]

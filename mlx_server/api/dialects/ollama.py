@@ -31,7 +31,7 @@ from mlx_server.contract.requests import ChatMessage, EngineRequest, GenerateReq
 
 log = logging.getLogger("mlx_server.api.dialects.ollama")
 
-OLLAMA_VERSION = "0.12.10"
+OLLAMA_VERSION = "0.13.4"
 FAR_FUTURE = "2318-08-30T00:00:00Z"  # what Ollama reports for keep_alive < 0
 
 
@@ -120,15 +120,29 @@ def apply_top_level_options(body: dict[str, Any]) -> None:
         options.setdefault(key, value)
 
 
-def _think(body: dict[str, Any]) -> Optional[bool]:
+THINK_LEVELS = ("low", "medium", "high")
+
+
+def _think(body: dict[str, Any]) -> tuple[Optional[bool], Optional[str]]:
+    """(think, level): a level turns thinking on and is the model's reasoning effort where its template takes one."""
     think = body.get("think")
-    if isinstance(think, str):
-        if think not in ("low", "medium", "high"):
-            raise BadRequest('invalid value for field "think": expected a boolean or low/medium/high')
-        return True
+    if think == "max":  # newer Ollama's top level; effort templates (gpt-oss) know only up to high, as Ollama says
+        return True, "high"
+    if isinstance(think, str) and think in THINK_LEVELS:
+        return True, think
     if think is not None and not isinstance(think, bool):
-        raise BadRequest('invalid value for field "think": expected a boolean or low/medium/high')
-    return think
+        raise BadRequest('invalid value for field "think": expected a boolean or "low", "medium", "high", "max"')
+    return think, None
+
+
+def _logprobs(body: dict[str, Any]) -> tuple[bool, int]:
+    """(logprobs, top_logprobs). Like Ollama, top_logprobs is checked whatever logprobs says, and without
+    logprobs nothing is returned."""
+    wanted = bool(field_type(body, "logprobs", bool, "a boolean"))
+    top = field_type(body, "top_logprobs", int, "an integer from 0 to 20")
+    if top is not None and not 0 <= top <= 20:
+        raise BadRequest("top_logprobs must be between 0 and 20")  # Ollama's words
+    return wanted, top or 0
 
 
 def _stream(body: dict[str, Any]) -> bool:
@@ -151,16 +165,23 @@ def base_request(incoming: Incoming) -> GenerateRequest:
     fmt = body.get("format")
     if fmt not in (None, "", "json") and not isinstance(fmt, dict):
         raise BadRequest('invalid value for field "format": expected "json" or a JSON schema object')
+    think, think_level = _think(body)
+    logprobs, top_logprobs = _logprobs(body)
     return GenerateRequest(
         model=incoming.name,
         sampling=resolved.sampling,
         max_tokens=resolved.max_tokens,
         num_ctx=resolved.num_ctx,
+        num_draft=resolved.num_draft,
         stop=resolved.stop,
         keep_alive=parse_keep_alive(body.get("keep_alive")),
         format=fmt or None,
-        think=_think(body),
+        think=think,
+        think_level=think_level,
         tools=field_type(body, "tools", list, "an array of tool definitions"),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        truncate=field_type(body, "truncate", bool, "a boolean") is not False,  # Ollama's default: true
         priority=incoming.priority,
         timeout=incoming.timeout,
         created=incoming.arrival,
@@ -233,13 +254,13 @@ async def version(request: Request) -> Response:
     return JSONResponse({"version": OLLAMA_VERSION})
 
 
-def _entry(known: Entry, name: str, label: str) -> Optional[dict[str, Any]]:
+def _entry(known: Entry, label: str) -> Optional[dict[str, Any]]:
     found, info = known.located, known.info
     if not found.present or info is None:
         return None
     return {
         "name": label,
-        "model": name,
+        "model": label,
         "modified_at": rfc3339(info.modified),
         "size": found.size,
         "digest": found.digest,
@@ -252,9 +273,10 @@ def _entry(known: Entry, name: str, label: str) -> Optional[dict[str, Any]]:
 async def tags(request: Request) -> Response:
     ctx = ctx_of(request)
     known = await ctx.catalog.entries()
-    # Each alias is listed as its own entry (name = alias, model = target) for clients that pick by alias.
+    # Each alias is an entry of its own, `model` = `name` = the alias, as Ollama lists a copied model: clients that
+    # key the list by `model` (llm-ollama) would otherwise fold every alias into its target.
     labels = [*((name, name) for name in known), *((name, alias) for alias, name in ctx.config.aliases().items())]
-    models = [e for name, label in labels if (e := _entry(known[name], name, label)) is not None]
+    models = [e for name, label in labels if (e := _entry(known[name], label)) is not None]
     return JSONResponse({"models": models})
 
 
@@ -300,7 +322,7 @@ async def ps(request: Request) -> Response:
         if r.is_loading:
             continue
         found = await ctx.catalog.entry(r.name)
-        entry = _entry(found, r.name, r.name) or {"name": r.name, "model": r.name, "digest": "", "details": {}}
+        entry = _entry(found, r.name) or {"name": r.name, "model": r.name, "digest": "", "details": {}}
         if r.expires_at is None:
             expires = FAR_FUTURE
         else:
@@ -317,6 +339,8 @@ async def ps(request: Request) -> Response:
             "context_length": r.context_length,
             "kv_cache": {"type": r.kv_cache, "bytes_per_token": r.kv_bytes_per_token},
         }  # what the loaded model really has
+        if r.draft:
+            item["draft"] = r.draft  # speculative decoding: the draft model, or prompt-lookup
         if r.shards > 1:
             item["sharded"] = {"ranks": r.shards, "method": r.split, "size_per_rank": r.size}
         models.append(item)

@@ -8,14 +8,14 @@ Ollama's clients parse it: streaming NDJSON with nothing but one JSON object per
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncGenerator, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Optional, Sequence
 
 from starlette.responses import Response, StreamingResponse
 
 from mlx_server.api.context import Collected, error_body, ns, rfc3339
 from mlx_server.api.dialects.base import Call, Encode, Final, Incoming
 from mlx_server.contract.errors import MlxServerError
-from mlx_server.contract.events import Delta, Done, Event, Failed, Usage
+from mlx_server.contract.events import Delta, Done, Event, Failed, TokenLogprob, Usage
 
 # ---- replies ------------------------------------------------------------------------------------------------
 
@@ -35,6 +35,25 @@ def final_fields(reason: str, usage: Usage) -> dict[str, Any]:
     }
 
 
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    # Ollama's api.TokenLogprob: `bytes` is omitted for an empty token (omitempty on a nil slice)
+    entry: dict[str, Any] = {"token": text, "logprob": logprob}
+    if text:
+        entry["bytes"] = list(text.encode())
+    return entry
+
+
+def logprobs_json(lps: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    """Ollama's []api.Logprob: the chosen token, then `top_logprobs` only when alternatives were asked for."""
+    out = []
+    for lp in lps:
+        entry = _token(lp.token, lp.logprob)
+        if lp.top:
+            entry["top_logprobs"] = [_token(t, v) for t, v in lp.top]
+        out.append(entry)
+    return out
+
+
 def chunk(chat: bool, model: str, delta: Optional[Delta]) -> dict[str, Any]:
     base: dict[str, Any] = {"model": model, "created_at": rfc3339()}
     content = delta.content if delta else ""
@@ -52,6 +71,8 @@ def chunk(chat: bool, model: str, delta: Optional[Delta]) -> dict[str, Any]:
         if thinking:
             base["thinking"] = thinking
     base["done"] = False
+    if delta and delta.logprobs:  # beside `message` / `response`, not inside it, in both routes' replies
+        base["logprobs"] = logprobs_json(delta.logprobs)
     return base
 
 
@@ -80,7 +101,13 @@ def final_for(chat: bool) -> Final:
         obj = chunk(
             chat,
             incoming.requested,
-            Delta(0, content=result.content, thinking=result.thinking, tool_calls=tuple(result.tool_calls)),
+            Delta(
+                0,
+                content=result.content,
+                thinking=result.thinking,
+                tool_calls=tuple(result.tool_calls),
+                logprobs=tuple(result.logprobs),
+            ),
         )
         return {**obj, **final_fields(result.done.reason, result.usage)}
 

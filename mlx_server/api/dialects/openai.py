@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from mlx_server.api.context import AppContext, ctx_of
 from mlx_server.api.dialects.base import Call, Generation, Incoming, named_model
 from mlx_server.api.dialects.bodies import ChatCompletionBody, CompletionBody, OpenAIBody, validated
-from mlx_server.api.dialects.compat import arguments_object, new_id
+from mlx_server.api.dialects.compat import arguments_object, effort_level, new_id
 from mlx_server.api.dialects.images import IMAGE_TAG, openai_image
 from mlx_server.api.dialects.openai_reply import (
     Reply,
@@ -33,7 +33,12 @@ from mlx_server.contract.requests import ChatMessage, GenerateRequest, ToolChoic
 # ---- request translation ------------------------------------------------------------------------------------
 
 
-def _content(content: Any, where: str) -> tuple[str, Optional[list[str]]]:
+# Text parts of chat messages and of Responses items (whose assistant turns carry output_text, reasoning items
+# summary_text / reasoning_text); a refusal part is the text the model said.
+TEXT_PARTS = ("text", "input_text", "output_text", "summary_text", "reasoning_text")
+
+
+def content_text(content: Any, where: str) -> tuple[str, Optional[list[str]]]:
     """A message's text and images: text parts joined as they come, each image part an [img] tag at its place."""
     if content is None:
         return "", None
@@ -44,13 +49,15 @@ def _content(content: Any, where: str) -> tuple[str, Optional[list[str]]]:
     texts, images = [], []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("text", "input_text"):
+        if kind in TEXT_PARTS:
             texts.append(str(part.get("text") or ""))
+        elif kind == "refusal":
+            texts.append(str(part.get("refusal") or ""))
         elif kind in ("image_url", "input_image"):
             # URLs are handed on: the engine fetches only hosts in server.fetch_image_urls and refuses the rest.
             images.append(openai_image(part, f"{where}[{j}]"))
             texts.append(IMAGE_TAG)
-        elif kind in ("input_audio", "file"):
+        elif kind in ("input_audio", "file", "input_file"):
             raise BadRequest(f"{where}[{j}]: {kind} content parts are not supported")
         else:
             raise BadRequest(f"{where}: unsupported content part type {kind!r}")
@@ -67,7 +74,7 @@ def parse_messages(raw: Any) -> list[ChatMessage]:
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("system", "developer", "user", "assistant", "tool", "function"):
             raise BadRequest(f"{where}.role must be one of system, developer, user, assistant, tool")
-        content, images = _content(m.get("content"), f"{where}.content")
+        content, images = content_text(m.get("content"), f"{where}.content")
         if role == "assistant":
             calls = []
             for j, c in enumerate(m.get("tool_calls") or []):
@@ -161,7 +168,9 @@ def _base(incoming: Incoming, body: OpenAIBody, max_tokens: Optional[int], chat:
         sampling=resolved.sampling,
         max_tokens=resolved.max_tokens,
         num_ctx=resolved.num_ctx,
+        num_draft=resolved.num_draft,
         stop=resolved.stop,
+        truncate=False,  # OpenAI refuses an over-long prompt (context_length_exceeded) rather than cutting it
         format=_response_format(incoming.body),
         priority=incoming.priority,
         timeout=incoming.timeout,
@@ -193,6 +202,7 @@ def build_chat(incoming: Incoming) -> Call:
     effort = body.reasoning_effort or reasoning.get("effort")
     if isinstance(effort, str):
         req.think = effort != "none"
+        req.think_level = effort_level(effort)
     elif isinstance(body.think, bool):
         req.think = body.think
     headers = incoming.tools_note(req.tools) if req.force_tool is None else {}

@@ -17,7 +17,7 @@ from starlette.responses import Response
 from mlx_server.api.context import Collected
 from mlx_server.api.dialects.base import Call, Incoming
 from mlx_server.api.dialects.compat import json_dumps, new_id
-from mlx_server.contract.errors import MlxServerError, ModelNotFound
+from mlx_server.contract.errors import ContextTooLong, MlxServerError, ModelNotFound
 from mlx_server.contract.events import Delta, Done, Event, Failed, TokenLogprob, Usage
 
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
@@ -193,6 +193,19 @@ _HTTP_TYPES = {404: "invalid_request_error", 405: "invalid_request_error", 413: 
 
 
 def error_body(exc: MlxServerError) -> dict[str, Any]:
+    if isinstance(exc, ContextTooLong):
+        message = (
+            f"This model's maximum context length is {exc.limit} tokens. However, your messages resulted in "
+            f"{exc.tokens} tokens. Please reduce the length of the messages."
+        )
+        return {
+            "error": {
+                "message": message,
+                "type": exc.openai_type,
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
     code = "model_not_found" if isinstance(exc, ModelNotFound) else None
     return {"error": {"message": exc.message, "type": exc.openai_type, "param": None, "code": code}}
 

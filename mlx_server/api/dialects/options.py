@@ -54,6 +54,7 @@ _INTS = frozenset(
         "main_gpu",
         "num_thread",
         "num_gqa",
+        "draft_num_predict",
     }
 )
 _BOOLS = frozenset(

@@ -47,6 +47,7 @@ class Resolved:
     max_tokens: Optional[int]  # None: until the context is full
     num_ctx: Optional[int]  # None: the model's configured context length
     stop: tuple[str, ...]
+    num_draft: Optional[int] = None  # draft_num_predict: tokens drafted per step; None = the model's num_draft
 
 
 def _layer(merged: dict[str, Any], source: Mapping[str, Any], where: str) -> None:
@@ -83,6 +84,9 @@ def resolve_sampling(
     num_ctx = merged.get("num_ctx")
     if num_ctx is not None and num_ctx < 1:
         raise BadRequest('invalid option "num_ctx": must be positive')
+    num_draft = merged.get("draft_num_predict")
+    if num_draft is not None and num_draft < 0:
+        raise BadRequest('invalid option "draft_num_predict": must be >= 0')
     seed = merged["seed"]
     sampling = SamplingParams(
         temperature=merged["temperature"],
@@ -101,6 +105,7 @@ def resolve_sampling(
         num_predict if num_predict and num_predict > 0 else None,
         num_ctx,
         tuple(s for s in merged.get("stop") or () if s),
+        num_draft,
     )
 
 

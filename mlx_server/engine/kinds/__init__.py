@@ -9,11 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mlx_server.engine.kinds import control, embed, generate, vision
+from mlx_server.engine.kinds import control, embed, generate, rerank, vision
 from mlx_server.engine.kinds.base import Kind, Reply
 from mlx_server.engine.model.loader import WorkerFactory
 
-KINDS: tuple[Kind, ...] = (generate.KIND, vision.KIND, embed.KIND, control.LOAD, control.UNLOAD, control.COUNT)
+KINDS: tuple[Kind, ...] = (
+    generate.KIND,
+    vision.KIND,
+    embed.KIND,
+    rerank.KIND,
+    control.LOAD,
+    control.UNLOAD,
+    control.COUNT,
+)
 
 
 @dataclass(frozen=True)

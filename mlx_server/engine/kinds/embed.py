@@ -12,6 +12,7 @@ from mlx_server.contract.requests import EmbedRequest
 from mlx_server.engine.kinds.base import Kind
 from mlx_server.engine.loop.budget import ACTIVATION_FACTOR, kv_bound
 from mlx_server.engine.loop.jobs import Admitting, Outcome, Worker
+from mlx_server.engine.model.embedders.rerankers import Reranker
 from mlx_server.engine.model.embedding import EmbedBatcher, decoder_forward
 from mlx_server.engine.model.loader import Weights
 from mlx_server.engine.prepare.stage import PreparedEmbed, Preparer
@@ -35,8 +36,10 @@ class EmbedJob(PreparedEmbed):
 
 
 def prepare(preparer: Preparer, request: EmbedRequest) -> EmbedJob:
-    prepared = preparer.prepare_embed(request)
     files = preparer.files(request.model)
+    if files.rerank is not None:  # refused here, before its model would be loaded only to have no embed worker
+        raise BadRequest(f'"{request.model}" does not support embeddings')
+    prepared = preparer.prepare_embed(request)
     return EmbedJob(
         **{f.name: getattr(prepared, f.name) for f in fields(prepared)},
         reserve=kv_bound([prepared.kv_tokens], files.kv_per_token),
@@ -45,6 +48,8 @@ def prepare(preparer: Preparer, request: EmbedRequest) -> EmbedJob:
 
 def worker(weights: Weights, built: Mapping[str, Worker]) -> Optional[EmbedBatcher]:
     embedder = weights.embedder
+    if isinstance(embedder, Reranker):
+        return None  # it scores pairs: its hidden states were never trained to be sentence vectors
     if embedder is not None:
         width = embedder.dimensions
         return EmbedBatcher(

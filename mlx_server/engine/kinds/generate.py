@@ -13,6 +13,7 @@ from mlx_server.engine.loop.budget import kv_bound
 from mlx_server.engine.loop.jobs import Admitting, Outcome, Worker
 from mlx_server.engine.model.loader import Weights
 from mlx_server.engine.model.runner import GenerateWorker
+from mlx_server.engine.model.speculative import PairedModel
 from mlx_server.engine.prepare.stage import Prepared, Preparer
 
 NAME = "generate"
@@ -45,15 +46,17 @@ def prepare(preparer: Preparer, request: GenerateRequest) -> GenerateJob:
 def worker(weights: Weights, built: Mapping[str, Worker]) -> Optional[GenerateWorker]:
     if weights.model is None:
         return None
+    model = weights.model if weights.draft_model is None else PairedModel(weights.model, weights.draft_model)
     return GenerateWorker(
         weights.name,
-        weights.model,
+        model,
         weights.files.tokenizer,
         weights.context_length,
         kv_per_token=weights.kv_per_token,
         max_batch=weights.max_batch,
         prompt_cache_bytes=weights.prompt_cache_bytes,
         kv=weights.kv_cache,
+        draft=weights.drafting,
     )
 
 

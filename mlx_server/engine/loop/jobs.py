@@ -152,6 +152,7 @@ class Model:
     resources: Any = None  # what the loader keeps to free it (weights, tokenizer)
     kv_cache: str = "f16"  # how its KV is stored (f16, q8, q4)
     kv_per_token: int = 0  # bytes of KV one token of context takes on this rank
+    draft: str = ""  # what drafts its tokens: a draft model's name, "prompt-lookup", or "" (none)
 
     def has_work(self) -> bool:
         return any(w.has_work() for w in self.workers.values())

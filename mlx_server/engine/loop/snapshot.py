@@ -43,6 +43,7 @@ def resident_status(pool: ModelPool[Model]) -> tuple[list[ModelStatus], MemorySt
                 split=model.split,
                 kv_cache=model.kv_cache,
                 kv_bytes_per_token=model.kv_per_token,
+                draft=model.draft,
             )
         )
     if pool.loading is not None:

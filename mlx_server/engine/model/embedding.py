@@ -8,21 +8,25 @@ then other waiting requests' for the same model — into padded batches with an 
 
 Embedding models embed with their own encoder; generation models embed too (Ollama's behaviour), mean-pooling
 the final hidden states (`decoder_forward`).
+
+The packing, slicing, memory and cancellation rules are `PackedBatcher`'s, which reranking
+(engine/model/reranking.py) shares: a rerank request is the same kind of work, one input per (query, document) pair.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Generic, Optional, Protocol, TypeVar
 
 import mlx.core as mx
 import numpy as np
 
 from mlx_server.contract.errors import BadRequest, InternalError, MlxServerError, RequestTimeout
 from mlx_server.contract.events import Done, Embeddings, Event, Failed, Sink, Started, Usage
-from mlx_server.contract.requests import EmbedRequest
+from mlx_server.contract.requests import Priority
 from mlx_server.engine.loop.budget import EMBED_BATCH_TOKENS, activation_bound
+from mlx_server.engine.loop.jobs import ModelJob
 from mlx_server.engine.model.embedders import pool
 from mlx_server.engine.prepare.stage import PreparedEmbed
 
@@ -30,11 +34,30 @@ Forward = Callable[[list[list[int]]], mx.array]  # padded batch of token ids →
 MAX_BATCH = 64  # inputs per forward pass
 
 
+class Batched(Protocol):
+    """What the batcher reads of a request it serves (EmbedRequest, RerankRequest)."""
+
+    @property
+    def request_id(self) -> int: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def priority(self) -> Priority: ...
+
+    @property
+    def timeout(self) -> Optional[float]: ...
+
+    @property
+    def created(self) -> float: ...
+
+
 @dataclass
 class EmbedWork:
-    """One EmbedRequest's inputs and the vectors made so far; shaped like a PrefillJob for the scheduler."""
+    """One request's inputs and the rows made so far; shaped like a PrefillJob for the scheduler."""
 
-    request: EmbedRequest
+    request: Batched
     sink: Sink
     inputs: list[list[int]]
     dimensions: Optional[int]
@@ -42,6 +65,7 @@ class EmbedWork:
     load_duration: float
     order: list[int]  # input indices, shortest first, still to embed
     vectors: list[Optional[np.ndarray]] = field(default_factory=list)
+    normalize: bool = True
     done: int = 0
     cached: int = 0
     started: Optional[float] = None
@@ -76,41 +100,42 @@ class EmbedWork:
         return self.size - self.done
 
 
-class EmbedBatcher:
-    """The embed requests of one model, and the packed forward passes that serve them. Implements
-    engine.loop.jobs.Worker for `PreparedEmbed` requests."""
+W = TypeVar("W", bound=EmbedWork)
 
-    def __init__(
-        self, name: str, forward: Forward, width: int, per_token: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+
+def shortest_first(inputs: list[list[int]]) -> list[int]:
+    return sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+
+
+class PackedBatcher(Generic[W]):
+    """The requests of one kind on one model, and the packed forward passes that serve them: implements
+    engine.loop.jobs.Worker but for `add`, the pass itself (`forward_rows`) and the result (`result`)."""
+
+    what: ClassVar[str] = "embedding"  # what a failed pass says failed
+
+    def __init__(self, name: str, width: int, per_token: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
-        self.forward = forward
-        self.width = width
+        self.width = width  # of one row of results
         self.per_token = per_token  # bytes of activations per token in a forward pass
         self.clock = clock
-        self.jobs: dict[int, EmbedWork] = {}
+        self.jobs: dict[int, W] = {}
 
-    def add(self, prepared: PreparedEmbed, sink: Sink, load_duration: float = 0.0) -> None:
-        req = prepared.request
-        if prepared.dimensions is not None and prepared.dimensions > self.width:
-            raise BadRequest(f"dimensions {prepared.dimensions} is larger than the model's {self.width}")
-        order = sorted(range(len(prepared.inputs)), key=lambda i: len(prepared.inputs[i]))
-        job = EmbedWork(
-            req,
-            sink,
-            prepared.inputs,
-            prepared.dimensions,
-            self.clock(),
-            load_duration,
-            order,
-            vectors=[None] * len(prepared.inputs),
-        )
-        self.jobs[req.request_id] = job
-        sink(Started(req.request_id, self.name, job.size, 0, load_duration))
+    def start(self, job: W) -> None:
+        """Take in a job made by the subclass's `add`: it is announced, and answered at once if it has no input."""
+        self.jobs[job.request_id] = job
+        job.sink(Started(job.request_id, self.name, job.size, 0, job.load_duration))
         if not job.inputs:
             self._finish(job)
 
-    def pending(self) -> list[EmbedWork]:
+    def forward_rows(self, picked: list[tuple[W, int]]) -> np.ndarray:
+        """One padded pass over these inputs (job, index): float32 (len(picked), width)."""
+        raise NotImplementedError
+
+    def result(self, job: W) -> Event:
+        """The event carrying a finished job's rows (its Done follows)."""
+        raise NotImplementedError
+
+    def pending(self) -> list[W]:
         return [j for j in self.jobs.values() if j.order]
 
     def _reservation(self, extra: int = 0) -> int:
@@ -125,10 +150,10 @@ class EmbedBatcher:
     def reserved(self) -> int:
         return self._reservation()
 
-    def needed(self, prepared: PreparedEmbed) -> int:
+    def needed(self, prepared: ModelJob) -> int:
         return self._reservation(prepared.kv_tokens) - self._reservation()
 
-    def footprint(self, prepared: PreparedEmbed) -> int:
+    def footprint(self, prepared: ModelJob) -> int:
         return self.per_token * prepared.kv_tokens
 
     @property
@@ -147,26 +172,29 @@ class EmbedBatcher:
         self.expire(time.monotonic() if now is None else now)
         return 0
 
-    def prefill_jobs(self) -> list[EmbedWork]:
+    def prefill_jobs(self) -> list[W]:
         return self.pending()
 
-    def prefill(self, job: EmbedWork, n: int) -> int:
+    def prefill(self, job: W, n: int) -> int:
         return self.run(job, n)
 
-    def fail_prefill(self, job: EmbedWork, exc: Exception) -> None:
-        self.end(job.request_id, Failed(job.request_id, InternalError(f"embedding failed for this request: {exc}")))
+    def fail_prefill(self, job: W, exc: Exception) -> None:
+        self.end(job.request_id, Failed(job.request_id, InternalError(f"{self.what} failed for this request: {exc}")))
 
     def cancel(self, request_id: int) -> bool:
         return self.end(request_id, None)
 
     def close(self) -> None:
         self.fail_all(MlxServerError(f'model "{self.name}" was unloaded'))
-        self.forward = None  # type: ignore[assignment]  # drops the model it closes over, so gc frees it
+        self.release()
 
-    def run(self, job: EmbedWork, n: int) -> int:
-        """Embed about `n` tokens' worth of inputs: `job`'s next ones, then other jobs' of similar length."""
+    def release(self) -> None:
+        """Drop the model the passes close over, so gc frees it."""
+
+    def run(self, job: W, n: int) -> int:
+        """Run about `n` tokens' worth of inputs: `job`'s next ones, then other jobs' of similar length."""
         n = min(n, EMBED_BATCH_TOKENS)
-        picked: list[tuple[EmbedWork, int]] = []
+        picked: list[tuple[W, int]] = []
         tokens = longest = 0
         for candidate in [job, *(j for j in self.pending() if j is not job)]:
             while candidate.order and len(picked) < MAX_BATCH:
@@ -181,7 +209,7 @@ class EmbedBatcher:
                 longest = max(longest, length)
             if tokens >= n or len(picked) >= MAX_BATCH:
                 break
-        vectors = np.array(self.forward([j.inputs[i] for j, i in picked]), dtype=np.float32)
+        vectors = self.forward_rows(picked)
         for row, (owner, index) in enumerate(picked):
             owner.vectors[index] = vectors[row]
             owner.done += len(owner.inputs[index])
@@ -191,18 +219,16 @@ class EmbedBatcher:
                 self._finish(owner)
         return tokens
 
-    def _finish(self, job: EmbedWork) -> None:
+    def rows(self, job: W) -> np.ndarray:
+        """A finished job's rows in input order: (inputs, width)."""
+        if not job.inputs:
+            return np.zeros((0, self.width), np.float32)
+        return np.stack([v for v in job.vectors if v is not None])
+
+    def _finish(self, job: W) -> None:
         self.jobs.pop(job.request_id, None)
-        rows = (
-            np.stack([v for v in job.vectors if v is not None]) if job.inputs else np.zeros((0, self.width), np.float32)
-        )
-        if job.dimensions is not None:
-            rows = rows[:, : job.dimensions]  # Matryoshka: cut, then normalize again
-        if job.request.normalize:
-            rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-        rows = rows.astype(np.float32)
         now = self.clock()
-        job.sink(Embeddings(job.request_id, self.name, rows, job.size))
+        job.sink(self.result(job))
         job.sink(
             Done(
                 job.request_id,
@@ -236,6 +262,49 @@ class EmbedBatcher:
             self.end(request_id, Failed(request_id, error))
 
 
+class EmbedBatcher(PackedBatcher[EmbedWork]):
+    """The embed requests of one model. Implements engine.loop.jobs.Worker for `PreparedEmbed` requests."""
+
+    def __init__(
+        self, name: str, forward: Forward, width: int, per_token: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(name, width, per_token, clock)
+        self.forward: Optional[Forward] = forward
+
+    def add(self, prepared: PreparedEmbed, sink: Sink, load_duration: float = 0.0) -> None:
+        req = prepared.request
+        if prepared.dimensions is not None and prepared.dimensions > self.width:
+            raise BadRequest(f"dimensions {prepared.dimensions} is larger than the model's {self.width}")
+        self.start(
+            EmbedWork(
+                req,
+                sink,
+                prepared.inputs,
+                prepared.dimensions,
+                self.clock(),
+                load_duration,
+                shortest_first(prepared.inputs),
+                vectors=[None] * len(prepared.inputs),
+                normalize=req.normalize,
+            )
+        )
+
+    def forward_rows(self, picked: list[tuple[EmbedWork, int]]) -> np.ndarray:
+        assert self.forward is not None, "closed"
+        return np.array(self.forward([j.inputs[i] for j, i in picked]), dtype=np.float32)
+
+    def release(self) -> None:
+        self.forward = None
+
+    def result(self, job: EmbedWork) -> Event:
+        rows = self.rows(job)
+        if job.dimensions is not None:
+            rows = rows[:, : job.dimensions]  # Matryoshka: cut, then normalize again
+        if job.normalize:
+            rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        return Embeddings(job.request_id, self.name, rows.astype(np.float32), job.size)
+
+
 def decoder_forward(model: Any) -> Optional[Forward]:
     """Mean-pooled final hidden states of an mlx_lm model (its `.model`, the stack without the LM head), or None.
 
@@ -255,4 +324,4 @@ def decoder_forward(model: Any) -> Optional[Forward]:
     return forward
 
 
-__all__ = ["EmbedBatcher", "EmbedWork", "MAX_BATCH", "decoder_forward"]
+__all__ = ["Batched", "EmbedBatcher", "EmbedWork", "MAX_BATCH", "PackedBatcher", "decoder_forward", "shortest_first"]

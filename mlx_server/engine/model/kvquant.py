@@ -357,6 +357,9 @@ def make_cache(model: Any, kv: str) -> list[Any]:
     the caller can refuse the setting."""
     if kv not in KV_SETTINGS:
         raise ValueError(f"unknown KV cache setting {kv!r}; expected one of {', '.join(KV_SETTINGS)}")
+    parts = getattr(model, "parts", None)  # a target stepped with its draft model: each keeps its own layers
+    if parts is not None:
+        return [c for part in parts for c in make_cache(part, kv)]
     caches = make_prompt_cache(model)
     if kv == "f16":
         return caches

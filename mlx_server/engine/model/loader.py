@@ -21,10 +21,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_server.config.load import Config
+from mlx_server.config.tree import PROMPT_LOOKUP
 from mlx_server.contract.errors import ModelLoadFailed
 from mlx_server.engine.distributed.lockstep import Lockstep, all_failed
 from mlx_server.engine.loop.jobs import Model, Worker
 from mlx_server.engine.model.kvquant import make_cache, quantized_per_token
+from mlx_server.engine.model.speculative import Drafting, PairedModel, trimmable
 from mlx_server.engine.prepare.stage import ModelFiles, Preparer
 from mlx_server.engine.prepare.vision import needs_mlx_vlm
 from mlx_server.models.info import kv_bytes_per_token
@@ -54,6 +56,9 @@ class Weights:
     max_batch: int = 16
     prompt_cache_bytes: int = 0
     kv_cache: str = "f16"  # how its KV is stored: f16 (the weights' float type), q8 or q4
+    drafting: Optional[Drafting] = None  # speculative decoding
+    draft_model: Any = None  # the mlx_lm draft model, when drafting with one
+    draft: str = ""  # what drafts: the draft model's name or "prompt-lookup"
 
 
 # Given the loaded weights and the workers made so far (a kind may build on an earlier kind's worker); None: this
@@ -203,12 +208,14 @@ class ModelLoader:
         files = yield from self._files(name)
         if files.embedding is not None:
             return self._load_embedder(name, files)
-        vlm = None
+        vlm = draft = None
         try:
             if files.vision is not None:
                 vlm, model, cfg = _load_vision(files)
             else:
                 model, cfg = load_model(files.path, lazy=True)
+            if files.draft is not None:
+                draft, _ = load_model(files.draft.path, lazy=True)
             yield
             deadline = time.perf_counter() + self.slice_seconds
             dtype = None
@@ -219,6 +226,8 @@ class ModelLoader:
                 leaves = _leaves(vlm.language_model)
                 seen = {id(a) for a in leaves}
                 leaves += [a for a in _leaves(vlm) if id(a) not in seen]  # then the tower and projector
+            if draft is not None:
+                leaves += _leaves(draft)
             for array in leaves:
                 mx.eval(array)
                 if dtype is None and mx.issubdtype(array.dtype, mx.floating):
@@ -230,7 +239,7 @@ class ModelLoader:
             raise
         except Exception as exc:
             raise ModelLoadFailed(f'failed to load model "{name}" from {files.path}: {exc}') from exc
-        return self._runner(name, files, model, cfg, dtype, vlm=vlm)
+        return self._runner(name, files, model, cfg, dtype, vlm=vlm, draft=draft)
 
     def _runner(
         self,
@@ -244,13 +253,20 @@ class ModelLoader:
         kv_share: tuple[int, int] = (1, 1),
         prompt_cache_bytes: Optional[int] = None,
         vlm: Any = None,
+        draft: Any = None,
     ) -> Model:
-        kv = self._kv_setting(name, model, files)
-        # modelinfo counts 2 bytes per element; scale to the real float type, then to this rank's share (rounded up).
-        per_token = kv_bytes_per_token(cfg) // 2 * (dtype.size if dtype is not None else 2)
-        if kv != "f16":
-            per_token = quantized_per_token(cfg, kv, dtype.size if dtype is not None else 2)
-        kv_per_token = -(-per_token * kv_share[0] // kv_share[1])
+        drafting = self._drafting(name, model, draft, files)
+        if drafting is None:
+            draft = None
+        kv = self._kv_setting(name, model if draft is None else PairedModel(model, draft), files)
+        size = dtype.size if dtype is not None else 2
+
+        def per_token(c: dict[str, Any]) -> int:
+            # modelinfo counts 2 bytes per element; scale to the real float type.
+            return kv_bytes_per_token(c) // 2 * size if kv == "f16" else quantized_per_token(c, kv, size)
+
+        total = per_token(cfg) + (per_token(files.draft.config) if draft is not None and files.draft else 0)
+        kv_per_token = -(-total * kv_share[0] // kv_share[1])  # this rank's share, rounded up
         cache_bytes = self.config.server.prompt_cache_bytes if prompt_cache_bytes is None else prompt_cache_bytes
         return self._model(
             Weights(
@@ -265,10 +281,32 @@ class ModelLoader:
                 max_batch=self.max_batch,
                 prompt_cache_bytes=cache_bytes,
                 kv_cache=kv,
+                drafting=drafting,
+                draft_model=draft,
+                draft=(files.draft.name if files.draft is not None else PROMPT_LOOKUP) if drafting else "",
             ),
             shards,
             split,
         )
+
+    def _drafting(self, name: str, model: Any, draft: Any, files: ModelFiles) -> Optional[Drafting]:
+        """The model's speculative decoding (models.yaml's `draft`), or None with the reason logged where it cannot
+        be used: split across ranks, a vision model, or caches that cannot drop rejected drafts row by row."""
+        cfg = self.config.models[name]
+        if cfg.draft is None:
+            return None
+        why = None
+        if self.lockstep is not None:
+            why = "not available when serving distributed"
+        elif files.vision is not None:
+            why = "not available for vision models"
+        else:
+            why = trimmable(model) or (trimmable(draft) if draft is not None else None)
+        if why is not None:
+            log.warning("model %s: speculative decoding (draft %s) is off: %s", name, cfg.draft, why)
+            return None
+        vocab = int(getattr(getattr(model, "args", None), "vocab_size", 0) or len(files.tokenizer))
+        return Drafting(cfg.num_draft, paired=draft is not None, vocab=vocab)
 
     def _kv_setting(self, name: str, model: Any, files: ModelFiles) -> str:
         """The model's KV cache setting (models.yaml's, else the server's); a model whose caches have no quantized
@@ -294,7 +332,8 @@ class ModelLoader:
         try:
             embedder = load_embedder(files.path, kind=self.config.models[name].kind)
         except Exception as exc:
-            raise ModelLoadFailed(f'failed to load embedding model "{name}" from {files.path}: {exc}') from exc
+            what = "rerank" if files.rerank is not None else "embedding"
+            raise ModelLoadFailed(f'failed to load {what} model "{name}" from {files.path}: {exc}') from exc
         # kv_per_token is in kv_bound's units (it doubles them), so the embed worker reserves twice it per token.
         return self._model(
             Weights(
@@ -324,6 +363,7 @@ class ModelLoader:
             resources=weights,
             kv_cache=weights.kv_cache,
             kv_per_token=weights.kv_per_token if weights.model is not None else 0,
+            draft=weights.draft,
         )
 
     def unload(self, loaded: Model) -> None:

@@ -26,12 +26,16 @@ from mlx_server.engine.loop.prefill import EncodeGate, PrefillJob
 from mlx_server.engine.model.kvquant import make_cache
 from mlx_server.engine.model.output import SequenceOutput, make_output
 from mlx_server.engine.model.sampling import guard_processors, guard_sampler, make_processors, make_sampler
+from mlx_server.engine.model.speculative import Drafting, install
 from mlx_server.engine.model.vision import ShiftedKVCache, VisionInputs
 from mlx_server.engine.prepare.stage import Prepared
 
 log = logging.getLogger("mlx_server.engine")
 
 Clock = Callable[[], float]
+# A request's draft_num_predict beyond this is clamped: the verify pass grows with it (models.yaml's num_draft caps
+# at the same value).
+MAX_DRAFT = 32
 
 
 @dataclass
@@ -53,6 +57,9 @@ class Sequence:
     job: Optional[PrefillJob] = None  # its prompt's prefill, until it joins the batch
     key: Optional[list[int]] = None  # its prompt as the prompt cache keys it (images salted in), when not its tokens
     rope_shift: int = 0  # decode positions ahead of its cache length (Qwen-VL's mRoPE)
+    num_draft: int = 0  # tokens it drafts per step (0: it steps undrafted)
+    drafted: int = 0
+    accepted: int = 0
 
 
 class GenerateWorker:
@@ -70,8 +77,10 @@ class GenerateWorker:
         prompt_cache_bytes: int = 2**30,
         clock: Clock = time.monotonic,
         kv: str = "f16",
+        draft: Optional[Drafting] = None,
     ) -> None:
         self.name = name
+        self.draft = draft
         self.kv = kv  # every cache of this model is stored so: one batch cannot mix quantized and float rows
         self.kv_per_token = kv_per_token
         self.model = model
@@ -93,12 +102,25 @@ class GenerateWorker:
 
     def _new_generator(self) -> BatchGenerator:
         eos = sorted(self.tokenizer.eos_token_ids)
-        return BatchGenerator(
+        generator = BatchGenerator(
             self.model,
             stop_tokens=[[t] for t in eos],
             completion_batch_size=self.max_batch,
             prefill_batch_size=min(8, self.max_batch),
         )
+        if self.draft is not None:
+            install(generator, self.draft.speculation(self.model, self._num_draft, self._record_draft))
+        return generator
+
+    def _num_draft(self, uid: int) -> int:
+        seq = self.sequences.get(uid)
+        return seq.num_draft if seq is not None else 0
+
+    def _record_draft(self, uid: int, drafted: int, accepted: int) -> None:
+        seq = self.sequences.get(uid)
+        if seq is not None:
+            seq.drafted += drafted
+            seq.accepted += accepted
 
     def reset(self) -> None:
         """After a failed step the batch state is unknown: start a fresh generator (sequences already failed)."""
@@ -162,6 +184,7 @@ class GenerateWorker:
             job=job,
             key=key,
             rope_shift=vision.rope_delta if vision is not None else 0,
+            num_draft=self._drafts_for(req),
         )
         self.prefilling[req.request_id] = seq
         if cached == len(tokens) - 1:
@@ -216,6 +239,12 @@ class GenerateWorker:
             log.error("request %d failed inside a decode step: %r", request_id, exc)
             self.fail(request_id, InternalError(f"generation failed for this request: {exc}"))
         self.faults.clear()
+
+    def _drafts_for(self, req: GenerateRequest) -> int:
+        if self.draft is None:
+            return 0
+        wanted = req.num_draft if req.num_draft is not None else self.draft.num_draft
+        return max(0, min(wanted, MAX_DRAFT))
 
     def _cached_prefix(self, tokens: list[int], key: Optional[list[int]] = None) -> tuple[list[Any], int]:
         """A private copy of the longest cached KV prefix (or a fresh cache), and how many tokens it holds: never
@@ -316,6 +345,8 @@ class GenerateWorker:
             prompt_eval_duration=first - seq.admitted_at,
             eval_duration=now - first,
             total_duration=max(now - seq.request.created, seq.load_duration + (now - seq.admitted_at)),
+            draft_tokens=seq.drafted,
+            draft_accepted=seq.accepted,
         )
 
     def _finish(self, seq: Sequence, reason: DoneReason, now: float) -> None:
@@ -331,6 +362,7 @@ class GenerateWorker:
                 reason,
                 self._usage(seq, now),
                 stop_sequence=seq.out.stop_sequence,
+                window=reason == "length" and seq.max_tokens < (seq.request.max_tokens or seq.max_tokens + 1),
             )
         )
 

@@ -9,7 +9,7 @@ function that shares the global random state, breaking sampling for everyone aft
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import mlx.core as mx
 from mlx_lm.sample_utils import greedy_sampler, make_logits_processors
@@ -55,31 +55,77 @@ def min_p_filter(p: float) -> Filter:
     return apply
 
 
+class Sampler:
+    """A sequence's sampler: its filters, temperature and (seeded) random key. Besides sampling it can judge a
+    drafted token by the speculative-sampling rule: with a deterministic draft (prompt lookup, a greedy draft model)
+    the draft is accepted with the target's probability q(d), and on rejection the token is drawn from q with d
+    removed, which keeps the output distributed exactly as q (Leviathan et al. 2023, with a one-hot proposal)."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.chain: list[Filter] = []
+        if 0 < params.top_p < 1.0:
+            self.chain.append(top_p_filter(params.top_p))
+        if params.min_p > 0:
+            self.chain.append(min_p_filter(params.min_p))
+        if params.top_k > 0:
+            self.chain.append(top_k_filter(params.top_k))
+        self.inv_temp = 1.0 / params.temperature
+        # mx.random.key takes a uint64 only: wrap any int (negative, huge) into range.
+        self.key: Optional[mx.array] = mx.random.key(params.seed % 2**64) if params.seed is not None else None
+
+    def _subkey(self) -> Optional[mx.array]:
+        if self.key is None:
+            return None
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def weights(self, logprobs: mx.array) -> mx.array:
+        """The logits the token is drawn from: filtered, then tempered."""
+        for step in self.chain:
+            logprobs = step(logprobs)
+        return logprobs * self.inv_temp
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        return mx.random.categorical(self.weights(logprobs), key=self._subkey())
+
+    def accept(self, logprobs: mx.array, token: int) -> bool:
+        weights = self.weights(logprobs)
+        q = mx.exp(weights[..., token] - mx.logsumexp(weights, axis=-1))
+        u = mx.random.uniform(key=self._subkey())
+        return bool((u < q).item())
+
+    def residual(self, logprobs: mx.array, token: int) -> mx.array:
+        weights = self.weights(logprobs)
+        rejected = mx.arange(weights.shape[-1]) == token
+        return mx.random.categorical(mx.where(rejected, NEG_INF, weights), key=self._subkey())
+
+
 def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
     """A per-sequence sampler; a seed gives the sequence its own key so batching never changes its draws."""
     if params.greedy:
         # One shared object lets BatchGenerator sample all greedy sequences in a single batched argmax.
         return greedy_sampler
-    chain: list[Filter] = []
-    if 0 < params.top_p < 1.0:
-        chain.append(top_p_filter(params.top_p))
-    if params.min_p > 0:
-        chain.append(min_p_filter(params.min_p))
-    if params.top_k > 0:
-        chain.append(top_k_filter(params.top_k))
-    inv_temp = 1.0 / params.temperature
-    # mx.random.key takes a uint64 only: wrap any int (negative, huge) into range.
-    key: list[Optional[mx.array]] = [mx.random.key(params.seed % 2**64) if params.seed is not None else None]
+    return Sampler(params)
 
-    def sample(logprobs: mx.array) -> mx.array:
-        for step in chain:
-            logprobs = step(logprobs)
-        if key[0] is None:
-            return mx.random.categorical(logprobs * inv_temp)
-        key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(logprobs * inv_temp, key=sub)
 
-    return sample
+def accept_draft(sampler: Any, logprobs: mx.array, token: int) -> bool:
+    """Whether `sampler`'s sequence keeps drafted `token` given the target's `logprobs` (greedy: the argmax)."""
+    judge = getattr(sampler, "accept", None)
+    if judge is None:
+        return _token(mx.argmax(logprobs, axis=-1)) == token
+    return bool(judge(logprobs, token))
+
+
+def replace_draft(sampler: Any, logprobs: mx.array, token: int) -> int:
+    """The token a sequence takes where it rejected drafted `token`."""
+    redraw = getattr(sampler, "residual", None)
+    if redraw is None:
+        return _token(mx.argmax(logprobs, axis=-1))
+    return _token(redraw(logprobs, token))
+
+
+def _token(sampled: mx.array) -> int:
+    return int(cast(int, sampled.item()))
 
 
 def make_processors(params: SamplingParams, num_ctx: int) -> list[Callable[[mx.array, mx.array], mx.array]]:
@@ -121,15 +167,41 @@ def guard_processors(chain: list[Any], request_id: int, faults: dict[int, Except
     return [guarded]
 
 
-def guard_sampler(sampler: Filter, request_id: int, faults: dict[int, Exception]) -> Filter:
-    if sampler is greedy_sampler:
-        return sampler  # mlx_lm's own argmax, shared so greedy sequences sample in one batched call
+class GuardedSampler:
+    """One request's sampler, isolated: if it raises, that request fails (recorded in `faults`), the batch goes on
+    with a greedy token in its place."""
 
-    def guarded(logprobs: mx.array) -> mx.array:
+    def __init__(self, sampler: Sampler, request_id: int, faults: dict[int, Exception]) -> None:
+        self.sampler = sampler
+        self.request_id = request_id
+        self.faults = faults
+
+    def _fault(self, exc: Exception) -> None:
+        self.faults[self.request_id] = exc
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
         try:
-            return sampler(logprobs)
+            return self.sampler(logprobs)
         except Exception as exc:  # noqa: BLE001 - contained to this request
-            faults[request_id] = exc
+            self._fault(exc)
             return greedy_sampler(logprobs)
 
-    return guarded
+    def accept(self, logprobs: mx.array, token: int) -> bool:
+        try:
+            return self.sampler.accept(logprobs, token)
+        except Exception as exc:  # noqa: BLE001 - contained to this request
+            self._fault(exc)
+            return False
+
+    def residual(self, logprobs: mx.array, token: int) -> mx.array:
+        try:
+            return self.sampler.residual(logprobs, token)
+        except Exception as exc:  # noqa: BLE001 - contained to this request
+            self._fault(exc)
+            return greedy_sampler(logprobs)
+
+
+def guard_sampler(sampler: Any, request_id: int, faults: dict[int, Exception]) -> Any:
+    if sampler is greedy_sampler:
+        return sampler  # mlx_lm's own argmax, shared so greedy sequences sample in one batched call
+    return GuardedSampler(sampler, request_id, faults)

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-from mlx_server.contract.errors import BadRequest
+from mlx_server.contract.errors import BadRequest, ContextTooLong
 from mlx_server.contract.requests import GenerateRequest
 from mlx_server.engine.prepare.parsers import function_defs, template_text
 
@@ -48,6 +48,10 @@ def prompt_text(
         kwargs["tools"] = req.tools
     if req.think is not None:
         kwargs["enable_thinking"] = req.think
+    if req.think_level is not None:
+        # gpt-oss (harmony) templates read the level as `reasoning_effort`; templates without it ignore the kwarg,
+        # so a level there means no more than enable_thinking=True.
+        kwargs["reasoning_effort"] = req.think_level
     # Some templates (Gemma's) refuse a system turn: the tool instructions then go into the first user turn.
     attempts = [_with_block(messages, block, role) for role in ("system", "user")] if block else [messages]
     for i, turns in enumerate(attempts):
@@ -126,9 +130,15 @@ class Fitted:
     truncated: int  # tokens dropped from the left
 
 
+def window(req: GenerateRequest, context_length: int) -> int:
+    return min(req.num_ctx or context_length, context_length)
+
+
 def fit(tokens: list[int], req: GenerateRequest, context_length: int, model: str) -> Fitted:
-    num_ctx = min(req.num_ctx or context_length, context_length)
+    num_ctx = window(req, context_length)
     truncated = 0
+    if len(tokens) >= num_ctx and not req.truncate:
+        raise ContextTooLong(len(tokens), num_ctx)  # at least one token must be left to answer with
     if len(tokens) >= num_ctx:
         # Like Ollama: keep the most recent tokens, leaving room to answer.
         room = min(req.max_tokens or num_ctx // 2, num_ctx // 2)
@@ -144,4 +154,42 @@ def fit(tokens: list[int], req: GenerateRequest, context_length: int, model: str
     return Fitted(tokens=tokens, num_ctx=num_ctx, max_tokens=max_tokens, truncated=truncated)
 
 
-__all__ = ["Fitted", "fit", "forced_tool_block", "prompt_text", "render", "template_shows_tools", "tool_instructions"]
+def render_fitting(req: GenerateRequest, tokenizer: Any, context_length: int, model: str) -> list[int]:
+    """The prompt's tokens, dropping the oldest messages whole until it fits the window, as Ollama's chat does:
+    system messages and the latest message always stay (fit() then cuts tokens if even those do not fit)."""
+    tokens = render(req, tokenizer, model)
+    limit = window(req, context_length)
+    messages = req.messages or []
+    if len(tokens) < limit or not req.truncate or req.prompt is not None or len(messages) < 2:
+        return tokens
+
+    def kept(drop: int) -> list[int]:
+        dropped = {i for i, m in enumerate(messages[:-1]) if m.role != "system"}
+        cut = set(sorted(dropped)[:drop])
+        return render(replace(req, messages=[m for i, m in enumerate(messages) if i not in cut]), tokenizer, model)
+
+    droppable = sum(1 for m in messages[:-1] if m.role != "system")
+    low, high, best = 1, droppable, None  # the fewest dropped messages that fit: renders grow with what is kept
+    while low <= high:
+        mid = (low + high) // 2
+        attempt = kept(mid)
+        if len(attempt) < limit:
+            best, high = attempt, mid - 1
+        else:
+            low = mid + 1
+    if best is None:
+        return kept(droppable)
+    log.warning("prompt for %s: the oldest messages were dropped to fit num_ctx=%d", model, limit)
+    return best
+
+
+__all__ = [
+    "Fitted",
+    "fit",
+    "render_fitting",
+    "forced_tool_block",
+    "prompt_text",
+    "render",
+    "template_shows_tools",
+    "tool_instructions",
+]

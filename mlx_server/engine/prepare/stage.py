@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from mlx_server.config.load import Config
+from mlx_server.config.tree import PROMPT_LOOKUP
 from mlx_server.contract.errors import BadRequest, MlxServerError, ModelLoadFailed, ModelNotFound
 from mlx_server.contract.requests import EmbedRequest, GenerateRequest
 from mlx_server.engine.loop.budget import pass_tokens
 from mlx_server.engine.prepare.constrained import Constraints
 from mlx_server.engine.prepare.embed_tokenizer import EmbedTokenizer
 from mlx_server.engine.prepare.images import ImageLimits, decode_images
-from mlx_server.engine.prepare.prompt import fit, prompt_text, render, with_default_system
+from mlx_server.engine.prepare.prompt import fit, prompt_text, render, render_fitting, with_default_system
 from mlx_server.engine.prepare.vision import (
     VisionProcessor,
     VisionPrompt,
@@ -43,7 +44,8 @@ from mlx_server.engine.prepare.vision import (
     with_positions,
 )
 from mlx_server.models.embedinfo import EmbeddingInfo, embedding_info
-from mlx_server.models.info import kv_bytes_per_token, native_context_length
+from mlx_server.models.info import context_note, kv_bytes_per_token, native_context_length
+from mlx_server.models.rerankinfo import RerankInfo, rerank_info
 from mlx_server.models.sources import locate, weights_size
 
 log = logging.getLogger("mlx_server.engine.prepare.stage")
@@ -97,6 +99,8 @@ class ModelFiles:
     constraints: Optional[Constraints]  # None for an embedding model
     embedding: Optional[EmbeddingInfo] = None  # set for an embedding-only model
     vision: Optional[VisionProcessor] = None  # set for a vision model: its image processor and image tokens
+    draft: Optional[ModelFiles] = None  # its draft model's (speculative decoding): loaded and evicted with it
+    rerank: Optional[RerankInfo] = None  # set for a reranker (whose `embedding` then describes its encoder)
 
     def width(self) -> int:
         """The width of the vectors it embeds."""
@@ -148,6 +152,9 @@ class Preparer:
             cfg = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise ModelLoadFailed(f'model "{name}" has an unreadable config.json: {exc}') from None
+        rerank = rerank_info(path, self.config.models[name].kind)
+        if rerank is not None:  # loaded, tokenized and budgeted as an embedding model is; only its kind differs
+            return replace(self._embedding_files(name, path, cfg, rerank.encoder), rerank=rerank)
         info = embedding_info(path, self.config.models[name].kind)
         if info.is_embedding:
             return self._embedding_files(name, path, cfg, info)
@@ -157,6 +164,9 @@ class Preparer:
             raise ModelLoadFailed(f'failed to load the tokenizer of model "{name}": {exc}') from exc
         configured = self.config.models[name].context_length
         native = native_context_length(cfg)
+        note = context_note(name, configured, native)
+        if note is not None:
+            log.warning("%s", note)
         vision = None
         if is_vision_config(cfg) or self.config.models[name].kind == "vision":
             try:
@@ -165,17 +175,39 @@ class Preparer:
                 raise ModelLoadFailed(needs_mlx_vlm(name, exc)) from exc
             except Exception as exc:  # noqa: BLE001 - a broken processor fails this model only
                 raise ModelLoadFailed(f'failed to load the image processor of model "{name}": {exc}') from exc
+        draft = self._draft_files(name, tokenizer) if vision is None else None
         return ModelFiles(
             name=name,
             path=path,
             config=cfg,
             tokenizer=tokenizer,
             constraints=Constraints(tokenizer),
-            context_length=min(configured, native) if configured else native,
-            weights=weights_size(path),
-            kv_per_token=_kv_estimate(cfg),
+            context_length=configured or native,  # above native too, as Ollama's num_ctx (with a warning)
+            # The draft model's weights and KV are part of this model's: one load, one eviction, one reservation.
+            weights=weights_size(path) + (draft.weights if draft is not None else 0),
+            kv_per_token=_kv_estimate(cfg) + (draft.kv_per_token if draft is not None else 0),
             vision=vision,
+            draft=draft,
         )
+
+    def _draft_files(self, name: str, tokenizer: Any) -> Optional[ModelFiles]:
+        """The files of `name`'s draft model, refused unless it is a text model with exactly the same vocabulary
+        (a draft token must mean the same text to the target)."""
+        wanted = self.config.models[name].draft
+        if wanted is None or wanted == PROMPT_LOOKUP:
+            return None
+        draft_name = self.config.resolve(wanted) or wanted
+        files = self.files(draft_name)
+        if files.embedding is not None or files.vision is not None:
+            raise ModelLoadFailed(f'model "{name}" cannot draft with "{draft_name}": it is not a text generation model')
+        ours, theirs = tokenizer.get_vocab(), files.tokenizer.get_vocab()
+        if ours != theirs:
+            differ = len(set(ours.items()) ^ set(theirs.items()))
+            raise ModelLoadFailed(
+                f'model "{name}" cannot draft with "{draft_name}": their vocabularies differ '
+                f"({len(ours)} and {len(theirs)} tokens, {differ} entries not shared)"
+            )
+        return files
 
     def _embedding_files(self, name: str, path: Path, cfg: dict[str, Any], info: EmbeddingInfo) -> ModelFiles:
         configured = self.config.models[name].context_length
@@ -320,7 +352,7 @@ def prepare_request(
     req: GenerateRequest, tokenizer: Any, context_length: int, constraints: Optional[Constraints] = None
 ) -> Prepared:
     """Render, tokenize, fit and compile: raises BadRequest for the client's mistakes."""
-    fitted = fit(render(req, tokenizer, req.model), req, context_length, req.model)
+    fitted = fit(render_fitting(req, tokenizer, context_length, req.model), req, context_length, req.model)
     grammar = (constraints or Constraints(tokenizer)).processors(req, fitted.max_tokens)
     return Prepared(
         request=req,

@@ -16,6 +16,7 @@ from typing import Any, Optional, TextIO
 from mlx_server.config.load import Config, ConfigError
 from mlx_server.models.config import load_config
 from mlx_server.models.diagnose import gb, model_problems
+from mlx_server.models.info import InfoCache, context_note
 from mlx_server.models.sources import Located, locate
 from mlx_server.ops.doctor import server as doctor_server  # the network half
 from mlx_server.ops.doctor.probes import MIN_PYTHON, mac_version_tuple, run_probe
@@ -235,6 +236,7 @@ def model_checks(config: Config, m: Machine, load: bool) -> tuple[list[Check], d
         return found[model.name]
 
     problems = model_problems(config, locator=located)
+    infos = InfoCache()
     checks: list[Check] = []
     budget = config.server.memory_budget
     for name, model in config.models.items():
@@ -266,6 +268,10 @@ def model_checks(config: Config, m: Machine, load: bool) -> tuple[list[Check], d
         check = Check(
             "model", name, "ok", f"{gb(where.size)} ({where.kind}) at {where.path}{share}{aliases}", data=data
         )
+        info = infos.describe(where)
+        note = context_note(name, model.context_length, info.context_length if info is not None else 0)
+        if note is not None:
+            check.status, check.fix = "warn", f"{note}; lower models.{name}.context_length to stay in it"
         if load:
             _load_into(check, config, m)
         checks.append(check)

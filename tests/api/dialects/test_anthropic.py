@@ -92,6 +92,7 @@ def test_stream_event_sequence(server: Server, client: anthropic.Anthropic) -> N
     assert start["usage"]["input_tokens"] + start["usage"]["cache_read_input_tokens"] == counted  # known up front
     delta = next(d for n, d in events if n == "message_delta")
     assert delta["delta"]["stop_reason"] == "max_tokens" and delta["usage"]["output_tokens"] == 6
+    assert delta["usage"]["input_tokens"] + delta["usage"]["cache_read_input_tokens"] == counted  # as the real API
 
     with client.messages.stream(model="tiny", messages=HI, max_tokens=6, extra_body=GREEDY) as stream:
         text = "".join(stream.text_stream)
@@ -179,3 +180,35 @@ def test_thinking_blocks(server: Server, client: anthropic.Anthropic) -> None:
     assert starts == ["thinking"] and deltas == {"thinking_delta"}
     off = client.messages.create(model="thinker", messages=HI, max_tokens=6, thinking={"type": "disabled"})
     assert all(b.type != "thinking" for b in off.content)
+
+
+def test_a_new_claude_code_session_reuses_the_last_ones_prefix(client: anthropic.Anthropic) -> None:
+    stable = [{"type": "text", "text": "You are a coding agent in a repository. " * 12,
+               "cache_control": {"type": "ephemeral"}}]
+
+    def session(tag: str) -> Any:
+        header = {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1; cc_entrypoint=cli; cch={tag};"}
+        return greedy(client, system=[header, *stable], messages=[{"role": "user", "content": "Fix main.py"}])
+
+    session("first-session")
+    second = session("second-session")
+    total = second.usage.input_tokens + (second.usage.cache_read_input_tokens or 0)
+    assert (second.usage.cache_read_input_tokens or 0) >= 0.95 * total
+
+
+def test_claude_code_shaped_body_is_accepted(server: Server) -> None:
+    """The fields Claude Code sends beyond the basics (../shared/agent-clients.md) are accepted, not refused."""
+    body = {
+        "model": "tiny", "max_tokens": 4, "stream": False, "temperature": 0,
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1;"},
+                   {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}],
+        "tools": [{"name": "Read", "description": "read", "input_schema": {"type": "object"}, "defer_loading": True}],
+        "thinking": {"type": "enabled", "budget_tokens": 31999, "display": "summarized"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "metadata": {"user_id": json.dumps({"device": "x", "session": "y"})},
+    }
+    r = httpx.post(f"{server.url}/v1/messages?beta=true", json=body, timeout=60,
+                   headers={"anthropic-version": "2023-06-01", "anthropic-beta": "context-management-2025-06-27"})
+    assert r.status_code == 200, r.text
+    assert r.json()["type"] == "message"

@@ -43,7 +43,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tooly = fake_model(tmp / "tooly", "{% if tools %}{{ tools }}{% endif %}{{ messages }}")
     plain = fake_model(tmp / "plain", "{{ messages }}")
     config = make_config(tmp, {"configured": {"source": str(tooly), "options": CONFIGURED},
-                               "tooly": {"source": str(tooly)}, "plain": {"source": str(plain)}})
+                               "tooly": {"source": str(tooly)}, "plain": {"source": str(plain)},
+                               "quiet": {"source": str(plain)}})
     with serve(config, engine=FakeEngine()) as s:
         yield s
 
@@ -188,13 +189,28 @@ TOOL_REQUESTS = {
 def test_tools_for_a_model_without_a_tool_format_are_accepted_and_flagged(
         server: Server, engine: FakeEngine, dialect: str, caplog: pytest.LogCaptureFixture) -> None:
     path, body = TOOL_REQUESTS[dialect]
-    with caplog.at_level(logging.WARNING, logger="mlx_server.api"):
-        r = post(server, path, {**body, "model": "plain"})
+    before = ignored(server, "plain")
+    r = post(server, path, {**body, "model": "plain"})
     assert r.status_code == 200 and r.headers["x-mlx-tools-ignored"] == "model has no tool-call format"
     assert generation(engine).tools  # still handed on
-    assert any("no tool-call format" in rec.getMessage() for rec in caplog.records)
+    assert ignored(server, "plain") == before + 1
     r = post(server, path, {**body, "model": "tooly"})
     assert r.status_code == 200 and "x-mlx-tools-ignored" not in r.headers
+
+
+def ignored(server: Server, model: str) -> float:
+    wanted = f'mlx_tools_ignored_total{{model="{model}"}}'
+    lines = [ln for ln in httpx.get(f"{server.url}/metrics").text.splitlines() if ln.startswith(wanted)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_ignored_tools_are_logged_once_per_model(server: Server, caplog: pytest.LogCaptureFixture) -> None:
+    path, body = TOOL_REQUESTS["openai"]
+    with caplog.at_level(logging.WARNING, logger="mlx_server.api"):
+        for _ in range(3):  # Open WebUI attaches its tools to every chat
+            assert post(server, path, {**body, "model": "quiet"}).status_code == 200
+    notes = [r for r in caplog.records if "no tool-call format" in r.getMessage() and "quiet" in r.getMessage()]
+    assert len(notes) == 1 and ignored(server, "quiet") == 3
 
 
 def test_forced_tool_choice_is_not_flagged(server: Server, engine: FakeEngine) -> None:

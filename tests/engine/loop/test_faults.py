@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import socket
 import threading
@@ -42,6 +43,7 @@ def test_exception_in_one_sequence_fails_only_that_request(tiny_llama: Path) -> 
     assert isinstance(events[1][-1], Done) and events[1][-1].usage.completion_tokens == 30
 
 
+@pytest.mark.serial  # asserts on wall-clock latency: run alone, not beside a parallel worker
 def test_dead_inference_thread_means_503_not_hangs(tiny_llama: Path, tmp_path: Path) -> None:
     with serve(make_config(tmp_path, {"m": {"source": str(tiny_llama)}})) as server:
         lines: list[dict] = []
@@ -69,6 +71,7 @@ def test_dead_inference_thread_means_503_not_hangs(tiny_llama: Path, tmp_path: P
         assert httpx.get(f"{server.url}/api/tags").status_code == 200  # listings still answer
 
 
+@pytest.mark.serial  # asserts on wall-clock latency: run alone, not beside a parallel worker
 def test_slow_reader_does_not_stall_others(tiny_llama: Path, tmp_path: Path) -> None:
     with serve(make_config(tmp_path, {"m": {"source": str(tiny_llama)}})) as server:
         body = json.dumps({"model": "m", "prompt": "slow", "options": {"num_predict": 2000}}).encode()

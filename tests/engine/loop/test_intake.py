@@ -21,6 +21,7 @@ def test_commands_come_out_in_the_order_they_went_in() -> None:
     assert intake.empty() and intake.take(block=False, expiry=None, clock=time.monotonic) == []
 
 
+@pytest.mark.serial  # asserts on wall-clock latency: run alone, not beside a parallel worker
 def test_an_idle_wait_ends_at_the_next_expiry_or_the_first_command() -> None:
     intake = Intake()
     start = time.monotonic()

@@ -211,6 +211,7 @@ def test_cancel_stops_a_long_prefill_within_one_slice(long_model: Path, tmp_path
     assert after.prefill_slices - at_cancel <= 2 and after.prefill_tokens < 25000
 
 
+@pytest.mark.serial  # asserts on wall-clock latency: run alone, not beside a parallel worker
 def test_a_timeout_fires_between_prefill_chunks(long_model: Path, tmp_path: Path) -> None:
     e = engine_for(long_model, tmp_path, prefill_chunk=64, prefill_slice=0.02)
     try:

@@ -22,7 +22,7 @@ import pytest
 from mlx_server.api.dialects.ollama import OLLAMA_VERSION
 from mlx_server.cli import main
 from mlx_server.models.diagnose import ProblemCache, locate_quick, model_problems
-from mlx_server.ops.doctor.checks import mlx_check, platform_checks
+from mlx_server.ops.doctor.checks import mlx_check, model_checks, platform_checks
 from mlx_server.ops.doctor.probes import Platform, sysctl_flag
 from mlx_server.ops.doctor.report import Machine
 from mlx_server.ops.doctor.server import launchd_checks
@@ -243,6 +243,14 @@ def test_model_problems_name_the_place_the_size_and_the_failure(tmp_path: Path, 
     (over,) = model_problems(small)["ok"]
     assert over.reason == "over_budget" and over.budget == 10_000 and over.size > 10_000
     assert "memory budget of 10 KB" in over.message and over.as_dict()["size"] == over.size
+
+
+def test_a_context_length_above_native_is_a_warning(tmp_path: Path, tiny_llama: Path) -> None:
+    config = make_config(tmp_path, {"wide": {"source": str(tiny_llama), "context_length": 8192},
+                                    "fits": {"source": str(tiny_llama), "context_length": 1024}})
+    checks = {c.name: c for c in model_checks(config, Machine(mac()), load=False)[0]}
+    assert checks["fits"].status == "ok"
+    assert checks["wide"].status == "warn" and "context_length 8192 is above its native 2048" in checks["wide"].fix
 
 
 def test_problem_cache_keeps_the_disk_part_and_never_extracts(tmp_path: Path, tiny_llama: Path) -> None:

@@ -4,7 +4,8 @@
 builds the architecture's module, loads its safetensors strictly and pairs it with an `EmbedTokenizer`. One module
 per encoder architecture, registered in `_BUILDERS`: bert.py (BERT and XLM-RoBERTa), nomic.py (nomic-bert),
 modernbert.py. Decoders (Qwen3-Embedding and the like) run on mlx_lm's own model classes (decoder.py), so any
-architecture mlx_lm knows can embed.
+architecture mlx_lm knows can embed. Rerankers (rerankers.py: cross-encoders on these encoders, decoder rerankers)
+are loaded here too, as the encoder-family models they are, and come back as a `Reranker`.
 
 Only the inference thread may call `Embedder.embed` (it runs MLX); `Embedder.tokenizer` is plain Python.
 """
@@ -13,35 +14,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_server.engine.model.embedders import bert, decoder, modernbert, nomic
+from mlx_server.engine.model.embedders import bert, decoder, modernbert, nomic, rerankers
+from mlx_server.engine.model.embedders.rerankers import Reranker
+from mlx_server.engine.model.embedders.weights import load_weights as _load_weights
 from mlx_server.engine.prepare.embed_tokenizer import EmbedTokenizer
 from mlx_server.models.embedinfo import DECODER_TYPES, ENCODER_TYPES, EmbeddingInfo, Pooling, embedding_info
+from mlx_server.models.rerankinfo import rerank_info
 
 # torch.nn.functional.normalize's default eps, which sentence-transformers' Normalize uses.
 _NORM_EPS = 1e-12
 
 
-Sanitize = Callable[[dict[str, mx.array]], dict[str, mx.array]]
 # model dir, its config.json, what embedinfo says → (the module with its weights loaded, most tokens per input)
 Builder = Callable[[Path, dict[str, Any], EmbeddingInfo], tuple[nn.Module, int]]
-
-
-def _load_weights(module: nn.Module, path: Path, sanitize: Sanitize) -> nn.Module:
-    """Every *.safetensors in `path`, renamed by `sanitize`, loaded strictly: a missing or extra tensor is an error."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{path} has no *.safetensors weights")
-    weights: dict[str, mx.array] = {}
-    for file in files:
-        weights.update(mx.load(str(file)))  # type: ignore[arg-type]  # safetensors load gives a dict
-    module.load_weights(list(sanitize(weights).items()), strict=True)
-    return module
 
 
 def _build_bert(path: Path, cfg: dict[str, Any], info: EmbeddingInfo) -> tuple[nn.Module, int]:
@@ -157,11 +148,19 @@ class Embedder:
         return vectors
 
 
-def load_embedder(path: Path, *, kind: Optional[str] = None, dtype: Optional[mx.Dtype] = None) -> Embedder:
+def load_embedder(
+    path: Path, *, kind: Optional[str] = None, dtype: Optional[mx.Dtype] = None
+) -> Union[Embedder, Reranker]:
     """Load the embedding model in `path` (config.json, *.safetensors, tokenizer.json, optional sentence-transformers
     files). `kind` is models.yaml's explicit kind (see embedding_info); `dtype` casts floating weights (default: as
-    stored). Raises ValueError for a model this server cannot embed with."""
+    stored). Raises ValueError for a model this server cannot embed with.
+
+    A reranker (models.rerankinfo) is one of these encoder-family models too, loaded the same way in one go: for
+    it this returns its `Reranker`, which scores pairs and embeds nothing."""
     path = Path(path)
+    rerank = rerank_info(path, kind)
+    if rerank is not None:
+        return rerankers.load_reranker(path, rerank, dtype)
     info = embedding_info(path, kind)
     if not info.is_embedding:
         raise ValueError(f"{path} is not an embedding model")
@@ -177,4 +176,4 @@ def load_embedder(path: Path, *, kind: Optional[str] = None, dtype: Optional[mx.
     return Embedder(model, tokenizer, info, path)
 
 
-__all__ = ["EmbedTokenizer", "Embedder", "l2_normalize", "load_embedder", "pool"]
+__all__ = ["EmbedTokenizer", "Embedder", "Reranker", "l2_normalize", "load_embedder", "pool"]

@@ -11,7 +11,7 @@ rows hold 512 tokens), and a single token type. Dropout is absent: inference onl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,13 +70,15 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.offset = cfg.position_offset
 
-    def __call__(self, ids: mx.array) -> mx.array:
+    def __call__(self, ids: mx.array, types: Optional[mx.array] = None) -> mx.array:
         length = ids.shape[1]
         # Right padding: every real token sits at its own index, so positions need no mask. (HF gives XLM-R's pads
         # position padding_idx; pads are masked out of attention and pooling, so theirs never matters.)
         positions = mx.arange(self.offset, self.offset + length)
-        # Sentence embeddings encode one segment: token type 0 everywhere, i.e. the first row of the table.
-        x = self.word_embeddings(ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        # Sentence embeddings encode one segment: token type 0 everywhere, i.e. the first row of the table. A
+        # cross-encoder's pair has two (`types`: 0 for the query, 1 for the document).
+        segment = self.token_type_embeddings.weight[0] if types is None else self.token_type_embeddings(types)
+        x = self.word_embeddings(ids) + self.position_embeddings(positions) + segment
         return self.norm(x)
 
 
@@ -127,10 +129,10 @@ class BertModel(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.layers = [Layer(cfg) for _ in range(cfg.num_hidden_layers)]
 
-    def __call__(self, ids: mx.array, mask: mx.array) -> mx.array:
+    def __call__(self, ids: mx.array, mask: mx.array, types: Optional[mx.array] = None) -> mx.array:
         if ids.shape[1] > self.config.max_tokens:
             raise ValueError(f"{ids.shape[1]} tokens exceed the model's {self.config.max_tokens} positions")
-        x = self.embeddings(ids)
+        x = self.embeddings(ids, types)
         key_mask = mask[:, None, None, :].astype(mx.bool_)
         for layer in self.layers:
             x = layer(x, key_mask)
