@@ -124,35 +124,46 @@ def _tools(body: dict[str, Any]) -> tuple[Optional[list[dict[str, Any]]], Option
         return tools or None, None
     if choice == "none":
         return None, None  # the model is not told about tools at all, so it cannot call one
+    named = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    return tools, forced_choice(choice, named, tools)
+
+
+def forced_choice(choice: Any, named: Any, tools: Optional[list[dict[str, Any]]]) -> ToolChoice:
+    """`required`, or the function `named`, checked against the tools (chat and Responses name it differently)."""
     if choice == "required":
         forced = ToolChoice()
-    elif isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str):
-        forced = ToolChoice(choice["function"]["name"])
+    elif isinstance(named, str):
+        forced = ToolChoice(named)
     else:
         raise BadRequest('invalid value for field "tool_choice": expected none, auto, required or a function')
     if not tools:
         raise BadRequest("tool_choice requires tools")
     if forced.name is not None and forced.name not in {t["function"]["name"] for t in tools}:
         raise BadRequest(f"tool_choice names a function that is not in tools: {forced.name!r}")
-    return tools, forced
+    return forced
 
 
-def _response_format(body: dict[str, Any]) -> Any:
-    rf = body.get("response_format")
-    if rf is None:
+def output_format(spec: Any, schema: Any, field: str, schema_field: str) -> Any:
+    """A structured-output setting (`{type: text | json_object | json_schema}`) as the request's format."""
+    if spec is None:
         return None
-    kind = rf.get("type") if isinstance(rf, dict) else None
+    kind = spec.get("type") if isinstance(spec, dict) else None
     if kind == "text":
         return None
     if kind == "json_object":
         return "json"
     if kind == "json_schema":
-        spec = rf.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
-            raise BadRequest("response_format.json_schema.schema must be a JSON schema object")
+            raise BadRequest(f"{schema_field} must be a JSON schema object")
         return schema
-    raise BadRequest('invalid value for field "response_format": type must be text, json_object or json_schema')
+    raise BadRequest(f'invalid value for field "{field}": type must be text, json_object or json_schema')
+
+
+def _response_format(body: dict[str, Any]) -> Any:
+    rf = body.get("response_format")
+    spec = rf.get("json_schema") if isinstance(rf, dict) else None
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    return output_format(rf, schema, "response_format", "response_format.json_schema.schema")
 
 
 def _base(incoming: Incoming, body: OpenAIBody, max_tokens: Optional[int], chat: bool) -> GenerateRequest:

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from mlx_server.api.context import ctx_of, field_type
 from mlx_server.api.dialects.base import TOOLS_IGNORED_HEADER, Call, Generation, Incoming, named_model
 from mlx_server.api.dialects.compat import arguments_object, effort_level, new_id
-from mlx_server.api.dialects.openai import content_text
+from mlx_server.api.dialects.openai import content_text, forced_choice, output_format
 from mlx_server.api.dialects.responses_reply import (
     Shape,
     encode,
@@ -161,34 +161,14 @@ def _tool_choice(choice: Any, tools: list[dict[str, Any]]) -> tuple[list[dict[st
         return tools, None
     if choice == "none":
         return [], None
-    if choice == "required":
-        forced = ToolChoice()
-    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
-        forced = ToolChoice(choice["name"])
-    else:
-        raise BadRequest('invalid value for field "tool_choice": expected none, auto, required or a function')
-    if not tools:
-        raise BadRequest("tool_choice requires tools")
-    if forced.name is not None and forced.name not in {t["function"]["name"] for t in tools}:
-        raise BadRequest(f"tool_choice names a function that is not in tools: {forced.name!r}")
-    return tools, forced
+    named = choice.get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    return tools, forced_choice(choice, named, tools)
 
 
 def _format(text: Any) -> Any:
     fmt = text.get("format") if isinstance(text, dict) else None
-    if fmt is None:
-        return None
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return "json"
-    if kind == "json_schema":
-        schema = fmt.get("schema")
-        if not isinstance(schema, dict):
-            raise BadRequest("text.format.schema must be a JSON schema object")
-        return schema
-    raise BadRequest('invalid value for field "text.format": type must be text, json_object or json_schema')
+    schema = fmt.get("schema") if isinstance(fmt, dict) else None
+    return output_format(fmt, schema, "text.format", "text.format.schema")
 
 
 # ---- the request ----------------------------------------------------------------------------------------------
