@@ -18,9 +18,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlx_server.engine.model.embedders import bert, decoder, modernbert, nomic, rerankers
+from mlx_server.engine.model.embedders.loaded import LoadedEncoder
 from mlx_server.engine.model.embedders.rerankers import Reranker
 from mlx_server.engine.model.embedders.weights import load_weights as _load_weights
 from mlx_server.engine.prepare.embed_tokenizer import EmbedTokenizer
@@ -101,28 +101,10 @@ def l2_normalize(vectors: mx.array) -> mx.array:
     return vectors / mx.maximum(norms, _NORM_EPS)
 
 
-class Embedder:
+class Embedder(LoadedEncoder):
     """One loaded embedding model."""
 
-    def __init__(self, model: nn.Module, tokenizer: EmbedTokenizer, info: EmbeddingInfo, path: Path) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.info = info
-        self.path = path
-
-    @property
-    def dimensions(self) -> int:
-        return self.info.dimensions
-
-    @property
-    def max_length(self) -> int:
-        return self.tokenizer.max_length
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of weights in memory: what the model adds to the memory budget."""
-        leaves: list[tuple[str, Any]] = tree_flatten(self.model.parameters())  # type: ignore[assignment]  # stubs
-        return sum(int(v.nbytes) for _, v in leaves)
+    info: EmbeddingInfo
 
     def embed(self, batch: Sequence[Sequence[int]], *, normalize: bool = True) -> mx.array:
         """Token-id lists (any lengths up to max_length) → evaluated float32 (len(batch), dimensions).

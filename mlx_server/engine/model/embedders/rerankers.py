@@ -23,10 +23,10 @@ from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlx_server.engine.model.embedders import bert, modernbert
 from mlx_server.engine.model.embedders.activations import ACTIVATIONS
+from mlx_server.engine.model.embedders.loaded import LoadedEncoder
 from mlx_server.engine.model.embedders.weights import load_weights
 from mlx_server.engine.prepare.embed_tokenizer import EmbedTokenizer
 from mlx_server.models.rerankinfo import RerankInfo
@@ -100,27 +100,10 @@ class YesNoDecoder(nn.Module):
         return logits[:, self.yes] - logits[:, self.no]
 
 
-class Reranker:
+class Reranker(LoadedEncoder):
     """One loaded reranker. Only the inference thread may call `score` (it runs MLX)."""
 
-    def __init__(self, model: nn.Module, tokenizer: EmbedTokenizer, info: RerankInfo, path: Path) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.info = info
-        self.path = path
-
-    @property
-    def dimensions(self) -> int:
-        return self.info.dimensions
-
-    @property
-    def max_length(self) -> int:
-        return self.tokenizer.max_length
-
-    @property
-    def nbytes(self) -> int:
-        leaves: list[tuple[str, Any]] = tree_flatten(self.model.parameters())  # type: ignore[assignment]  # stubs
-        return sum(int(v.nbytes) for _, v in leaves)
+    info: RerankInfo
 
     def score(self, batch: Sequence[Sequence[int]], firsts: Sequence[int]) -> mx.array:
         """Pairs as token ids, each with the index its document segment starts at → evaluated float32 relevance
