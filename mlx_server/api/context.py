@@ -8,8 +8,9 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncGenerator, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Optional
 
+import numpy as np
 from starlette.requests import Request
 
 from mlx_server.api.catalog import Catalog
@@ -211,6 +212,40 @@ async def collect(
             event = None
     finally:
         await close_events(events)
+
+
+async def await_array(
+    request: Request,
+    req: EngineRequest,
+    result: type,
+    attr: str,
+    checked: Callable[[Optional[np.ndarray]], np.ndarray],
+    where: tuple[str, str, float],
+) -> tuple[np.ndarray, Usage]:
+    """Submit `req` and wait for its one `result` event's `attr` as a float32 array, passed through `checked`
+    (embeddings, rerank scores); a client that goes away cancels it in the engine. `where` = (dialect, model as
+    requested, arrival perf_counter) for its log line."""
+    events, event = await begin(request, req)  # a refusal (404, 400, 503, ...) raises here
+    status, usage, found = "disconnected", Usage(), None
+    try:
+        while True:
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, result):
+                found = np.asarray(getattr(event, attr), dtype=np.float32)
+            elif isinstance(event, Done):
+                usage = event.usage
+                break
+            event = await first_event(events, request)
+        array = checked(found)
+        status = "ok"
+        return array, usage
+    except MlxServerError as exc:
+        status = f"error: {exc.message}"
+        raise
+    finally:
+        await close_events(events)
+        request_log(where[0], where[1], status, usage, where[2])
 
 
 async def begin(request: Request, req: EngineRequest) -> tuple[AsyncIterator[Event], Event]:

@@ -25,23 +25,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mlx_server.api.context import (
-    begin,
-    close_events,
+    await_array,
     ctx_of,
     field_type,
-    first_event,
     note_model,
     ns,
     read_json,
-    request_log,
 )
 from mlx_server.api.dialects.base import Handler, named_model
 from mlx_server.api.dialects.bodies import EmbeddingBody, validated
 from mlx_server.api.dialects.ollama import parse_keep_alive
 from mlx_server.api.dialects.options import OLLAMA_DEFAULTS
 from mlx_server.api.dialects.sampling import resolve_sampling
-from mlx_server.contract.errors import BadRequest, InternalError, MlxServerError
-from mlx_server.contract.events import Done, Embeddings, Failed, Usage
+from mlx_server.contract.errors import BadRequest, InternalError
+from mlx_server.contract.events import Embeddings, Usage
 from mlx_server.contract.requests import EmbedRequest, Priority
 
 
@@ -171,18 +168,8 @@ def dumps(payload: dict[str, Any]) -> bytes:
 
 async def run(request: Request, req: EmbedRequest, dialect: str, requested: str, started_at: float) -> Result:
     """Submit `req` and wait for its vectors; a client that goes away cancels it in the engine."""
-    events, event = await begin(request, req)  # a refusal (404, 503, ...) raises here
-    status, usage, vectors = "disconnected", Usage(), None
-    try:
-        while True:
-            if isinstance(event, Failed):
-                raise event.error
-            if isinstance(event, Embeddings):
-                vectors = np.asarray(event.vectors, dtype=np.float32)
-            elif isinstance(event, Done):
-                usage = event.usage
-                break
-            event = await first_event(events, request)
+
+    def checked(vectors: Optional[np.ndarray]) -> np.ndarray:
         if vectors is None or vectors.ndim != 2 or len(vectors) != len(req.inputs):
             raise InternalError(
                 f"the engine answered {len(req.inputs)} inputs with "
@@ -190,14 +177,10 @@ async def run(request: Request, req: EmbedRequest, dialect: str, requested: str,
             )
         if not np.isfinite(vectors).all():
             raise BadRequest("embedding contains NaN or Inf values")  # Ollama's 400
-        status = "ok"
-        return Result(vectors, usage)
-    except MlxServerError as exc:
-        status = f"error: {exc.message}"
-        raise
-    finally:
-        await close_events(events)
-        request_log(dialect, requested, status, usage, started_at)
+        return vectors
+
+    vectors, usage = await await_array(request, req, Embeddings, "vectors", checked, (dialect, requested, started_at))
+    return Result(vectors, usage)
 
 
 def embed_route(dialect: str, missing: str, parse: Parse, answer: Answer) -> Handler:

@@ -28,22 +28,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mlx_server.api.context import (
-    begin,
-    close_events,
+    await_array,
     ctx_of,
     field_type,
-    first_event,
     note_model,
     read_json,
-    request_log,
 )
 from mlx_server.api.dialects import openai
 from mlx_server.api.dialects.base import Handler, named_model
 from mlx_server.api.dialects.ollama import parse_keep_alive
 from mlx_server.api.dialects.options import OLLAMA_DEFAULTS
 from mlx_server.api.dialects.sampling import resolve_sampling
-from mlx_server.contract.errors import BadRequest, InternalError, MlxServerError
-from mlx_server.contract.events import Done, Failed, Scores, Usage
+from mlx_server.contract.errors import BadRequest, InternalError
+from mlx_server.contract.events import Scores, Usage
 from mlx_server.contract.requests import Priority, RerankRequest
 
 DOCUMENT_TYPE = 'expected a string or an object with a "text" string'
@@ -112,31 +109,16 @@ async def score(
     request: Request, req: RerankRequest, dialect: str, requested: str, started_at: float
 ) -> tuple[np.ndarray, Usage]:
     """Submit `req` and wait for its scores (in document order); a client that goes away cancels it in the engine."""
-    events, event = await begin(request, req)  # a refusal (404, 400, 503, ...) raises here
-    status, usage, scores = "disconnected", Usage(), None
-    try:
-        while True:
-            if isinstance(event, Failed):
-                raise event.error
-            if isinstance(event, Scores):
-                scores = np.asarray(event.scores, dtype=np.float32)
-            elif isinstance(event, Done):
-                usage = event.usage
-                break
-            event = await first_event(events, request)
+
+    def checked(scores: Optional[np.ndarray]) -> np.ndarray:
         if scores is None or scores.shape != (len(req.documents),):
             got = "no" if scores is None else scores.shape
             raise InternalError(f"the engine answered {len(req.documents)} documents with {got} scores")
         if not np.isfinite(scores).all():
             raise InternalError("the model's relevance scores contain NaN or Inf")
-        status = "ok"
-        return scores, usage
-    except MlxServerError as exc:
-        status = f"error: {exc.message}"
-        raise
-    finally:
-        await close_events(events)
-        request_log(dialect, requested, status, usage, started_at)
+        return scores
+
+    return await await_array(request, req, Scores, "scores", checked, (dialect, requested, started_at))
 
 
 def rerank_route(dialect: str, missing: str) -> Handler:
