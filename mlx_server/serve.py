@@ -23,6 +23,7 @@ from mlx_server.api.app import create_app
 from mlx_server.api.catalog import Catalog
 from mlx_server.config.load import Config
 from mlx_server.contract.status import EngineClient
+from mlx_server.models.registry import Registry
 from mlx_server.models.sources import locate
 
 log = logging.getLogger("mlx_server")
@@ -163,6 +164,7 @@ def run_distributed(config: Config, log_level: str, backend: str, rank_timeout: 
     from mlx_server.engine.distributed.lockstep import Lockstep, init_group
     from mlx_server.engine.engine import Engine
 
+    config.attach_created(Registry(config.server.cache_dir).models)  # every rank serves the created models
     group = init_group(backend)
     lockstep = Lockstep(group, backend_name(backend), timeout=rank_timeout)
     leader = lockstep.rank == 0

@@ -21,11 +21,11 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.serving import Server, make_config, serve
-from support.tinyrerankers import build_tiny_cross_encoder
 
 from mlx_server.api.openapi import ROUTES as DOCUMENTED
 from mlx_server.api.openapi import request_schema
+from support.serving import Server, make_config, serve
+from support.tinyrerankers import build_tiny_cross_encoder
 
 MAX_BODY = 64 * 1024  # small, so the 413 path is reachable with cheap bodies
 CONTEXT = 32  # tokens: every sequence (prompt + answer) fits in this, so no case can generate for long
@@ -318,7 +318,7 @@ GENERATION = ["/api/generate", "/api/chat", "/v1/chat/completions", "/v1/complet
               "/v1/messages/count_tokens", "/v1/responses"]
 
 
-# Each test runs its Hypothesis cases through Tally.cases, which then checks how many were sent (4,508 in all).
+# Each test runs its Hypothesis cases through Tally.cases, which then checks how many were sent (4,628 in all).
 
 
 # One case of each kind, shared by the test of that kind and by test_still_serving_afterwards's sample of them all.
@@ -436,8 +436,9 @@ READ_ROUTES = ["/", "/api/version", "/api/tags", "/api/ps", "/health", "/metrics
 
 def test_openapi_document_covers_every_route(server: Server, client: httpx.Client) -> None:
     doc = client.get("/openapi.json").json()
+    # HEAD is Starlette's own beside every GET; a HEAD-only route (/api/blobs/…) is documented as such
     routed = {(r.path.replace("{model:path}", "{model}"), m.lower()) for r in server.app.routes
-              for m in getattr(r, "methods", None) or () if m != "HEAD"}
+              for m in getattr(r, "methods", None) or () if m != "HEAD" or "GET" not in r.methods}
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
     assert routed == documented
     assert set(DOCUMENTED) == set(doc["paths"])
@@ -468,7 +469,42 @@ def test_paths_and_methods(client: httpx.Client) -> None:
 KNOWN = set(GENERATION + READ_ROUTES + RERANK + ["/api/show", "/api/pull", "/api/delete"])
 
 
-ABUSE = ["generation", "model route", "raw", "path", "delete"]
+# Blob uploads: raw bytes under a digest that matches them, names another blob, or is no digest at all. Bodies go
+# past MAX_BODY too: uploads are capped by max_blob_bytes instead.
+BLOB_BODY = st.one_of(st.binary(max_size=512), st.integers(MAX_BODY, 2 * MAX_BODY).map(lambda n: b"\x01" * n))
+BLOB_DIGEST = st.sampled_from(["matching", "matching-dash", "other", "junk"])
+JUNK_DIGEST = st.one_of(segment, st.sampled_from(["sha256:", "sha256:" + "g" * 64, "sha256:" + "a" * 65, "a" * 64,
+                                                  "SHA256:" + "a" * 64, "sha512:" + "a" * 64, "sha256%3A" + "a" * 64,
+                                                  "sha256:" + "a" * 63 + "%00"]))
+
+
+def blob_case(client: httpx.Client, tally: Tally, method: str, body: bytes, digest: str, junk_digest: str) -> None:
+    hexdigest = hashlib.sha256(body).hexdigest()
+    named = {"matching": f"sha256:{hexdigest}", "matching-dash": f"sha256-{hexdigest.upper()}",
+             "other": f"sha256:{hashlib.sha256(b'not-the-body:' + body).hexdigest()}", "junk": junk_digest}[digest]
+    status = send(client, tally, method, f"/api/blobs/{named}", content=body if method == "POST" else None)
+    if digest.startswith("matching"):
+        assert status in ((200, 201) if method == "POST" else (200, 404)), (method, named, status)
+    elif digest == "other":
+        assert status == (400 if method == "POST" else 404), (method, named, status)
+    else:
+        assert status in (400, 404, 405), (method, named, status)
+
+
+def test_blob_routes(server: Server, client: httpx.Client) -> None:
+    tally = Tally()
+
+    @tally.cases(120, method=st.sampled_from(["HEAD", "POST"]), body=BLOB_BODY, digest=BLOB_DIGEST,
+                 junk_digest=JUNK_DIGEST)
+    def one(method: str, body: bytes, digest: str, junk_digest: str) -> None:
+        blob_case(client, tally, method, body, digest, junk_digest)
+
+    root = server.app.state.ctx.blobs.root  # every failed upload left nothing; every stored one is whole
+    for f in root.iterdir():
+        assert f.name.startswith("sha256-") and hashlib.sha256(f.read_bytes()).hexdigest() == f.name[7:], f
+
+
+ABUSE = ["generation", "model route", "raw", "path", "delete", "blob"]
 MODEL_ROUTES = ["/api/show", "/api/pull"]
 
 
@@ -490,6 +526,10 @@ def test_still_serving_afterwards(server: Server, client: httpx.Client) -> None:
                      case.draw(RAW, label="raw"), case.draw(CONTENT_TYPES, label="content-type"))
         elif kind == "path":
             path_case(client, tally, **{k: case.draw(v, label=k) for k, v in PATH_CASE.items()})
+        elif kind == "blob":
+            blob_case(client, tally, case.draw(st.sampled_from(["HEAD", "POST"]), label="method"),
+                      case.draw(BLOB_BODY, label="body"), case.draw(BLOB_DIGEST, label="digest"),
+                      case.draw(JUNK_DIGEST, label="junk digest"))
         else:
             delete_case(client, tally, case.draw(DELETE_BODY, label="body"))
 

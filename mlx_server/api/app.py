@@ -26,7 +26,10 @@ from mlx_server.api.security import Security
 from mlx_server.config.load import Config
 from mlx_server.contract.errors import InternalError, MlxServerError
 from mlx_server.contract.status import EngineClient
+from mlx_server.models.blobs import BlobStore
+from mlx_server.models.create import Workshop
 from mlx_server.models.diagnose import ProblemCache
+from mlx_server.models.registry import Registry
 
 log = logging.getLogger("mlx_server.api")
 
@@ -85,11 +88,17 @@ def create_app(config: Config, engine: EngineClient, catalog: Optional[Catalog] 
     metrics = Metrics(engine)
     engine.observe(metrics.observe)
     server = config.server
+    blobs = BlobStore(server.cache_dir / "blobs", max_bytes=server.max_blob_bytes)
+    registry = Registry(server.cache_dir, blob_path=blobs.path)
+    config.attach_created(registry.models)  # every holder of the config now serves the created models too
+    config_dir = config.path.parent if config.path else None
     ctx = AppContext(
         config=config,
         engine=engine,
         metrics=metrics,
         catalog=catalog or Catalog(config),
+        blobs=blobs,
+        workshop=Workshop(registry, blobs.path, server.cache_dir, config_dir),
         problems=ProblemCache(config),
         responses=ResponseStore(server.responses_store, server.responses_store_bytes, server.responses_ttl),
     )
@@ -130,7 +139,7 @@ def create_app(config: Config, engine: EngineClient, catalog: Optional[Catalog] 
         middleware=[
             Middleware(RequestMetrics, metrics=metrics),
             cors(config),
-            Middleware(Security, server=config.server),
+            Middleware(Security, server=config.server, uploads=dialects.upload_prefixes()),
             *(
                 [
                     Middleware(

@@ -20,7 +20,10 @@ from mlx_server.contract.errors import BadRequest, MlxServerError
 from mlx_server.contract.events import Delta, Done, Event, Failed, Started, TokenLogprob, Usage
 from mlx_server.contract.requests import EngineRequest, GenerateRequest
 from mlx_server.contract.status import EngineClient
+from mlx_server.models.blobs import BlobStore
+from mlx_server.models.create import Workshop
 from mlx_server.models.info import ModelInfo
+from mlx_server.models.registry import Registry
 from mlx_server.models.sources import Located
 
 log = logging.getLogger("mlx_server.api")
@@ -31,11 +34,18 @@ class AppContext:
     config: Config
     engine: EngineClient  # a protocol: the API never imports MLX, and tests hand in a FakeEngine
     catalog: Catalog  # model files and info, read off the event loop
+    blobs: BlobStore  # uploaded files (/api/blobs) that /api/create names by digest
+    workshop: Workshop  # where /api/create builds models, and the registry that keeps them
     metrics: Any = None  # mlx_server.api.metrics.Metrics
     problems: Any = None  # mlx_server.models.diagnose.ProblemCache: why configured models cannot serve (/health)
     responses: Optional[ResponseStore] = None  # stored /v1/responses (previous_response_id, GET)
     tools_warned: set[str] = field(default_factory=set)  # ignored-tool notes logged once already (by model, by kind)
     started: float = field(default_factory=time.time)
+
+    @property
+    def registry(self) -> Registry:
+        """The models created over the API (/api/create, /api/copy), served beside models.yaml's."""
+        return self.workshop.registry
 
     # Disk work (locate, GGUF headers) runs in the catalog's workers: handlers await, the loop never blocks.
 

@@ -1,7 +1,9 @@
 """/api/pull and /api/delete: get a configured model's weights onto disk, or remove them, in Ollama's shapes.
 
 Only configured models can be pulled (models.yaml is the catalogue). Downloads run in a worker thread via
-mlx_server.models.pull and never touch MLX; progress crosses back to the event loop as queued dicts.
+mlx_server.models.pull and never touch MLX; progress crosses back to the event loop as queued dicts. Deleting a
+created model (/api/create, /api/copy) removes its registry entry and whatever it alone used; deleting a
+models.yaml model removes only weights this server downloaded.
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def _log_result(result: PullResult) -> None:
         log.warning("pull %s failed: %s", result.name, result.error)
 
 
-async def _unload(ctx: AppContext, name: str) -> None:
+async def unload(ctx: AppContext, name: str) -> None:
     """Unload `name` through the engine (an unload-only request) so its files can go; 409 while in use."""
     if not any(r.name == name for r in ctx.engine.status().models):
         return
@@ -159,12 +161,21 @@ async def delete(request: Request) -> Response:
     body = await read_json(request)
     requested = _requested(body)
     name = _configured(ctx, requested)
+    if name in ctx.registry:
+        await unload(ctx, name)
+        try:
+            await asyncio.to_thread(ctx.registry.remove, name)  # and its files, unless a copy still uses them
+        finally:
+            ctx.engine.forget(name)
+            ctx.catalog.invalidate(name)
+        log.info("deleted created model %s", name)
+        return Response(status_code=200)
     model = ctx.config.models[name]
     try:
         check_managed(model, _config_dir(ctx))
     except NotManaged as exc:
         raise BadRequest(str(exc)) from None
-    await _unload(ctx, name)
+    await unload(ctx, name)
     try:
         removed = await asyncio.to_thread(delete_local, model, _config_dir(ctx))
     finally:

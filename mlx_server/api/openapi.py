@@ -247,6 +247,26 @@ RERANK = _obj(
     options=OLLAMA_OPTIONS,
 )
 
+OLLAMA_CREATE = _obj(
+    ["model"],
+    model={**STR, "description": "the new name ([namespace/]model[:tag]; no tag means :latest)"},
+    **{"from": {**STR, "description": "a model served here or in Ollama's store to build on (weights shared)"}},
+    files={
+        "type": "object",
+        "additionalProperties": STR,
+        "description": "file name to sha256:<hex> of an uploaded blob: one .gguf, or config.json + tokenizer + "
+        "*.safetensors",
+    },
+    quantize={**STR, "description": "q4, q8, int4, int8 or Ollama's q4_K_M, q8_0, ... (float safetensors only)"},
+    template={**STR, "description": "a Jinja chat template (Go templates are refused)"},
+    system=STR,
+    parameters={"type": "object", "description": "default Ollama options"},
+    messages={"type": "array", "items": _obj(["role"], role=STR, content=STR)},
+    license={"oneOf": [STR, {"type": "array", "items": STR}]},
+    stream={**BOOL, "default": True},
+)
+OLLAMA_COPY = _obj(["source", "destination"], source=STR, destination=STR)
+
 ERRORS: JSON = {
     "OllamaError": _obj(["error"], error=STR),
     "OpenAIError": _obj(["error"], error=_obj(["message", "type"], message=STR, type=STR)),
@@ -258,6 +278,8 @@ SCHEMAS: JSON = {
     "OllamaGenerateRequest": OLLAMA_GENERATE,
     "OllamaChatRequest": OLLAMA_CHAT,
     "ModelReference": MODEL_REF,
+    "OllamaCreateRequest": OLLAMA_CREATE,
+    "OllamaCopyRequest": OLLAMA_COPY,
     "OllamaEmbedRequest": OLLAMA_EMBED,
     "OllamaEmbeddingsRequest": OLLAMA_EMBEDDINGS,
     "EmbeddingRequest": OPENAI_EMBEDDING,
@@ -271,19 +293,21 @@ SCHEMAS: JSON = {
 }
 
 
-def _routes() -> dict[str, dict[str, tuple[str, Any, str, bool]]]:
-    """path → (method → (summary, request schema name or None, error schema name, streams)), from the registry."""
-    out: dict[str, dict[str, tuple[str, Any, str, bool]]] = {}
+def _routes() -> dict[str, dict[str, tuple[str, Any, str, bool, bool]]]:
+    """path → (method → (summary, request schema name or None, error schema name, streams, upload)), from the
+    registry."""
+    out: dict[str, dict[str, tuple[str, Any, str, bool, bool]]] = {}
     for e in (*ENDPOINTS, OPENAPI):
         path = e.path.replace("{model:path}", "{model}")
         error = dialect_for(e.path).error_schema
         for method in e.methods:
-            if method != "HEAD":  # Starlette answers HEAD for every GET; documenting GET says it all
-                out.setdefault(path, {})[method.lower()] = (e.summary, e.schema, error, e.streams)
+            # Starlette answers HEAD for every GET, so documenting GET says it all; a HEAD-only route is its own.
+            if method != "HEAD" or "GET" not in e.methods:
+                out.setdefault(path, {})[method.lower()] = (e.summary, e.schema, error, e.streams, e.upload)
     return out
 
 
-def _operation(summary: str, body: Any, error: str, streams: bool, path: str) -> JSON:
+def _operation(summary: str, body: Any, error: str, streams: bool, upload: bool, path: str) -> JSON:
     ok: JSON = {"description": "OK", "content": {"application/json": {}}}
     if streams:
         ok["content"]["application/x-ndjson" if path.startswith("/api/") else "text/event-stream"] = {}
@@ -303,7 +327,15 @@ def _operation(summary: str, body: Any, error: str, streams: bool, path: str) ->
             "required": False,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
         }
-    for name in ("model", "response_id"):
+    if upload:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        }
+        op["responses"]["201"] = {"description": "stored"}
+        op["responses"]["413"] = {"description": "larger than server.max_blob_bytes", **err}
+        op["responses"]["507"] = {"description": "not enough disk space", **err}
+    for name in ("model", "response_id", "digest"):
         if "{" + name + "}" in path:
             op["parameters"] = [{"name": name, "in": "path", "required": True, "schema": STR}]
     op["x-request-priority"] = "X-Request-Priority: high | medium | low (generation routes)"

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mlx_server.api import admin
+from mlx_server.api import admin, blobs, create
 from mlx_server.api import manage as models
 from mlx_server.api.context import Progress, begin, collect, ctx_of, follow, note_model, read_json, request_log
 from mlx_server.api.dialects import anthropic, embeddings, ollama, openai, rerank, responses, responses_reply
@@ -49,6 +49,25 @@ OLLAMA = Dialect(
         ),
         Endpoint(
             "/api/delete", ("DELETE",), "Delete a downloaded model", handler=models.delete, schema="ModelReference"
+        ),
+        Endpoint(
+            "/api/create",
+            ("POST",),
+            "Create a model from another or from uploaded files",
+            handler=create.create,
+            schema="OllamaCreateRequest",
+            streams=True,
+        ),
+        Endpoint("/api/copy", ("POST",), "Give a model another name", handler=create.copy, schema="OllamaCopyRequest"),
+        Endpoint(
+            "/api/blobs/{digest}", ("HEAD",), "Whether a blob is stored (200) or not (404)", handler=blobs.head_blob
+        ),
+        Endpoint(
+            "/api/blobs/{digest}",
+            ("POST",),
+            "Upload a blob (raw bytes, verified against the sha256 digest in the path)",
+            handler=blobs.create_blob,
+            upload=True,
         ),
         Endpoint(
             "/api/generate",
@@ -243,6 +262,11 @@ def paths(where: Callable[[Endpoint], bool]) -> frozenset[str]:
     return frozenset(e.path for e in ENDPOINTS if where(e))
 
 
+def upload_prefixes() -> tuple[str, ...]:
+    """The path prefixes (up to their first parameter) of the routes whose bodies are uploads."""
+    return tuple(sorted({e.path.split("{", 1)[0] for e in ENDPOINTS if e.upload}))
+
+
 def routes() -> list[Route]:
     out = [Route(e.path, e.handler, methods=list(e.methods)) for e in SERVER if e.handler]
     for dialect in DIALECTS:
@@ -325,4 +349,5 @@ __all__ = [
     "generation_route",
     "paths",
     "routes",
+    "upload_prefixes",
 ]

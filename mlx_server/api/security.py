@@ -5,14 +5,16 @@
   Bound elsewhere, `server.allowed_hosts` (when set) is the list; otherwise the API key is the gate.
 - API key (`server.api_key` / MLX_SERVER_API_KEY): `Authorization: Bearer KEY` or `x-api-key: KEY` on every
   route but /health, compared in constant time.
-- Bodies over `server.max_body_bytes` get 413, whether announced by Content-Length or streamed in chunks.
+- Bodies over `server.max_body_bytes` get 413, whether announced by Content-Length or streamed in chunks. Uploads
+  (the registry's `upload` routes, POST /api/blobs/…) are capped at `server.max_blob_bytes` instead: they are
+  streamed to disk by their handler, never held here, so only the count of bytes passing through is kept.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import Optional
+from typing import Collection, Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,8 +44,10 @@ def host_name(header: str) -> str:
 
 
 class Security:
-    def __init__(self, app: ASGIApp, server: ServerConfig) -> None:
+    def __init__(self, app: ASGIApp, server: ServerConfig, uploads: Collection[str] = ()) -> None:
         self.app = app
+        self.uploads = tuple(uploads)  # path prefixes of upload routes
+        self.max_upload = server.max_blob_bytes
         self.allowed = {h.lower() for h in server.allowed_hosts}
         self.loopback_only = is_loopback(server.host)
         self.key = server.api_key.encode() if server.api_key else None
@@ -81,17 +85,25 @@ class Security:
             refusal = Unauthorized("missing or invalid API key (send Authorization: Bearer KEY or x-api-key)")
         else:
             length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body:
-                refusal = PayloadTooLarge(f"request body larger than the limit of {self.max_body} bytes")
+            if length is not None and length.isdigit() and int(length) > self._limit(path):
+                refusal = self._too_large(path)
         if refusal is not None:
             await error_response(path, refusal)(scope, receive, send)
             return
-        await self.app(scope, self._capped(scope, receive, send), send)
+        await self.app(scope, self._capped(path, receive), send)
 
-    def _capped(self, scope: Scope, receive: Receive, send: Send) -> Receive:
+    def _limit(self, path: str) -> int:
+        return self.max_upload if path.startswith(self.uploads) else self.max_body
+
+    def _too_large(self, path: str) -> PayloadTooLarge:
+        if path.startswith(self.uploads):
+            return PayloadTooLarge(f"upload larger than the limit of {self.max_upload} bytes (server.max_blob_bytes)")
+        return PayloadTooLarge(f"request body larger than the limit of {self.max_body} bytes")
+
+    def _capped(self, path: str, receive: Receive) -> Receive:
         """A receive that stops a chunked body once it passes the cap (Content-Length was checked already)."""
         seen = 0
-        limit = self.max_body
+        limit = self._limit(path)
 
         async def capped() -> Message:
             nonlocal seen
@@ -99,7 +111,7 @@ class Security:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise PayloadTooLarge(f"request body larger than the limit of {limit} bytes")
+                    raise self._too_large(path)
             return message
 
         return capped

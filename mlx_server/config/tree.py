@@ -25,7 +25,9 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     PrivateAttr,
+    SerializerFunctionWrapHandler,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -215,6 +217,9 @@ class ServerConfig(_Frozen):
         default=24 * 3600.0, description=f"a stored response expires after: {_DURATION_TEXT}"
     )
     max_image_bytes: Size = Field(default=20 * 2**20, description="larger images (decoded bytes) get 400")
+    max_blob_bytes: Size = Field(
+        default=256 * 2**30, description="largest upload to POST /api/blobs (ollama create's files); larger get 413"
+    )
     fetch_image_urls: Strings = Field(
         default=(),
         description="hosts whose http(s) image URLs the server fetches; by default it fetches none (base64 only)",
@@ -282,6 +287,15 @@ class ModelConfig(_Frozen):
         le=32,
         description="tokens drafted per step when draft is set (0: off); a request's draft_num_predict option wins",
     )
+    template: Optional[str] = Field(
+        default=None,
+        description="a Jinja chat template used instead of the model's own (as tokenizer_config.json's "
+        "chat_template); Ollama's Go templates are not rendered",
+    )
+    messages: Annotated[tuple[Mapping[str, Any], ...], BeforeValidator(_strings, json_schema_input_type=list[Any])] = (
+        Field(default=(), description="conversation turns put before every chat's own (Ollama's MESSAGE lines)")
+    )
+    license: Strings = Field(default=(), description="license text(s) /api/show reports")
     max_pixels: int = Field(
         default=1024 * 1024,
         ge=28 * 28,
@@ -334,6 +348,45 @@ class ModelConfig(_Frozen):
         yield from super().__repr_args__()
 
 
+Extra = Callable[[], Mapping[str, ModelConfig]]
+
+
+class ModelTable(Mapping[str, ModelConfig]):
+    """`Config.models`: the file's models, then the models created over the API (/api/create, /api/copy).
+
+    The file's part never changes. The created part is read live from whatever the server attached (its registry
+    of created models), so every holder of the config — the API, the catalog, the engine's stages — sees a model
+    the moment it is created, without being handed a new config. A file name always wins over a created one.
+    """
+
+    def __init__(self, models: Mapping[str, ModelConfig]) -> None:
+        self._file = dict(models)
+        self._extra: Extra = dict
+
+    def attach(self, extra: Extra) -> None:
+        """Serve the models `extra()` returns as well (called once, by the server that owns the registry)."""
+        self._extra = extra
+
+    def configured(self, name: str) -> bool:
+        """Whether `name` is a key in the file (such a model cannot be replaced by a created one)."""
+        return name in self._file
+
+    def __getitem__(self, name: str) -> ModelConfig:
+        if name in self._file:
+            return self._file[name]
+        return self._extra()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._file
+        yield from (name for name in self._extra() if name not in self._file)
+
+    def __len__(self) -> int:
+        return len(self._file) + sum(1 for name in self._extra() if name not in self._file)
+
+    def __repr__(self) -> str:
+        return f"ModelTable({dict(self)!r})"
+
+
 class Config(_Frozen):
     """models.yaml: the models this server serves, and how it serves them."""
 
@@ -363,12 +416,31 @@ class Config(_Frozen):
     @field_validator("models", mode="after")
     @classmethod
     def _named_by_key(cls, models: Mapping[str, ModelConfig]) -> Mapping[str, ModelConfig]:
-        return {key: model.renamed(key) for key, model in models.items()}
+        return ModelTable({key: model.renamed(key) for key, model in models.items()})
+
+    @field_serializer("models", mode="wrap")
+    def _models_as_dict(self, models: Mapping[str, ModelConfig], handler: SerializerFunctionWrapHandler) -> Any:
+        return handler(dict(models))
 
     @property
     def path(self) -> Optional[Path]:
         """The file this config was read from (None when built in code)."""
         return self._path
+
+    def attach_created(self, extra: Extra) -> None:
+        """Serve the models `extra()` returns beside the file's (the registry of created models: ModelTable)."""
+        self._table.attach(extra)
+
+    def in_file(self, name: str) -> bool:
+        """Whether `name` is a key under the file's `models` (not a created model)."""
+        return self._table.configured(name)
+
+    @property
+    def _table(self) -> ModelTable:
+        models = self.models
+        if not isinstance(models, ModelTable):  # model_construct() skips the validator that builds it
+            raise TypeError("this Config was built without validation: its models cannot take created ones")
+        return models
 
     def keep_alive_for(self, name: str, requested: Optional[float] = None) -> float:
         """Ollama's order: the request's keep_alive, else the model's, else the server's."""

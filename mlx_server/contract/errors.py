@@ -71,6 +71,12 @@ class ModelBusy(MlxServerError):
     anthropic_type = "invalid_request_error"
 
 
+class ModelExists(MlxServerError):
+    """A create or copy would replace a model models.yaml names."""
+
+    status = 409
+
+
 class PayloadTooLarge(MlxServerError):
     status = 413
     openai_type = "invalid_request_error"
@@ -124,6 +130,12 @@ class RequestTimeout(MlxServerError):
     status = 504
     openai_type = "timeout_error"
     anthropic_type = "api_error"
+
+
+class InsufficientStorage(MlxServerError):
+    """Not enough disk space to store what the request sends (an uploaded blob)."""
+
+    status = 507
 
 
 class InternalError(MlxServerError):

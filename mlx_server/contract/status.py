@@ -162,5 +162,8 @@ class EngineClient(Protocol):
 
     def preload(self, names: Sequence[str]) -> None: ...
 
+    def forget(self, name: str) -> None:
+        """`name`'s files changed (a created model was replaced or deleted): read them again on its next use."""
+
     def observe(self, observer: Observer) -> None:
         """Call `observer` for every event (on the inference thread; it must be quick and must not raise)."""

@@ -155,6 +155,9 @@ class Engine:
 
         self.preparer.executor.submit(prepare_then_load)
 
+    def forget(self, name: str) -> None:
+        self.preparer.forget(name)
+
     # ---- requests -----------------------------------------------------------------------------------------
 
     def submit(self, request: EngineRequest, sink: Sink) -> None:

@@ -16,6 +16,7 @@ import httpx
 
 from mlx_server.config.load import DEFAULT_PORT, Config
 from mlx_server.models.info import InfoCache
+from mlx_server.models.registry import Registry
 from mlx_server.models.sources import locate
 
 ReadLine = Callable[[str], Optional[str]]
@@ -150,7 +151,9 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _list_rows_from_disk(config: Config) -> list[list[str]]:
-    """What /api/tags would list: each model on disk, then each alias of one (as the server lists them)."""
+    """What /api/tags would list: each model on disk (created ones included), then each alias of one (as the
+    server lists them)."""
+    config.attach_created(Registry(config.server.cache_dir).models)
     infos = InfoCache()
     cfg_dir = config.path.parent if config.path else None
     rows: dict[str, list[str]] = {}

@@ -75,6 +75,7 @@ class FakeEngine:
     def __init__(self, script: Optional[Script] = None, *, prompt_tokens: int = 12, cached_tokens: int = 0,
                  refuse: Optional[MlxServerError] = None) -> None:
         self.observers: list[Observer] = []
+        self.forgotten: list[str] = []
         self.running = False
         self.draining = False
         self.reset(script, prompt_tokens=prompt_tokens, cached_tokens=cached_tokens, refuse=refuse)
@@ -104,6 +105,9 @@ class FakeEngine:
 
     def preload(self, names: Sequence[str]) -> None:
         pass
+
+    def forget(self, name: str) -> None:
+        self.forgotten.append(name)
 
     def observe(self, observer: Observer) -> None:
         self.observers.append(observer)

@@ -126,6 +126,7 @@ class Endpoint:
     names_model: bool = False  # a POST naming a model: the fallback proxies it when the model is not ours
     listing: bool = False  # a model listing: the fallback appends the upstream's models
     rate_limited: bool = False  # costs engine work: counted by the per-client rate limit
+    upload: bool = False  # a raw body streamed to disk: capped by server.max_blob_bytes, not max_body_bytes
     streams: bool = False
 
 

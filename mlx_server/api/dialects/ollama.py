@@ -26,6 +26,7 @@ from mlx_server.api.dialects.options import OLLAMA_DEFAULTS
 from mlx_server.api.dialects.sampling import resolve_sampling
 from mlx_server.api.dialects.templates import render_go_template
 from mlx_server.config.load import parse_duration
+from mlx_server.config.tree import ModelConfig
 from mlx_server.contract.errors import BadRequest, MlxServerError
 from mlx_server.contract.requests import ChatMessage, EngineRequest, GenerateRequest, LoadRequest, UnloadRequest
 
@@ -301,17 +302,37 @@ async def show(request: Request) -> Response:
     if info.embedding is not None:  # inputs are cut there: sentence-transformers' length, or less if configured
         ctx_len = min(cfg.context_length or info.embedding.max_length, info.embedding.max_length)
     model_info[f"{info.family}.context_length"] = ctx_len
-    return JSONResponse(
-        {
-            "modelfile": f"# served by mlx-server\nFROM {cfg.source}\n",
-            "parameters": params,
-            "template": info.template,
-            "details": info.details(),
-            "model_info": model_info,
-            "capabilities": info.capabilities,
-            "modified_at": rfc3339(info.modified),
-        }
-    )
+    shown: dict[str, Any] = {
+        "modelfile": modelfile(cfg),
+        "parameters": params,
+        "template": cfg.template or info.template,
+        "details": info.details(),
+        "model_info": model_info,
+        "capabilities": info.capabilities,
+        "modified_at": rfc3339(info.modified),
+    }
+    if cfg.system is not None:
+        shown["system"] = cfg.system
+    if cfg.license:
+        shown["license"] = "\n".join(cfg.license)
+    if cfg.messages:
+        shown["messages"] = [dict(m) for m in cfg.messages]
+    return JSONResponse(shown)
+
+
+def modelfile(cfg: ModelConfig) -> str:
+    """The model as an Ollama Modelfile: FROM, then each layer that is set."""
+    lines = ["# served by mlx-server", f"FROM {cfg.source}"]
+    if cfg.template:
+        lines.append(f'TEMPLATE """{cfg.template}"""')
+    if cfg.system is not None:
+        lines.append(f'SYSTEM """{cfg.system}"""')
+    for key, value in cfg.options.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            lines.append(f"PARAMETER {key} {json.dumps(item) if isinstance(item, str) else item}")
+    lines.extend(f"MESSAGE {m.get('role')} {json.dumps(m.get('content', ''))}" for m in cfg.messages)
+    lines.extend(f'LICENSE """{text}"""' for text in cfg.license)
+    return "\n".join(lines) + "\n"
 
 
 async def ps(request: Request) -> Response:

@@ -11,8 +11,9 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+from mlx_server.config.tree import ModelConfig
 from mlx_server.contract.errors import BadRequest, ContextTooLong
-from mlx_server.contract.requests import GenerateRequest
+from mlx_server.contract.requests import ChatMessage, GenerateRequest
 from mlx_server.engine.prepare.parsers import function_defs, template_text
 
 log = logging.getLogger("mlx_server.engine")
@@ -69,6 +70,36 @@ def with_default_system(req: GenerateRequest, system: Optional[str]) -> Generate
     if not system or req.system is not None or req.raw or any(m.role == "system" for m in req.messages or ()):
         return req
     return replace(req, system=system)
+
+
+def with_model_turns(req: GenerateRequest, model: ModelConfig) -> GenerateRequest:
+    """`req` with its model's default system prompt and its MESSAGE turns (models.yaml `messages`, /api/create's
+    `messages`) before the chat's own, after the chat's leading system turns (templates want system first)."""
+    req = with_default_system(req, model.system)
+    if not model.messages or req.messages is None or req.raw:
+        return req
+    turns = [ChatMessage(role=str(m.get("role", "user")), content=str(m.get("content", ""))) for m in model.messages]
+    lead = next((i for i, m in enumerate(req.messages) if m.role != "system"), len(req.messages))
+    return replace(req, messages=[*req.messages[:lead], *turns, *req.messages[lead:]])
+
+
+class TemplatedTokenizer:
+    """A tokenizer that renders with its model's configured chat template (`template`) instead of its own."""
+
+    def __init__(self, tokenizer: Any, template: str) -> None:
+        self._tokenizer = tokenizer
+        self.chat_template = template
+        self.has_chat_template = True
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tokenizer.apply_chat_template(*args, chat_template=self.chat_template, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+
+def templated(tokenizer: Any, model: ModelConfig) -> Any:
+    return TemplatedTokenizer(tokenizer, model.template) if model.template else tokenizer
 
 
 def template_shows_tools(tokenizer: Any) -> bool:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -31,7 +29,7 @@ from mlx_server.engine.loop.budget import pass_tokens
 from mlx_server.engine.prepare.constrained import Constraints
 from mlx_server.engine.prepare.embed_tokenizer import EmbedTokenizer
 from mlx_server.engine.prepare.images import ImageLimits, decode_images
-from mlx_server.engine.prepare.prompt import fit, prompt_text, render, render_fitting, with_default_system
+from mlx_server.engine.prepare.prompt import fit, prompt_text, render, render_fitting, templated, with_model_turns
 from mlx_server.engine.prepare.vision import (
     VisionProcessor,
     VisionPrompt,
@@ -43,6 +41,7 @@ from mlx_server.engine.prepare.vision import (
     vision_prompt,
     with_positions,
 )
+from mlx_server.models.children import ChildFailed, import_gguf_child
 from mlx_server.models.embedinfo import EmbeddingInfo, embedding_info
 from mlx_server.models.info import context_note, kv_bytes_per_token, native_context_length
 from mlx_server.models.rerankinfo import RerankInfo, rerank_info
@@ -143,6 +142,11 @@ class Preparer:
             if known is None:
                 known = self._files[name] = self._make_files(name)
             return known
+
+    def forget(self, name: str) -> None:
+        """Drop `name`'s files (a created model was replaced): its next request reads them again."""
+        with self._guard:
+            self._files.pop(name, None)
 
     def _make_files(self, name: str) -> ModelFiles:
         from mlx_lm.utils import load_tokenizer  # deferred: importing mlx_lm pulls in transformers
@@ -272,21 +276,23 @@ class Preparer:
             return self.prepare_vision(req)[0]  # its text tokenized as its processor does, BOS included
         if has_images(req):
             raise BadRequest(f'"{req.model}" does not support images')
-        req = with_default_system(req, self.config.models[req.model].system)
-        return prepare_request(req, files.tokenizer, files.context_length, files.constraints)
+        model = self.config.models[req.model]
+        req = with_model_turns(req, model)
+        return prepare_request(req, templated(files.tokenizer, model), files.context_length, files.constraints)
 
     def count(self, req: GenerateRequest) -> int:
         files = self.generation_files(req.model)
-        req = with_default_system(req, self.config.models[req.model].system)
+        model = self.config.models[req.model]
+        req = with_model_turns(req, model)
         if has_images(req) or files.vision is not None:
             return len(self.vision_prompt(req, files).tokens)
-        return len(render(req, files.tokenizer, req.model))
+        return len(render(req, templated(files.tokenizer, model), req.model))
 
     def prepare_vision(self, req: GenerateRequest) -> tuple[Prepared, VisionPrompt]:
         """Decode and check the images, place them by the template, expand them into the family's image tokens,
         fit the prompt and compile its grammar: raises BadRequest for the client's mistakes."""
         files = self.generation_files(req.model)
-        req = with_default_system(req, self.config.models[req.model].system)
+        req = with_model_turns(req, self.config.models[req.model])
         prompt = self.vision_prompt(req, files)
         fitted = fit(prompt.tokens, req, files.context_length, req.model)
         assert files.vision is not None
@@ -380,16 +386,12 @@ def import_in_child(gguf: Path, cache_dir: Path) -> Path:
     """Import a GGUF in a child process: conversion runs MLX, which only the inference thread may use here.
 
     The child returns at once when the import is already cached (its hash is remembered per path and mtime).
+    Its report (template in use, requantization error) is logged as it comes.
     """
-    done = subprocess.run(
-        [sys.executable, "-m", "mlx_server.convert.gguf", str(gguf), str(cache_dir)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        raise ModelLoadFailed(f"importing {gguf.name} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
-    for line in done.stderr.splitlines():  # the import's report: template in use, requantization error
-        log.info("%s: %s", gguf.name, line)
-    return Path(done.stdout.strip().splitlines()[-1])
+    try:
+        return import_gguf_child(gguf, cache_dir, on_line=lambda line: log.info("%s: %s", gguf.name, line))
+    except ChildFailed as exc:
+        raise ModelLoadFailed(f"importing {gguf.name} failed: {exc.message}") from None
 
 
 __all__ = ["ModelFiles", "Prepared", "PreparedEmbed", "Preparer", "import_in_child", "prepare_request"]
