@@ -142,7 +142,7 @@ async def _recipe(ctx: AppContext, body: dict[str, Any]) -> Recipe:
     if body.get("adapters"):
         raise BadRequest("adapters (LoRA) are not supported by this server's create")
     base_name = field_type(body, "from", str, "a string")
-    files = _files(ctx, body)
+    files = await asyncio.to_thread(_files, ctx, body)  # each digest is a stat: off the event loop
     if base_name and files:
         raise BadRequest("give either from or files, not both")
     if not base_name and not files:
