@@ -168,3 +168,19 @@ def test_created_models_survive_a_restart(tmp_path: Path, tiny_llama: Path) -> N
         assert client(again).delete("keeper").status == "success"
     with serve(make_config(tmp_path, models)) as third:
         assert {m.model for m in client(third).list().models} == {"tiny", "keeper-copy:latest"}
+
+
+def test_from_a_model_in_the_ollama_store_keeps_its_layers(tmp_path: Path, tiny_llama: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from support.ollama_store import add_model
+
+    root = tmp_path / "ollama"
+    add_model(root, "storemodel:1b", tiny_llama_gguf(tmp_path / "s.gguf"), params={"temperature": 0.3},
+              system="Be brief.")
+    monkeypatch.setenv("OLLAMA_MODELS", str(root))
+    with serve(make_config(tmp_path, {"tiny": {"source": str(tiny_llama)}})) as s:
+        client(s).create(model="mine", from_="storemodel:1b", parameters={"num_predict": 2})
+        shown = show(s, "mine")
+        assert shown["system"] == "Be brief." and shown["modelfile"].splitlines()[1] == "FROM ollama:storemodel:1b"
+        assert "temperature 0.3" in shown["parameters"] and "num_predict 2" in shown["parameters"]
+        assert chat(s, "mine").eval_count > 0
