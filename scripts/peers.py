@@ -23,15 +23,11 @@ runs as root, or a PeerError saying what to run. Each start gets a fresh empty H
 offline (HF_HUB_OFFLINE=1). Run it with this project's .venv python: our pins are the mlx / mlx-lm it has.
 
 Everything a build overrode, dropped or patched is in PeerEnv.notes / .dropped / .overridden / .patches.
-
-    .venv/bin/python scripts/peers.py build [PEER ...]          # build (or reuse) and print what each needed
-    .venv/bin/python scripts/peers.py smoke [PEER ...]          # also start each on a tiny model, stream one chat
-    .venv/bin/python scripts/peers.py show                      # the recipes and the start commands
+A library for scripts/bench_peers.py, which is the command (`--build-only [--smoke]` builds and tries the venvs).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
@@ -760,36 +756,3 @@ def build_and_smoke(
             print(f"FAILED {exc}", flush=True)
             results.setdefault(name, {})["error"] = str(exc)
     return results, failed
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["build", "smoke", "show"])
-    ap.add_argument("peers", nargs="*", help=f"default: all ({', '.join(RECIPES)})")
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    ap.add_argument("--force", action="store_true", help="rebuild even when the cached venv's recipe matches")
-    ap.add_argument("--json", type=Path, help="write the results here")
-    args = ap.parse_args(argv)
-    peers = args.peers or list(RECIPES)
-    unknown = [p for p in peers if p not in RECIPES]
-    if unknown:
-        ap.error(f"unknown peer(s) {unknown}; known: {list(RECIPES)}")
-    if args.action == "show":
-        for p in peers:
-            r = RECIPES[p]
-            print(
-                f"{p}: {r.package}, pins {recipe_pins(r)}, drop {r.drop}, nodeps {r.nodeps}, cpu torch "
-                f"{r.cpu_torch}, system {r.system}, patches {r.patches}\n  "
-                f"{' '.join(command(p, Path('MODEL_DIR'), 8000, cache=args.cache))}"
-            )
-        return 0
-    results, failed = build_and_smoke(peers, cache=args.cache, force=args.force, smoke_test=args.action == "smoke")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    if failed:
-        print(f"\n{len(failed)} peer(s) failed: {', '.join(failed)}")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

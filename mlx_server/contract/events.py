@@ -28,13 +28,35 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a tool call as the model writes it, for dialects that stream calls (Anthropic, OpenAI, Responses).
+
+    Every call comes as pieces under one `index` (0, 1, … over the reply's calls): the first carries the name,
+    the rest the arguments' JSON text, in order. Where the model's format lets arguments be read while they are
+    written, they come as they are generated (whitespace outside strings dropped); otherwise they come in one
+    piece when the call is complete. A call that parses also comes whole in `Delta.tool_calls`, and then its
+    pieces joined are JSON whose value equals its arguments. A call that turns out not to parse gets no whole call
+    and no further pieces: its text comes out as content, as an unparseable call always has.
+    """
+
+    index: int
+    name: str = ""  # on the call's first piece only
+    arguments: str = ""  # the next piece of the arguments' JSON text
+
+
+@dataclass(frozen=True)
 class Delta:
-    """Newly decoded output. `content` and `thinking` never contain stop strings or partial UTF-8."""
+    """Newly decoded output. `content` and `thinking` never contain stop strings or partial UTF-8.
+
+    `tool_calls` are complete, validated calls in Ollama's shape (Ollama and non-streaming replies use them);
+    `tool_call_deltas` are the same calls piece by piece as they are generated (streaming replies use them).
+    """
 
     request_id: int
     content: str = ""
     thinking: str = ""
     tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_deltas: tuple[ToolCallDelta, ...] = ()
     tokens: int = 0  # generated tokens this delta accounts for
     logprobs: tuple[TokenLogprob, ...] = ()
 

@@ -14,6 +14,8 @@ this machine.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -23,7 +25,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 from mlx_server.config.load import ModelConfig, default_cache_dir
 from mlx_server.models.ollama_store import OllamaError, read_manifest
@@ -160,6 +162,26 @@ def extract_zip(zip_path: Path, cache_dir: Path) -> Path:
     if done is not None:
         return done
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.parent):
+        return _extract_locked(zip_path, target)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """The folder's flock, held while one extraction checks, builds and renames (threads and processes alike):
+    without it a second extraction could see no finished copy, then remove the one that landed meanwhile."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _extract_locked(zip_path: Path, target: Path) -> Path:
+    done = _extracted_root(target)
+    if done is not None:
+        return done
     remove_stale_tmp_dirs(target.parent, target.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:

@@ -16,11 +16,11 @@ from starlette.responses import Response
 from mlx_server.api.context import Collected
 from mlx_server.api.dialects.base import Call, Generation, Incoming, named_model
 from mlx_server.api.dialects.bodies import CountTokensBody, MessagesBody, validated
-from mlx_server.api.dialects.compat import json_dumps, new_id
+from mlx_server.api.dialects.compat import json_dumps, new_id, tool_pieces
 from mlx_server.api.dialects.images import IMAGE_TAG, anthropic_image
 from mlx_server.api.dialects.sampling import ANTHROPIC_DEFAULTS, resolve_sampling
 from mlx_server.contract.errors import BadRequest, MlxServerError
-from mlx_server.contract.events import Delta, Done, Event, Failed, Started, Usage
+from mlx_server.contract.events import Delta, Done, Event, Failed, Started, ToolCallDelta, Usage
 from mlx_server.contract.requests import ChatMessage, CountTokensRequest, GenerateRequest, ToolChoice
 
 # ---- request translation ------------------------------------------------------------------------------------
@@ -266,49 +266,68 @@ def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:
     return ServerSentEvent(data=json_dumps({"type": name, **data}), event=name)
 
 
-def _blocks_of(delta: Delta, index: int, block: Optional[str]) -> tuple[list[ServerSentEvent], int, Optional[str]]:
-    """The events for one delta, given the open content block; returns them with the new index and open block."""
-    out = []
-    for kind, text in (("thinking", delta.thinking), ("text", delta.content)):
-        if not text:
-            continue
-        if block != kind:
-            if block is not None:
-                out.append(_event("content_block_stop", {"index": index}))
-            index, block = index + 1, kind
+class _Blocks:
+    """The stream's content blocks: which one is open (thinking, text or a tool call) and its index."""
+
+    def __init__(self) -> None:
+        self.index = -1
+        self.block: Optional[str] = None  # "thinking", "text" or "tool_use"
+        self.call: Optional[int] = None  # the open tool_use block's call (ToolCallDelta.index)
+
+    def close(self) -> list[ServerSentEvent]:
+        if self.block is None:
+            return []
+        self.block, self.call = None, None
+        return [_event("content_block_stop", {"index": self.index})]
+
+    def _open(self, kind: str, start: dict[str, Any]) -> list[ServerSentEvent]:
+        out = self.close()
+        self.index, self.block = self.index + 1, kind
+        return [*out, _event("content_block_start", {"index": self.index, "content_block": start})]
+
+    def text(self, kind: str, text: str) -> list[ServerSentEvent]:
+        out = []
+        if self.block != kind:
             start = (
                 {"type": "thinking", "thinking": "", "signature": ""}
                 if kind == "thinking"
                 else {"type": "text", "text": ""}
             )
-            out.append(_event("content_block_start", {"index": index, "content_block": start}))
+            out = self._open(kind, start)
         piece = (
             {"type": "thinking_delta", "thinking": text} if kind == "thinking" else {"type": "text_delta", "text": text}
         )
-        out.append(_event("content_block_delta", {"index": index, "delta": piece}))
-    for call in delta.tool_calls:
-        if block is not None:
-            out.append(_event("content_block_stop", {"index": index}))
-        index, block = index + 1, None
-        use = tool_use(call)
-        out.append(_event("content_block_start", {"index": index, "content_block": {**use, "input": {}}}))
-        out.append(
-            _event(
-                "content_block_delta",
-                {"index": index, "delta": {"type": "input_json_delta", "partial_json": json_dumps(use["input"])}},
-            )
-        )
-        out.append(_event("content_block_stop", {"index": index}))
-    return out, index, block
+        return [*out, _event("content_block_delta", {"index": self.index, "delta": piece})]
+
+    def tool(self, piece: ToolCallDelta) -> list[ServerSentEvent]:
+        """A tool_use block opens on its call's first piece (the name, with `input: {}`); the arguments follow
+        as input_json_delta pieces; the block closes when anything else starts."""
+        out = []
+        if self.call != piece.index:
+            out = self._open("tool_use", {"type": "tool_use", "id": new_id("toolu_"), "name": piece.name, "input": {}})
+            self.call = piece.index
+        if piece.arguments:
+            delta = {"type": "input_json_delta", "partial_json": piece.arguments}
+            out.append(_event("content_block_delta", {"index": self.index, "delta": delta}))
+        return out
+
+    def delta(self, delta: Delta) -> list[ServerSentEvent]:
+        before, after = tool_pieces(delta, self.call)
+        out = [frame for piece in before for frame in self.tool(piece)]
+        for kind, text in (("thinking", delta.thinking), ("text", delta.content)):
+            if text:
+                out += self.text(kind, text)
+        return out + [frame for piece in after for frame in self.tool(piece)]
 
 
 async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -> AsyncGenerator[Any, None]:
     """message_start, then one content block per run of text / thinking / tool_use, message_delta, message_stop.
 
-    The input token count in message_start comes from the engine's Started event, the first one.
+    The input token count in message_start comes from the engine's Started event, the first one. Tool calls
+    stream from their pieces (Delta.tool_call_deltas): the whole calls in Delta.tool_calls are the same calls.
     """
-    mid, index = new_id("msg_"), -1
-    block: Optional[str] = None  # type of the open content block
+    mid = new_id("msg_")
+    blocks = _Blocks()
     opened = False
     async for event in events:
         if not opened:
@@ -321,12 +340,11 @@ async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -
             yield _event("message_start", {"message": message_json(mid, incoming.requested, [], None, usage)})
             yield _event("ping", {})
         if isinstance(event, Delta):
-            frames, index, block = _blocks_of(event, index, block)
-            for frame in frames:
+            for frame in blocks.delta(event):
                 yield frame
         elif isinstance(event, Done):
-            if block is not None:
-                yield _event("content_block_stop", {"index": index})
+            for frame in blocks.close():
+                yield frame
             yield _event(
                 "message_delta",
                 {

@@ -10,6 +10,7 @@ import uuid
 from typing import Any, Optional
 
 from mlx_server.contract.errors import BadRequest
+from mlx_server.contract.events import Delta, ToolCallDelta
 
 
 def new_id(prefix: str) -> str:
@@ -43,4 +44,11 @@ def json_dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-__all__ = ["arguments_object", "effort_level", "json_dumps", "new_id"]
+def tool_pieces(delta: Delta, open_call: Optional[int]) -> tuple[list[ToolCallDelta], list[ToolCallDelta]]:
+    """A delta's tool-call pieces split in the order they were written: those of the call already open (written
+    before the delta's thinking and content), and the rest (calls that start in it, after its text)."""
+    before = [p for p in delta.tool_call_deltas if p.index == open_call]
+    return before, [p for p in delta.tool_call_deltas if p.index != open_call]
+
+
+__all__ = ["arguments_object", "effort_level", "json_dumps", "new_id", "tool_pieces"]

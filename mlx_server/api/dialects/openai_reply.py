@@ -16,9 +16,9 @@ from starlette.responses import Response
 
 from mlx_server.api.context import Collected
 from mlx_server.api.dialects.base import Call, Incoming
-from mlx_server.api.dialects.compat import json_dumps, new_id
+from mlx_server.api.dialects.compat import json_dumps, new_id, tool_pieces
 from mlx_server.contract.errors import ContextTooLong, MlxServerError, ModelNotFound
-from mlx_server.contract.events import Delta, Done, Event, Failed, TokenLogprob, Usage
+from mlx_server.contract.events import Delta, Done, Event, Failed, TokenLogprob, ToolCallDelta, Usage
 
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
@@ -47,17 +47,26 @@ def usage_json(usage: Usage) -> dict[str, Any]:
     }
 
 
-def tool_calls_json(calls: Any, start: int = 0, stream: bool = False) -> list[dict[str, Any]]:
+def tool_calls_json(calls: Any) -> list[dict[str, Any]]:
     out = []
-    for i, call in enumerate(calls):
+    for call in calls:
         fn = call["function"]
-        item = {
-            "id": call.get("id") or new_id("call_"),
-            "type": "function",
-            "function": {"name": fn["name"], "arguments": json_dumps(fn.get("arguments") or {})},
-        }
-        out.append({"index": start + i, **item} if stream else item)
+        out.append(
+            {
+                "id": call.get("id") or new_id("call_"),
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": json_dumps(fn.get("arguments") or {})},
+            }
+        )
     return out
+
+
+def tool_piece_json(piece: ToolCallDelta) -> dict[str, Any]:
+    """A streamed call's piece: the first names it (with an id), the rest carry only more of its arguments."""
+    if piece.name:
+        fn = {"name": piece.name, "arguments": piece.arguments}
+        return {"index": piece.index, "id": new_id("call_"), "type": "function", "function": fn}
+    return {"index": piece.index, "function": {"arguments": piece.arguments}}
 
 
 def _lp(text: str, logprob: float) -> dict[str, Any]:
@@ -102,9 +111,9 @@ def chunk_json(
     reply: Reply,
     created: int,
     delta: Optional[Delta],
-    tool_index: int,
     finish: Optional[str] = None,
     offset: int = 0,
+    piece: Optional[ToolCallDelta] = None,
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": 0}
     lps = logprobs_json(delta.logprobs, reply.legacy_logprobs, offset) if delta else None
@@ -114,8 +123,8 @@ def chunk_json(
             d["reasoning_content"] = delta.thinking
         if delta and delta.content:
             d["content"] = delta.content
-        if delta and delta.tool_calls:
-            d["tool_calls"] = tool_calls_json(delta.tool_calls, tool_index, stream=True)
+        if piece is not None:
+            d["tool_calls"] = [tool_piece_json(piece)]
         choice["delta"] = d
     else:
         choice["text"] = delta.content if delta else ""
@@ -129,22 +138,28 @@ def chunk_json(
 async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -> AsyncGenerator[Any, None]:
     reply: Reply = call.shape
     cid, created = new_id("chatcmpl-" if reply.chat else "cmpl-"), int(time.time())
-    tool_index, offset = 0, len(reply.echo)
+    offset, streaming = len(reply.echo), None  # the index of the tool call being streamed
     if reply.chat:
-        opening = chunk_json(cid, reply, created, None, 0)
+        opening = chunk_json(cid, reply, created, None)
         opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         yield {"data": json_dumps(opening)}
     elif reply.echo:
-        yield {"data": json_dumps(chunk_json(cid, reply, created, Delta(0, content=reply.echo), 0))}
+        yield {"data": json_dumps(chunk_json(cid, reply, created, Delta(0, content=reply.echo)))}
     async for event in events:
         if isinstance(event, Delta):
-            if event.content or event.thinking or event.tool_calls or event.logprobs:
-                yield {"data": json_dumps(chunk_json(cid, reply, created, event, tool_index, offset=offset))}
-            tool_index += len(event.tool_calls)
+            # Tool calls stream from their pieces (the whole calls in event.tool_calls are the same calls).
+            before, after = tool_pieces(event, streaming)
+            for piece in before:
+                yield {"data": json_dumps(chunk_json(cid, reply, created, None, piece=piece))}
+            if event.content or event.thinking or event.logprobs:
+                yield {"data": json_dumps(chunk_json(cid, reply, created, event, offset=offset))}
+            for piece in after:
+                yield {"data": json_dumps(chunk_json(cid, reply, created, None, piece=piece))}
+                streaming = piece.index
             offset += len(event.content)
         elif isinstance(event, Done):
             finish = FINISH.get(event.reason, "stop")
-            yield {"data": json_dumps(chunk_json(cid, reply, created, None, tool_index, finish))}
+            yield {"data": json_dumps(chunk_json(cid, reply, created, None, finish))}
             if reply.include_usage:
                 yield {
                     "data": json_dumps(

@@ -11,6 +11,7 @@ responses_store.py) unless the request said `store: false`.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, AsyncIterator, Optional
@@ -19,9 +20,9 @@ from sse_starlette.sse import ServerSentEvent
 
 from mlx_server.api.context import Collected
 from mlx_server.api.dialects.base import Call, Incoming
-from mlx_server.api.dialects.compat import json_dumps, new_id
+from mlx_server.api.dialects.compat import json_dumps, new_id, tool_pieces
 from mlx_server.contract.errors import MlxServerError
-from mlx_server.contract.events import Delta, Done, Event, Failed, Usage
+from mlx_server.contract.events import Delta, Done, Event, Failed, ToolCallDelta, Usage
 from mlx_server.contract.requests import ChatMessage
 
 ECHOED = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls", "previous_response_id")
@@ -91,15 +92,15 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def call_item(call: dict[str, Any], item_id: str, done: bool = True) -> dict[str, Any]:
+def call_item(call: dict[str, Any], item_id: str) -> dict[str, Any]:
     fn = call["function"]
     return {
         "id": item_id,
         "type": "function_call",
-        "status": "completed" if done else "in_progress",
+        "status": "completed",
         "call_id": call.get("id") or new_id("call_"),
         "name": fn["name"],
-        "arguments": json_dumps(fn.get("arguments") or {}) if done else "",
+        "arguments": json_dumps(fn.get("arguments") or {}),
     }
 
 
@@ -156,7 +157,7 @@ def _remember(incoming: Incoming, shape: Shape, response: dict[str, Any], out: O
     turn = ChatMessage("assistant", out.content, thinking=out.thinking or None, tool_calls=calls or None)
     # Calls carry the ids the client saw, so its function_call_output items match them on the next turn.
     for item, call in zip((i for i in response["output"] if i["type"] == "function_call"), calls, strict=False):
-        call["id"] = item["call_id"]
+        call["id"] = call["id"] or item["call_id"]  # streamed calls already carry theirs
     incoming.ctx.responses.put(response, shape.input_items, [*shape.conversation, turn])
 
 
@@ -197,8 +198,10 @@ class Events:
         self.shape = shape
         self.sequence = 0
         self.items: list[dict[str, Any]] = []  # finished items, in output order
-        self.open: Optional[str] = None  # "reasoning" or "message"
+        self.open: Optional[str] = None  # "reasoning", "message" or "function_call"
         self.open_id = ""
+        self.call: Optional[int] = None  # the open function_call's call (ToolCallDelta.index)
+        self.call_item: dict[str, Any] = {}
         self.out = Output()
 
     def event(self, kind: str, **data: Any) -> dict[str, str]:
@@ -241,34 +244,52 @@ class Events:
         )
         return frames
 
-    def calls(self, calls: tuple[dict[str, Any], ...]) -> list[dict[str, str]]:
-        frames = self.close()
-        for call in calls:
-            self.out.calls.append(call)
-            item_id = new_id("fc_")
-            added = call_item(call, item_id, done=False)
-            done = call_item(call, item_id)
-            done["call_id"] = added["call_id"]
-            index = self.index
-            frames += [
-                self.event("response.output_item.added", output_index=index, item=added),
+    def piece(self, piece: ToolCallDelta) -> list[dict[str, str]]:
+        """A function_call item opens on its call's first piece (name and call_id, arguments ""), and each piece
+        of the arguments is one arguments.delta; the item is done when anything else starts."""
+        frames = []
+        if self.open != "function_call" or self.call != piece.index:
+            frames = self.close()
+            self.open, self.open_id, self.call = "function_call", new_id("fc_"), piece.index
+            self.call_item = {
+                "id": self.open_id,
+                "type": "function_call",
+                "status": "in_progress",
+                "call_id": new_id("call_"),
+                "name": piece.name,
+                "arguments": "",
+            }
+            frames.append(self.event("response.output_item.added", output_index=self.index, item=self.call_item))
+        if piece.arguments:
+            self.call_item["arguments"] += piece.arguments
+            frames.append(
                 self.event(
                     "response.function_call_arguments.delta",
-                    item_id=item_id,
-                    output_index=index,
-                    delta=done["arguments"],
-                ),
-                self.event(
-                    "response.function_call_arguments.done",
-                    item_id=item_id,
-                    output_index=index,
-                    name=done["name"],
-                    arguments=done["arguments"],
-                ),
-                self.event("response.output_item.done", output_index=index, item=done),
-            ]
-            self.items.append(done)
+                    item_id=self.open_id,
+                    output_index=self.index,
+                    delta=piece.arguments,
+                )
+            )
         return frames
+
+    def _close_call(self) -> list[dict[str, str]]:
+        item, index = self.call_item, self.index
+        arguments = _loads(item["arguments"])
+        done = {**item, "status": "completed" if isinstance(arguments, dict) else "incomplete"}
+        if isinstance(arguments, dict):  # an unfinished call (cut off by the token budget) is not part of the turn
+            self.out.calls.append({"id": item["call_id"], "function": {"name": item["name"], "arguments": arguments}})
+        self.items.append(done)
+        self.open, self.call = None, None
+        return [
+            self.event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                name=item["name"],
+                arguments=item["arguments"],
+            ),
+            self.event("response.output_item.done", output_index=index, item=done),
+        ]
 
     def _open(self, kind: str, prefix: str) -> list[dict[str, str]]:
         self.open, self.open_id = kind, new_id(prefix)
@@ -292,6 +313,8 @@ class Events:
         """Finish the open reasoning or message item, if any."""
         if self.open is None:
             return []
+        if self.open == "function_call":
+            return self._close_call()
         index, item_id = self.index, self.open_id
         frames = []
         if self.open == "reasoning":
@@ -347,12 +370,16 @@ async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -
     async for event in events:
         frames: list[dict[str, str]] = []
         if isinstance(event, Delta):
+            # Calls stream from their pieces (the whole calls in event.tool_calls are the same calls).
+            before, after = tool_pieces(event, stream.call)
+            for piece in before:
+                frames += stream.piece(piece)
             if event.thinking:
                 frames += stream.thinking(event.thinking, 0 if event.content else event.tokens)
             if event.content:
                 frames += stream.content(event.content)
-            if event.tool_calls:
-                frames += stream.calls(event.tool_calls)
+            for piece in after:
+                frames += stream.piece(piece)
         elif isinstance(event, Done):
             frames += stream.close()
             status = _status(event.reason)
@@ -367,6 +394,13 @@ async def encode(incoming: Incoming, call: Call, events: AsyncIterator[Event]) -
             frames.append(stream.event("response.failed", response=response))
         for frame in frames:
             yield frame
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def error_frame(exc: MlxServerError) -> bytes:

@@ -185,6 +185,7 @@ class SequenceOutput:
             content=pending.content + delta.content,
             thinking=pending.thinking + delta.thinking,
             tool_calls=pending.tool_calls + delta.tool_calls,
+            tool_call_deltas=pending.tool_call_deltas + delta.tool_call_deltas,
             tokens=pending.tokens + delta.tokens,
             logprobs=pending.logprobs + delta.logprobs,
         )
@@ -197,6 +198,7 @@ class SequenceOutput:
             content=parts.content,
             thinking=parts.thinking,
             tool_calls=tuple(parts.tool_calls),
+            tool_call_deltas=tuple(parts.tool_call_deltas),
             tokens=self._tokens,
             logprobs=tuple(self._lps),
         )

@@ -3,7 +3,9 @@
 Markers (`<think>`, `</think>`, `<tool_call>`, …) may arrive split across tokens, so any tail that could still
 grow into a marker is held back until it cannot. Text inside a tool-call block is never released as content:
 the block is parsed when it closes (or when generation ends, for formats without an end marker) and comes out
-as one tool call in the engine contract's Ollama shape `{"function": {"name", "arguments": {...}}}`.
+as one tool call in the engine contract's Ollama shape `{"function": {"name", "arguments": {...}}}`. Meanwhile
+the calls' pieces (name, then arguments as they are written, where the format allows: engine/prepare/toolstream.py)
+come out as ToolCallDeltas for the dialects that stream calls.
 
 Tool formats come from mlx_lm where it knows the model family (its TokenizerWrapper infers a parser from the chat
 template: json_tools for Qwen2.5-style `<tool_call>{json}</tool_call>`, mistral for `[TOOL_CALLS]`, …). Llama 3
@@ -20,7 +22,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from mlx_server.contract.events import ToolCallDelta
 from mlx_server.contract.requests import GenerateRequest
+from mlx_server.engine.prepare.toolstream import STREAMED_FORMATS, CallStreamer
 
 log = logging.getLogger("mlx_server.engine.prepare.parsers")
 
@@ -44,15 +48,17 @@ class Parts:
     content: str = ""
     thinking: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_call_deltas: list[ToolCallDelta] = field(default_factory=list)
 
     def __iadd__(self, other: "Parts") -> "Parts":
         self.content += other.content
         self.thinking += other.thinking
         self.tool_calls.extend(other.tool_calls)
+        self.tool_call_deltas.extend(other.tool_call_deltas)
         return self
 
     def __bool__(self) -> bool:
-        return bool(self.content or self.thinking or self.tool_calls)
+        return bool(self.content or self.thinking or self.tool_calls or self.tool_call_deltas)
 
 
 # ---- tool call payloads -------------------------------------------------------------------------------------
@@ -218,6 +224,19 @@ class OutputSplitter:
         self._strip = self.state == "thinking"  # drop leading whitespace of the next block
         self._at_start = True  # nothing visible released yet (Llama 3 JSON detection)
         self.made_tool_calls = False
+        names = {d["name"] for d in function_defs(tool_defs) if isinstance(d.get("name"), str)}
+        self._tool_names = frozenset(names) if names else None
+        self._calls = self._streamer(0)  # the open tool block's reader
+
+    def _streamer(self, first: Optional[int] = None) -> CallStreamer:
+        """A reader for the next tool block; its calls are numbered on from the last block's."""
+        streamed = self.tools is not None and self.tools.name in STREAMED_FORMATS
+        start = self._calls.next_index if first is None else first
+        return CallStreamer(start, self._tool_names, enabled=streamed)
+
+    def _tool_text_add(self, text: str) -> Parts:
+        self._tool_text += text
+        return Parts(tool_call_deltas=self._calls.feed(text))
 
     # ---- public --------------------------------------------------------------------------------------------
 
@@ -261,8 +280,9 @@ class OutputSplitter:
             if not head and not final:
                 return Parts()  # only whitespace so far: a JSON call may still follow
             if head.startswith("{"):
-                self.state, self._tool_text, self._buf = "tool", head, ""
-                return Parts()
+                self.state, self._tool_text, self._buf = "tool", "", ""
+                self._calls = self._streamer()
+                return self._tool_text_add(head)
             self._at_start = False
         starts = self._starts()
         hits = [(i, m) for m in starts if (i := self._buf.find(m)) >= 0]
@@ -274,6 +294,7 @@ class OutputSplitter:
                 self.state, self._strip = "thinking", True
             else:
                 self.state, self._tool_text = "tool", ""
+                self._calls = self._streamer()
             return Parts(content=text)
         hold = 0 if final else _partial_suffix(self._buf, starts)
         text, self._buf = self._buf[: len(self._buf) - hold], self._buf[len(self._buf) - hold :]
@@ -313,16 +334,18 @@ class OutputSplitter:
         if end:
             i = self._buf.find(end)
             if i >= 0:
-                self._tool_text += self._buf[:i]
-                self._buf = self._buf[i + len(end) :]
-                return self._close_tool(closed=True)
+                text, self._buf = self._buf[:i], self._buf[i + len(end) :]
+                out = self._tool_text_add(text)
+                out += self._close_tool(closed=True)
+                return out
             hold = 0 if final else _partial_suffix(self._buf, [end])
-            self._tool_text += self._buf[: len(self._buf) - hold]
-            self._buf = self._buf[len(self._buf) - hold :]
+            text, self._buf = self._buf[: len(self._buf) - hold], self._buf[len(self._buf) - hold :]
         else:
-            self._tool_text += self._buf
-            self._buf = ""
-        return self._close_tool(closed=False) if final else Parts()
+            text, self._buf = self._buf, ""
+        out = self._tool_text_add(text)
+        if final:
+            out += self._close_tool(closed=False)
+        return out
 
     def _close_tool(self, closed: bool) -> Parts:
         assert self.tools is not None
@@ -333,9 +356,9 @@ class OutputSplitter:
         except Exception as exc:  # noqa: BLE001 - a malformed call is model output, not a server fault
             log.info("unparseable %s tool call, returned as text: %s", self.tools.name, exc)
             raw = text if self.tools.leading_json else f"{self.tools.start}{text}{self.tools.end if closed else ''}"
-            return Parts(content=raw)
+            return Parts(content=raw)  # pieces already sent stay an unfinished call (see ToolCallDelta)
         self.made_tool_calls = True
-        return Parts(tool_calls=calls)
+        return Parts(tool_calls=calls, tool_call_deltas=self._calls.finish(calls))
 
 
 __all__ = [

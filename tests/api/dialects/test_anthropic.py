@@ -147,10 +147,20 @@ def test_tool_use(client: anthropic.Anthropic) -> None:
 
     with client.messages.stream(model="tiny", messages=HI, max_tokens=80, tools=[WEATHER],
                                 tool_choice={"type": "any"}) as stream:
-        kinds = [e.type for e in stream]
+        events = list(stream)
         final = stream.get_final_message()
-    assert "input_json" in kinds
+    assert "input_json" in [e.type for e in events]
     assert final.stop_reason == "tool_use" and final.content[-1].input == {"city": "Paris"}
+    # The arguments stream as they are generated: the block opens with the name and an empty input, then the
+    # JSON comes in several pieces that join to the final input.
+    [start] = [e for e in events if e.type == "content_block_start" and e.content_block.type == "tool_use"]
+    assert start.content_block.name == "get_weather" and start.content_block.input == {}
+    assert start.content_block.id.startswith("toolu_")
+    pieces = [e.delta.partial_json for e in events if e.type == "content_block_delta" and e.index == start.index]
+    assert len(pieces) > 2 and "".join(pieces) == json.dumps({"city": "Paris"}, separators=(",", ":"))
+    stops = [e for e in events if e.type == "content_block_stop" and e.index == start.index]
+    assert len(stops) == 1 and events.index(stops[0]) > max(i for i, e in enumerate(events)
+                                                           if e.type == "content_block_delta")
 
 
 def test_tool_results_reach_the_template(client: anthropic.Anthropic) -> None:

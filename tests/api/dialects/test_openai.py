@@ -215,8 +215,16 @@ def test_streamed_tool_call(client: openai.OpenAI) -> None:
     chunks = list(client.chat.completions.create(model="tiny", messages=HI, max_tokens=80, tools=[WEATHER_TOOL],
                                                  tool_choice="required", stream=True))
     calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].index == 0 and calls[0].id
-    assert calls[0].function.name == "get_weather" and json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    # The first chunk names the call (index, id, type, name, arguments ""); the arguments follow as they are
+    # generated, in several chunks that carry only more of them, and join to the non-streamed call's arguments.
+    first, *rest = calls
+    assert first.index == 0 and first.id and first.type == "function" and first.function.name == "get_weather"
+    assert first.function.arguments == "" and len(rest) > 2
+    assert all(tc.index == 0 and tc.id is None and tc.function.name is None for tc in rest)
+    joined = "".join(tc.function.arguments for tc in rest)
+    whole = client.chat.completions.create(model="tiny", messages=HI, max_tokens=80, tools=[WEATHER_TOOL],
+                                           tool_choice="required").choices[0].message.tool_calls
+    assert whole is not None and joined == whole[0].function.arguments and json.loads(joined) == {"city": "Paris"}
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 

@@ -120,6 +120,52 @@ def test_a_forced_call_and_its_output_continue_the_stored_conversation(client: o
     assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
 
 
+def test_a_streamed_call_sends_its_arguments_as_they_are_generated(client: openai.OpenAI) -> None:
+    events = list(client.responses.create(
+        model="tiny",
+        input="What is the weather in Paris?",
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "get_weather"},
+        temperature=0,
+        max_output_tokens=40,
+        stream=True,
+    ))
+    kinds = [e.type for e in events]
+    [added] = [e for e in events if e.type == "response.output_item.added" and e.item.type == "function_call"]
+    assert added.item.name == "get_weather" and added.item.arguments == "" and added.item.call_id
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 2 and all(e.item_id == added.item.id for e in deltas)
+    joined = "".join(e.delta for e in deltas)
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    [item_done] = [e for e in events if e.type == "response.output_item.done" and e.item.type == "function_call"]
+    assert done.arguments == joined == item_done.item.arguments and "city" in json.loads(joined)
+    assert kinds.index("response.output_item.added") < kinds.index("response.function_call_arguments.delta")
+    assert kinds.index("response.function_call_arguments.done") < kinds.index("response.output_item.done")
+    completed = events[-1]
+    assert completed.type == "response.completed"
+    [call] = [i for i in completed.response.output if i.type == "function_call"]
+    assert call.arguments == joined and call.call_id == added.item.call_id
+    whole = client.responses.create(
+        model="tiny",
+        input="What is the weather in Paris?",
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "get_weather"},
+        temperature=0,
+        max_output_tokens=40,
+    )
+    assert [i.arguments for i in whole.output if i.type == "function_call"] == [joined]
+    # the stored turn carries the streamed call, so its output continues the conversation
+    second = client.responses.create(
+        model="tiny",
+        previous_response_id=completed.response.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}],
+        tools=[WEATHER],  # type: ignore[list-item]
+        temperature=0,
+        max_output_tokens=4,
+    )
+    assert second.status in ("completed", "incomplete")
+
+
 def test_json_schema_output_is_enforced(client: openai.OpenAI) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
               "additionalProperties": False}

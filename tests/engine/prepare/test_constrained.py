@@ -260,9 +260,12 @@ def test_openai_required_and_named_tool_choice_always_call(tool_server: Server, 
             assert call.function.name == "record_person"
     chunks = list(client.chat.completions.create(model=model, messages=ASK, tools=OFFERED, tool_choice="required",
                                                  max_tokens=160, seed=7, stream=True))
-    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].function and calls[0].function.name
-    check_call(calls[0].function.name, json.loads(calls[0].function.arguments or ""), model)
+    pieces = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    # As OpenAI streams a call: one index, the name in its first chunk, the arguments in pieces after it.
+    assert {tc.index for tc in pieces} == {0} and pieces[0].function and pieces[0].function.name
+    assert all(tc.function is None or not tc.function.name for tc in pieces[1:])
+    arguments = "".join((tc.function.arguments or "") for tc in pieces if tc.function)
+    check_call(pieces[0].function.name, json.loads(arguments), model)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 

@@ -16,7 +16,7 @@ from mlx_server.engine.model.output import LogprobReader, OutputStream, Sequence
 from mlx_server.engine.prepare.parsers import (GENERIC_JSON, OutputSplitter, Parts, ToolFormat, forced_tool_format, parse_llama3_json, request_tool_format, starts_in_thinking, think_markers, tool_format_for)
 from mlx_server.engine.engine import Engine
 from mlx_server.engine.prepare.prompt import render
-from mlx_server.contract.events import Event
+from mlx_server.contract.events import Event, ToolCallDelta
 from mlx_server.contract.requests import ChatMessage, GenerateRequest, ToolChoice
 from support.serving import Server, make_config, serve
 from support.thinking_model import build_thinking_model
@@ -128,10 +128,11 @@ def test_required_calls_are_forced_in_json_formats_only() -> None:
 
 def test_generic_json_call_is_one_tool_call_and_no_text() -> None:
     for out in split('{"name": "get_weather", "arguments": {"city": "Paris"}}', tools=GENERIC_JSON):
-        assert out == Parts(tool_calls=[PARIS])
+        assert (out.content, out.thinking, out.tool_calls) == ("", "", [PARIS])
+        assert "".join(p.arguments for p in out.tool_call_deltas) == '{"city":"Paris"}'
     for out in split('{"name": "get_weather", "arguments": {"city": "Tokyo"}}', tools=GENERIC_JSON,
                      think=THINK):
-        assert out == Parts(tool_calls=[TOKYO])
+        assert (out.content, out.thinking, out.tool_calls) == ("", "", [TOKYO])
 
 
 def test_request_tool_format_follows_tool_choice(qwen_tok: Any, tiny_llama3: Path) -> None:
@@ -209,6 +210,9 @@ def test_pipeline_over_real_tokens(qwen_tok: Any) -> None:
     assert "".join(d.thinking for d in deltas) == "hmm"
     assert "".join(d.content for d in deltas) == "Hi!"
     assert [c for d in deltas for c in d.tool_calls] == [PARIS]
+    pieces = [p for d in deltas for p in d.tool_call_deltas]
+    assert pieces[0] == ToolCallDelta(0, name="get_weather") and len(pieces) > 2  # the arguments come token by token
+    assert "".join(p.arguments for p in pieces) == '{"city":"Paris"}'
     assert out.made_tool_calls
 
 
