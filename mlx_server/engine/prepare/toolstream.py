@@ -101,14 +101,20 @@ class CallStreamer:
         index, self.next_index = self.next_index, self.next_index + 1
         return index
 
+    def _string_char(self, c: str) -> bool:
+        """One character inside a JSON string: escapes tracked; True when it closes the string."""
+        if self._escape:
+            self._escape = False
+        elif c == "\\":
+            self._escape = True
+        elif c == '"':
+            self._in_string = False
+            return True
+        return False
+
     def _in_arguments(self, c: str, call: _Call) -> None:
         if self._in_string:
-            if self._escape:
-                self._escape = False
-            elif c == "\\":
-                self._escape = True
-            elif c == '"':
-                self._in_string = False
+            self._string_char(c)
         elif c.isspace():
             return
         elif c == '"':
@@ -128,14 +134,8 @@ class CallStreamer:
         if self._in_string:
             if top:
                 self._string += c
-            if self._escape:
-                self._escape = False
-            elif c == "\\":
-                self._escape = True
-            elif c == '"':
-                self._in_string = False
-                if top:
-                    self._string_read(self._string)
+            if self._string_char(c) and top:
+                self._string_read(self._string)
             return
         if c == '"':
             self._in_string, self._string = True, c
