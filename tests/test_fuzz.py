@@ -158,7 +158,7 @@ NASTY: dict[str, st.SearchStrategy[Any]] = {
     "logprobs": st.one_of(huge, junk), "stop": st.one_of(junk, st.lists(text)), "num_ctx": huge,
     "template": st.one_of(junk, st.sampled_from(["{{ .Prompt", "{{ .Nope }}", "{{ range .Messages }}", "{{ end }}",
                                                  "{{ if }}{{ end }}", "{{ .System }}{{ .Prompt }}", "{{{{"])),
-    "raw": st.one_of(junk, st.booleans()), "images": junk, "suffix": st.one_of(junk, text), "echo": junk,
+    "raw": st.one_of(junk, st.booleans()), "shift": st.one_of(junk, st.booleans()), "images": junk, "suffix": st.one_of(junk, text), "echo": junk,
     "system": st.one_of(junk, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}))),
     "thinking": st.one_of(junk, st.sampled_from([{"type": "enabled", "budget_tokens": 2}, {"type": "disabled"}])),
     "output_config": st.one_of(junk, st.just({"format": {"type": "json_schema", "schema": {"type": "object"}}})),

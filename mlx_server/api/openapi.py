@@ -84,6 +84,7 @@ OLLAMA_COMMON: JSON = {
     "logprobs": BOOL,
     "top_logprobs": {**INT, "minimum": 0, "maximum": 20},
     "truncate": BOOL,
+    "shift": {**BOOL, "default": True, "description": "continue past a full window by dropping the oldest tokens"},
     "tools": {"type": "array"},
     "max_tokens": INT64,
     "temperature": {"type": "number"},

@@ -121,6 +121,11 @@ class GenerateRequest:
     # A prompt longer than the context: True cuts it as Ollama does (the oldest messages whole, system messages and
     # the latest kept; a raw prompt from the left); False refuses it (ContextTooLong), as OpenAI and Anthropic do.
     truncate: bool = True
+    # A generation that fills the window: True drops the oldest half of what follows the kept head (the system
+    # prompt, or `num_keep` tokens) and goes on, as Ollama's context shift does; False ends it with "length" (the
+    # window flag set), as OpenAI and Anthropic do. Ollama's default is true.
+    shift: bool = False
+    num_keep: Optional[int] = None  # Ollama's num_keep: tokens at the prompt's head a shift keeps (-1: the prompt)
     request_id: int = field(default_factory=next_request_id)
     created: float = field(default_factory=time.monotonic)  # arrival: Ollama's durations include queue and load
 

@@ -68,6 +68,6 @@ def test_body_and_json_limits(tiny_llama: Path, tmp_path: Path) -> None:
         r = httpx.post(f"{s.url}/api/generate", content=deep)
         assert r.status_code == 400 and "error" in r.json()
         r = httpx.post(f"{s.url}/api/generate", json={"model": "m", "prompt": "x", "stream": False,
-                                                      "options": {"num_predict": 10**12, "num_ctx": 10**12}}, timeout=120)
+                                                      "options": {"num_predict": 10**12, "num_ctx": 10**12}, "shift": False}, timeout=120)
         assert r.status_code == 200 and r.json()["eval_count"] <= 2048  # bounded by the model's context
         assert httpx.get(f"{s.url}/health").json()["status"] == "healthy"

@@ -183,6 +183,8 @@ def base_request(incoming: Incoming) -> GenerateRequest:
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         truncate=field_type(body, "truncate", bool, "a boolean") is not False,  # Ollama's default: true
+        shift=field_type(body, "shift", bool, "a boolean") is not False,  # Ollama's default: true
+        num_keep=resolved.num_keep,
         priority=incoming.priority,
         timeout=incoming.timeout,
         created=incoming.arrival,

@@ -78,7 +78,6 @@ NO_EFFECT = frozenset(
         "mirostat",
         "mirostat_tau",
         "mirostat_eta",
-        "num_keep",
         "num_batch",
         "num_gpu",
         "main_gpu",

@@ -48,6 +48,7 @@ class Resolved:
     num_ctx: Optional[int]  # None: the model's configured context length
     stop: tuple[str, ...]
     num_draft: Optional[int] = None  # draft_num_predict: tokens drafted per step; None = the model's num_draft
+    num_keep: Optional[int] = None  # tokens at the prompt's head a context shift keeps; None = the system prompt
 
 
 def _layer(merged: dict[str, Any], source: Mapping[str, Any], where: str) -> None:
@@ -106,6 +107,7 @@ def resolve_sampling(
         num_ctx,
         tuple(s for s in merged.get("stop") or () if s),
         num_draft,
+        merged.get("num_keep"),
     )
 
 

@@ -36,6 +36,8 @@ Clock = Callable[[], float]
 # A request's draft_num_predict beyond this is clamped: the verify pass grows with it (models.yaml's num_draft caps
 # at the same value).
 MAX_DRAFT = 32
+# Ollama's bound on a generation without num_predict that context shifts keep going: ten windows.
+SHIFT_WINDOWS = 10
 
 
 @dataclass
@@ -60,6 +62,11 @@ class Sequence:
     num_draft: int = 0  # tokens it drafts per step (0: it steps undrafted)
     drafted: int = 0
     accepted: int = 0
+    num_ctx: int = 0
+    keep: int = 0  # tokens at its prompt's head a context shift keeps
+    history: list[int] = field(default_factory=list)  # prompt and generated tokens, while it may shift
+    shifts: int = 0
+    grammar: bool = False  # constrained: its grammar processors count the tokens they were shown, so it cannot shift
 
 
 class GenerateWorker:
@@ -185,6 +192,10 @@ class GenerateWorker:
             key=key,
             rope_shift=vision.rope_delta if vision is not None else 0,
             num_draft=self._drafts_for(req),
+            num_ctx=prepared.num_ctx,
+            keep=prepared.keep,
+            grammar=bool(prepared.grammar),
+            history=list(tokens) if req.shift else [],
         )
         self.prefilling[req.request_id] = seq
         if cached == len(tokens) - 1:
@@ -313,12 +324,17 @@ class GenerateWorker:
             if seq.first_token_at is None:
                 seq.first_token_at = now
             seq.generated += 1
+            if seq.request.shift:
+                seq.history.append(r.token)
             eos = r.finish_reason == "stop"  # BatchGenerator only stops on our eos stop tokens
             delta = seq.out.add(r.token, r.logprobs, eos=eos)
             if seq.out.stopped:
                 finished.append(r.uid)
                 self._emit(seq, delta)
                 self._finish(seq, "stop", now)
+            elif r.finish_reason == "length" and self._shifts(seq):
+                self._emit(seq, delta)
+                self._shift(seq, r.prompt_cache, now)
             elif r.finish_reason is not None:
                 # The client's last token first: storing the cache evaluates a copy of its KV (~8 ms for 1,500
                 # tokens of a tiny model). Done after it, since Done may unload the model (keep_alive 0).
@@ -330,6 +346,63 @@ class GenerateWorker:
         if finished:
             self._remove(finished)
         return len(responses)
+
+    # ---- context shift (Ollama's `shift`) -----------------------------------------------------------------
+
+    def _limit(self, seq: Sequence) -> int:
+        """The most a shifting sequence generates: its max tokens, within ten windows (endless otherwise)."""
+        wanted = seq.request.max_tokens
+        bound = SHIFT_WINDOWS * seq.num_ctx
+        return min(wanted, bound) if wanted is not None and wanted > 0 else bound
+
+    def _shifts(self, seq: Sequence) -> bool:
+        """Whether a sequence its window ended goes on after a context shift (else it ends with "length")."""
+        if not seq.request.shift or seq.generated >= self._limit(seq):
+            return False
+        why = None
+        if seq.key is not None or seq.rope_shift:
+            why = "its images' features sit in the dropped part's positions"
+        elif seq.grammar:
+            why = "its grammar tracks every token it has generated"
+        elif seq.num_ctx - seq.keep < 4:
+            why = f"the kept head ({seq.keep} tokens) fills its window ({seq.num_ctx})"
+        if why is not None:
+            log.info("request %d reached num_ctx=%d and cannot shift: %s", seq.request.request_id, seq.num_ctx, why)
+            return False
+        return True
+
+    def _shift(self, seq: Sequence, cache: Optional[list[Any]], now: float) -> None:
+        """Drop the older half of what follows the kept head and prefill the rest again: MLX's caches hold keys
+        already rotated for their positions, so unlike llama.cpp's K-shift the kept tail is recomputed (the head's
+        KV is kept). The sequence leaves the batch and rejoins it when that prefill is done."""
+        req, keep = seq.request, seq.keep
+        discard = (seq.num_ctx - keep) // 2
+        tokens = seq.history[:keep] + seq.history[keep + discard :]
+        seq.history = list(tokens)
+        held = int(getattr(cache[0], "offset", 0)) if cache else 0
+        if cache and 0 < keep <= held and can_trim_prompt_cache(cache):
+            trim_prompt_cache(cache, held - keep)
+            cached = keep
+        else:
+            cache, cached = self._cached_prefix(tokens)
+        if seq.uid is not None:
+            self.sequences.pop(seq.uid, None)
+            self.keys.pop(seq.uid, None)
+        self.by_request.pop(req.request_id, None)
+        seq.uid, seq.shifts = None, seq.shifts + 1
+        seq.max_tokens = min(seq.num_ctx - len(tokens), self._limit(seq) - seq.generated)
+        seq.job = PrefillJob(req.request_id, self.name, int(req.priority), tokens, cache, cached, now, cached=cached)
+        log.info(
+            "request %d reached num_ctx=%d: context shift %d dropped %d tokens after the first %d",
+            req.request_id,
+            seq.num_ctx,
+            seq.shifts,
+            discard,
+            keep,
+        )
+        self.prefilling[req.request_id] = seq
+        if cached == len(tokens) - 1:
+            self._join(seq)
 
     def _emit(self, seq: Sequence, delta: Optional[Delta]) -> None:
         if delta is not None:
@@ -364,7 +437,7 @@ class GenerateWorker:
                 reason,
                 self._usage(seq, now),
                 stop_sequence=seq.out.stop_sequence,
-                window=reason == "length" and seq.max_tokens < (seq.request.max_tokens or seq.max_tokens + 1),
+                window=reason == "length" and seq.generated < (seq.request.max_tokens or seq.generated + 1),
             )
         )
 

@@ -214,10 +214,41 @@ def render_fitting(req: GenerateRequest, tokenizer: Any, context_length: int, mo
     return best
 
 
+# Ollama's num_keep default: what a context shift keeps of a prompt whose system part cannot be told apart.
+DEFAULT_KEEP = 4
+
+
+def shift_keep(req: GenerateRequest, tokenizer: Any, tokens: list[int], model: str) -> int:
+    """Tokens at the head of `tokens` that a context shift keeps: the system prompt and the tools (the tokens the
+    prompt shares with the same request whose conversation is one placeholder turn), never fewer than `num_keep`.
+    A raw prompt has no system part to find: `num_keep` or Ollama's default."""
+    if req.num_keep is not None and req.num_keep < 0:
+        return len(tokens) - 1
+    wanted = req.num_keep if req.num_keep is not None else 0
+    if req.raw:
+        return min(req.num_keep if req.num_keep is not None else DEFAULT_KEEP, len(tokens) - 1)
+    lead = [m for m in req.messages or [] if m.role == "system"]
+    placeholder = replace(req, prompt="\u00a7", messages=None) if req.prompt is not None else None
+    try:
+        probe = render(
+            placeholder or replace(req, messages=[*lead, ChatMessage(role="user", content="\u00a7")]), tokenizer, model
+        )
+    except BadRequest:
+        probe = []
+    common = 0
+    for a, b in zip(tokens, probe, strict=False):
+        if a != b:
+            break
+        common += 1
+    return min(max(common, wanted), len(tokens) - 1)
+
+
 __all__ = [
+    "DEFAULT_KEEP",
     "Fitted",
     "fit",
     "render_fitting",
+    "shift_keep",
     "forced_tool_block",
     "prompt_text",
     "render",

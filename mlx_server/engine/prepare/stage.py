@@ -29,7 +29,15 @@ from mlx_server.engine.loop.budget import pass_tokens
 from mlx_server.engine.prepare.constrained import Constraints
 from mlx_server.engine.prepare.embed_tokenizer import EmbedTokenizer
 from mlx_server.engine.prepare.images import ImageLimits, decode_images
-from mlx_server.engine.prepare.prompt import fit, prompt_text, render, render_fitting, templated, with_model_turns
+from mlx_server.engine.prepare.prompt import (
+    fit,
+    prompt_text,
+    render,
+    render_fitting,
+    shift_keep,
+    templated,
+    with_model_turns,
+)
 from mlx_server.engine.prepare.vision import (
     VisionProcessor,
     VisionPrompt,
@@ -60,6 +68,7 @@ class Prepared:
     max_tokens: int
     truncated: int
     grammar: list[Any] = field(default_factory=list)  # logits processors from Constraints (compiled here)
+    keep: int = 0  # tokens at the prompt's head a context shift keeps (request.shift; 0 when it cannot shift)
 
     @property
     def kv_tokens(self) -> int:
@@ -367,6 +376,7 @@ def prepare_request(
         max_tokens=fitted.max_tokens,
         truncated=fitted.truncated,
         grammar=grammar,
+        keep=shift_keep(req, tokenizer, fitted.tokens, req.model) if req.shift else 0,
     )
 
 

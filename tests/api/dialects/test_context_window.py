@@ -5,6 +5,7 @@ follows its `truncation`; a reply the window ends is reported as such; count_tok
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -89,6 +90,21 @@ def test_ollama_chat_drops_the_oldest_messages_whole(server: Server, tiny_llama:
     assert r.json()["prompt_eval_count"] == _kept_by_ollamas_rule(tiny_llama, messages)
     refused = httpx.post(f"{server.url}/api/chat", json={**body, "truncate": False}, timeout=60)
     assert refused.status_code == 400 and "prompt is too long" in refused.json()["error"]
+
+
+def test_ollama_shifts_the_context_unless_told_not_to(server: Server) -> None:
+    body = {"model": "small", "prompt": "Tell me a story.", "stream": False, "options": {**GREEDY, "num_predict": 150}}
+    stopped = httpx.post(f"{server.url}/api/generate", json={**body, "shift": False}, timeout=120).json()
+    assert stopped["done_reason"] == "length"
+    assert stopped["prompt_eval_count"] + stopped["eval_count"] == WINDOW
+    shifted = httpx.post(f"{server.url}/api/generate", json=body, timeout=120).json()
+    assert shifted["eval_count"] > stopped["eval_count"]  # it went on past the full window
+    assert shifted["response"].startswith(stopped["response"])  # the same until the window filled
+    streamed = httpx.post(f"{server.url}/api/generate", json={**body, "stream": True}, timeout=120)
+    chunks = [json.loads(line) for line in streamed.text.splitlines() if line]
+    assert "".join(c.get("response", "") for c in chunks) == shifted["response"]
+    bad = httpx.post(f"{server.url}/api/generate", json={**body, "shift": "yes"}, timeout=60)
+    assert bad.status_code == 400 and "shift" in bad.json()["error"]
 
 
 def test_responses_follow_truncation(server: Server) -> None:

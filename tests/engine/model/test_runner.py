@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,8 @@ import pytest
 from mlx_lm import generate as mlx_generate
 from mlx_lm import load
 
-from support.enginetools import add
+from support.enginetools import add, prefill_all
+from mlx_server.engine.prepare.stage import prepare_request
 from mlx_server.engine.model.runner import GenerateWorker
 from mlx_server.contract.events import Delta, Done, Event, Started
 from mlx_server.contract.requests import ChatMessage, GenerateRequest, SamplingParams
@@ -166,3 +168,61 @@ def test_cancel_drops_the_sequence_before_the_next_step(loaded: tuple[Path, Any,
     while runner.has_work():
         runner.step()
     assert keep.done.usage.completion_tokens == 50
+
+
+def _shifted_oracle(path: Path, prompt: list[int], ctx: int, keep: int, limit: int, eos: set[int]) -> list[int]:
+    """Ollama's context shift, step by step with mlx_lm as the model: generate until the window is full, drop the
+    older half of what follows the first `keep` tokens, go on from what is left."""
+    history, made = list(prompt), []
+    while len(made) < limit:
+        room = min(ctx - len(history), limit - len(made))
+        piece = reference_greedy(path, history, room, stop_at_eos=False)
+        cut = next((i for i, t in enumerate(piece) if t in eos), None)
+        made += piece if cut is None else piece[:cut]
+        if cut is not None:
+            break
+        history += piece
+        history = history[:keep] + history[keep + (ctx - keep) // 2 :]
+    return made
+
+
+def _run_shifting(runner: GenerateWorker, req: GenerateRequest) -> Recorder:
+    rec = Recorder()
+    add(runner, req, rec)
+    for _ in range(1000):
+        if not runner.has_work():
+            break
+        runner.step()
+        prefill_all(runner)  # a shifted sequence prefills its kept tail again before it rejoins the batch
+    assert not runner.has_work()
+    return rec
+
+
+def test_context_shift_goes_on_as_ollamas_does(loaded: tuple[Path, Any, Any]) -> None:
+    path, _, tokenizer = loaded
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = list(tokenizer.encode(prompt))
+    ctx, limit = len(ids) + 10, 40  # three shifts before the limit
+    want = _shifted_oracle(path, ids, ctx, 3, limit, set(tokenizer.eos_token_ids))
+    req = GenerateRequest(model="tiny", prompt=prompt, raw=True, sampling=GREEDY, num_ctx=ctx, max_tokens=limit,
+                          shift=True, num_keep=3)
+    rec = _run_shifting(make_runner(loaded), req)
+    assert len(want) > ctx - len(ids)  # the oracle itself went past the window
+    assert rec.text == tokenizer.decode(want)
+    assert rec.done.usage.completion_tokens == len(want)
+    assert rec.done.reason == ("length" if len(want) == limit else "stop")
+    assert not rec.done.window  # num_predict ended it, not the window
+    unshifted = _run_shifting(make_runner(loaded), replace(req, shift=False))
+    assert unshifted.done.usage.completion_tokens == ctx - len(ids) and unshifted.done.window
+
+
+def test_a_chat_shift_keeps_the_system_prompt(loaded: tuple[Path, Any, Any]) -> None:
+    _, _, tokenizer = loaded
+    system = "You are a careful assistant who answers in full sentences about rivers."
+    req = GenerateRequest(model="tiny", messages=[ChatMessage("system", system), ChatMessage("user", "Go on.")],
+                          sampling=GREEDY, shift=True)
+    prepared = prepare_request(req, tokenizer, 2048)
+    head = tokenizer.decode(prepared.tokens[: prepared.keep])
+    assert system in head and "Go on" not in head
+    assert prepare_request(replace(req, num_keep=-1), tokenizer, 2048).keep == len(prepared.tokens) - 1
+    assert prepare_request(replace(req, shift=False), tokenizer, 2048).keep == 0
