@@ -126,6 +126,7 @@ class GenerateRequest:
     # window flag set), as OpenAI and Anthropic do. Ollama's default is true.
     shift: bool = False
     num_keep: Optional[int] = None  # Ollama's num_keep: tokens at the prompt's head a shift keeps (-1: the prompt)
+    cache_key: Optional[str] = None  # OpenAI's prompt_cache_key: a session whose stored prompt cache is one entry
     request_id: int = field(default_factory=next_request_id)
     created: float = field(default_factory=time.monotonic)  # arrival: Ollama's durations include queue and load
 

@@ -77,6 +77,7 @@ class OpenAIBody(_Body):
     max_tokens: Optional[int] = Field(None, ge=1)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    prompt_cache_key: Optional[str] = Field(None, max_length=1024)
     # Not OpenAI's, but sent by clients written for llama.cpp / vLLM servers
     top_k: Optional[int] = Field(None, ge=0, lt=INT64)
     min_p: Optional[float] = Field(None, ge=0, le=1)

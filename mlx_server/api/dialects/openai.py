@@ -183,6 +183,7 @@ def _base(incoming: Incoming, body: OpenAIBody, max_tokens: Optional[int], chat:
         stop=resolved.stop,
         truncate=False,  # OpenAI refuses an over-long prompt (context_length_exceeded) rather than cutting it
         format=_response_format(incoming.body),
+        cache_key=body.prompt_cache_key,
         priority=incoming.priority,
         timeout=incoming.timeout,
         created=incoming.arrival,

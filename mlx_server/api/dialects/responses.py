@@ -223,6 +223,7 @@ def build(incoming: Incoming) -> Call:
         force_tool=forced,
         think=(effort != "none") if isinstance(effort, str) else None,
         think_level=effort_level(effort),
+        cache_key=field_type(body, "prompt_cache_key", str, "a string"),
         priority=incoming.priority,
         timeout=incoming.timeout,
         created=incoming.arrival,

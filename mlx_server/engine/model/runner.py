@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlx_server.contract.errors import InternalError, MlxServerError, RequestTimeout
 from mlx_server.contract.events import Delta, Done, DoneReason, Failed, Sink, Started, Usage
@@ -25,6 +25,7 @@ from mlx_server.engine.loop.budget import kv_bound
 from mlx_server.engine.loop.prefill import EncodeGate, PrefillJob
 from mlx_server.engine.model.kvquant import make_cache
 from mlx_server.engine.model.output import SequenceOutput, make_output
+from mlx_server.engine.model.promptcache import SessionPromptCache
 from mlx_server.engine.model.sampling import guard_processors, guard_sampler, make_processors, make_sampler
 from mlx_server.engine.model.speculative import Drafting, install
 from mlx_server.engine.model.vision import ShiftedKVCache, VisionInputs
@@ -97,7 +98,7 @@ class GenerateWorker:
         self.max_batch = max_batch
         self.generator = self._new_generator()
         # KV caches of recent prompts (and their answers) by token prefix; a follow-up turn reuses the shared part.
-        self.prompt_cache = LRUPromptCache(max_size=1 << 30, max_bytes=prompt_cache_bytes)
+        self.prompt_cache = SessionPromptCache(prompt_cache_bytes)
         self.prompt_cache_bytes = prompt_cache_bytes
         self.sequences: dict[int, Sequence] = {}  # decoding, by BatchGenerator uid
         self.prefilling: dict[int, Sequence] = {}  # by request_id: prompts not yet in the batch
@@ -105,6 +106,7 @@ class GenerateWorker:
         self.by_request: dict[int, int] = {}  # request_id → uid
         self.faults: dict[int, Exception] = {}  # request_id → what its own sampler / processors raised this step
         self.keys: dict[int, list[int]] = {}  # uid → its prompt's cache key, for sequences whose key is not its tokens
+        self.sessions: dict[int, str] = {}  # uid → the session (prompt_cache_key) its stored cache belongs to
         self.gate = EncodeGate()
 
     def _new_generator(self) -> BatchGenerator:
@@ -244,6 +246,8 @@ class GenerateWorker:
         self.by_request[req.request_id] = uid
         if seq.key is not None:
             self.keys[uid] = seq.key
+        if req.cache_key is not None:
+            self.sessions[uid] = req.cache_key
 
     def _fail_faulted(self) -> None:
         for request_id, exc in list(self.faults.items()):
@@ -272,7 +276,11 @@ class GenerateWorker:
         return cache, len(tokens) - len(rest)
 
     def _keep_cache(
-        self, tokens: Optional[list[int]], cache: Optional[list[Any]], key: Optional[list[int]] = None
+        self,
+        tokens: Optional[list[int]],
+        cache: Optional[list[Any]],
+        key: Optional[list[int]] = None,
+        session: Optional[str] = None,
     ) -> None:
         if tokens and key is not None:
             tokens = key[: len(tokens)] + list(tokens[len(key) :])  # images stay part of what the cache matches
@@ -280,9 +288,12 @@ class GenerateWorker:
             # Extracted caches are lazy slices of the whole batch's KV buffers; left unevaluated, each stored
             # entry would keep those buffers alive (measured: 12x its counted bytes). Materialize it now.
             mx.eval([c.state for c in cache])
-            self.prompt_cache.insert_cache(self.name, list(tokens), cache)
+            self.prompt_cache.store(self.name, list(tokens), cache, session)
             # The cap counts the KV the running batch holds too, so stored caches give way to live ones.
             self.prompt_cache.trim_to(n_bytes=max(0, self.prompt_cache_bytes - self.generator.prompt_cache_nbytes))
+
+    def _keep_cache_of(self, uid: int, tokens: Optional[list[int]], cache: Optional[list[Any]]) -> None:
+        self._keep_cache(tokens, cache, self.keys.pop(uid, None), self.sessions.pop(uid, None))
 
     def trim(self, limit: int) -> None:
         """Hold the stored caches to `limit` bytes (least recently used go first)."""
@@ -291,7 +302,7 @@ class GenerateWorker:
     def _remove(self, uids: list[int]) -> None:
         """Take sequences out of the batch, keeping their KV caches for later prompts that share a prefix."""
         for uid, (cache, tokens) in self.generator.remove(uids, return_prompt_caches=True).items():
-            self._keep_cache(tokens, cache, self.keys.pop(uid, None))
+            self._keep_cache_of(uid, tokens, cache)
 
     @property
     def joining(self) -> bool:
@@ -339,7 +350,7 @@ class GenerateWorker:
                 # The client's last token first: storing the cache evaluates a copy of its KV (~8 ms for 1,500
                 # tokens of a tiny model). Done after it, since Done may unload the model (keep_alive 0).
                 self._emit(seq, seq.out.finish(delta))
-                self._keep_cache(r.all_tokens, r.prompt_cache, self.keys.pop(r.uid, None))
+                self._keep_cache_of(r.uid, r.all_tokens, r.prompt_cache)
                 self._finish(seq, "stop" if eos else "length", now)
             else:
                 self._emit(seq, delta)
@@ -388,6 +399,7 @@ class GenerateWorker:
         if seq.uid is not None:
             self.sequences.pop(seq.uid, None)
             self.keys.pop(seq.uid, None)
+            self.sessions.pop(seq.uid, None)
         self.by_request.pop(req.request_id, None)
         seq.uid, seq.shifts = None, seq.shifts + 1
         seq.max_tokens = min(seq.num_ctx - len(tokens), self._limit(seq) - seq.generated)
@@ -458,7 +470,7 @@ class GenerateWorker:
         if seq is not None:
             if seq.job is not None and seq.job.done > 0:
                 # a retry resumes from here
-                self._keep_cache(seq.job.tokens[: seq.job.done], seq.job.cache, seq.key)
+                self._keep_cache(seq.job.tokens[: seq.job.done], seq.job.cache, seq.key, seq.request.cache_key)
             seq.sink(Done(request_id, self.name, "cancelled", self._usage(seq, self.clock())))
             return True
         uid = self.by_request.pop(request_id, None)
@@ -480,6 +492,7 @@ class GenerateWorker:
             return False
         seq = self.sequences.pop(uid)
         self.keys.pop(uid, None)
+        self.sessions.pop(uid, None)
         seq.sink(Failed(request_id, error))
         self.generator.remove([uid])
         return True
@@ -491,6 +504,7 @@ class GenerateWorker:
         self.prefilling.clear()
         self.by_request.clear()
         self.keys.clear()
+        self.sessions.clear()
         self.faults.clear()
         for seq in failed:
             seq.sink(Failed(seq.request.request_id, error))

@@ -255,6 +255,7 @@ def test_namespace_members_are_called_by_qualified_name(client: openai.OpenAI) -
     ({"model": "tiny", "input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),
     ({"model": "tiny", "input": "x", "text": {"format": {"type": "xml"}}}, 400, "text.format"),
     ({"model": "ghost", "input": "x"}, 404, "ghost"),
+    ({"model": "tiny", "input": "x", "prompt_cache_key": 5}, 400, "prompt_cache_key"),
 ])
 def test_bad_requests(server: Server, body: dict[str, Any], status: int, needle: str) -> None:
     r = httpx.post(f"{server.url}/v1/responses", json=body, timeout=60)

@@ -226,3 +226,22 @@ def test_a_chat_shift_keeps_the_system_prompt(loaded: tuple[Path, Any, Any]) -> 
     assert system in head and "Go on" not in head
     assert prepare_request(replace(req, num_keep=-1), tokenizer, 2048).keep == len(prepared.tokens) - 1
     assert prepare_request(replace(req, shift=False), tokenizer, 2048).keep == 0
+
+
+def test_a_named_session_keeps_one_stored_prompt(loaded: tuple[Path, Any, Any]) -> None:
+    first = [ChatMessage("system", "Answer briefly."), ChatMessage("user", "Name a river.")]
+    later = [*first, ChatMessage("assistant", "The Rhine, I think."), ChatMessage("user", "And a mountain?")]
+
+    def turns(key: str | None) -> tuple[GenerateWorker, Recorder]:
+        runner = make_runner(loaded)
+        run(runner, GenerateRequest(model="tiny", messages=first, sampling=GREEDY, max_tokens=6, cache_key=key))
+        [rec] = run(runner, GenerateRequest(model="tiny", messages=later, sampling=GREEDY, max_tokens=6,
+                                            cache_key=key))
+        return runner, rec
+
+    unnamed, _ = turns(None)
+    named, second = turns("session-1")
+    assert unnamed.prompt_cache.entries() == 2  # the first turn's answer was not what the second re-rendered
+    assert named.prompt_cache.entries() == 1
+    started = second.events[0]
+    assert isinstance(started, Started) and started.cached_tokens > 0  # the second turn reused the first's prefix
