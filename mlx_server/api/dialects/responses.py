@@ -2,9 +2,10 @@
 
 Requests become the same GenerateRequest a chat completion does: `instructions` and the input items (messages,
 `function_call`, `function_call_output`, `reasoning`) become chat messages, `function` tools and the members of
-`namespace` tools (offered, and so called, under namespace-qualified names, as Ollama does, so the client can
-route a call back) become tools, `text.format` the grammar. Tools we cannot run here (`web_search` and the other
-hosted tools) are dropped with a log line and an X-MLX-Tools-Ignored header, never a 400: Codex always sends one.
+`namespace` tools become tools (a member is offered to the model as `namespace.member`, as Ollama does, and its
+calls go back as `name` plus `namespace`, which is how Codex routes them), `text.format` the grammar. Tools we
+cannot run here (`web_search` and the other hosted tools) are dropped with a log line and an X-MLX-Tools-Ignored
+header, never a 400: Codex always sends one.
 
 State, beyond Ollama's stateless route: with `store` (default true, as OpenAI) the response and its conversation
 are kept (api/responses_store.py), and `previous_response_id` continues it: that conversation plus the new input,
@@ -91,6 +92,9 @@ def parse_input(raw: Any) -> tuple[list[ChatMessage], list[dict[str, Any]]]:
             name, call_id = item.get("name"), item.get("call_id")
             if not isinstance(name, str) or not name or not isinstance(call_id, str) or not call_id:
                 raise BadRequest(f"{where}: a function_call needs a name and a call_id")
+            namespace = item.get("namespace")
+            if isinstance(namespace, str) and namespace and not name.startswith(f"{namespace}."):
+                name = f"{namespace}.{name}"  # as the tool is offered to the model
             call = {
                 "id": call_id,
                 "type": "function",

@@ -92,6 +92,13 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
+def call_name(name: str) -> dict[str, str]:
+    """A call's `name`, and its `namespace` when it is a namespace member's: the model is offered those as
+    `namespace.member` (function names cannot hold a dot), and Codex routes a call by the two fields."""
+    namespace, dot, member = name.rpartition(".")
+    return {"name": member, "namespace": namespace} if dot and namespace and member else {"name": name}
+
+
 def call_item(call: dict[str, Any], item_id: str) -> dict[str, Any]:
     fn = call["function"]
     return {
@@ -99,7 +106,7 @@ def call_item(call: dict[str, Any], item_id: str) -> dict[str, Any]:
         "type": "function_call",
         "status": "completed",
         "call_id": call.get("id") or new_id("call_"),
-        "name": fn["name"],
+        **call_name(fn["name"]),
         "arguments": json_dumps(fn.get("arguments") or {}),
     }
 
@@ -202,6 +209,7 @@ class Events:
         self.open_id = ""
         self.call: Optional[int] = None  # the open function_call's call (ToolCallDelta.index)
         self.call_item: dict[str, Any] = {}
+        self.call_name = ""  # the open call's name as the model wrote it (namespace-qualified)
         self.out = Output()
 
     def event(self, kind: str, **data: Any) -> dict[str, str]:
@@ -256,9 +264,10 @@ class Events:
                 "type": "function_call",
                 "status": "in_progress",
                 "call_id": new_id("call_"),
-                "name": piece.name,
+                **call_name(piece.name),
                 "arguments": "",
             }
+            self.call_name = piece.name
             frames.append(self.event("response.output_item.added", output_index=self.index, item=self.call_item))
         if piece.arguments:
             self.call_item["arguments"] += piece.arguments
@@ -277,7 +286,8 @@ class Events:
         arguments = _loads(item["arguments"])
         done = {**item, "status": "completed" if isinstance(arguments, dict) else "incomplete"}
         if isinstance(arguments, dict):  # an unfinished call (cut off by the token budget) is not part of the turn
-            self.out.calls.append({"id": item["call_id"], "function": {"name": item["name"], "arguments": arguments}})
+            call = {"name": self.call_name, "arguments": arguments}
+            self.out.calls.append({"id": item["call_id"], "function": call})
         self.items.append(done)
         self.open, self.call = None, None
         return [

@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
 from mlx_server.contract.errors import InternalError, MlxServerError, RequestTimeout
-from mlx_server.contract.events import Delta, Done, DoneReason, Failed, Sink, Started, Usage
+from mlx_server.contract.events import Delta, Done, DoneReason, Failed, Sink, Started
 from mlx_server.contract.requests import GenerateRequest
 from mlx_server.engine.loop.budget import kv_bound
 from mlx_server.engine.loop.prefill import EncodeGate, PrefillJob
 from mlx_server.engine.model.kvquant import make_cache
-from mlx_server.engine.model.output import SequenceOutput, make_output
+from mlx_server.engine.model.output import make_output
 from mlx_server.engine.model.promptcache import SessionPromptCache
 from mlx_server.engine.model.sampling import guard_processors, guard_sampler, make_processors, make_sampler
+from mlx_server.engine.model.sequence import Sequence, keep_head, shift_limit, shift_tokens, shifts, usage
 from mlx_server.engine.model.speculative import Drafting, install
 from mlx_server.engine.model.vision import ShiftedKVCache, VisionInputs
 from mlx_server.engine.prepare.stage import Prepared
@@ -37,37 +35,6 @@ Clock = Callable[[], float]
 # A request's draft_num_predict beyond this is clamped: the verify pass grows with it (models.yaml's num_draft caps
 # at the same value).
 MAX_DRAFT = 32
-# Ollama's bound on a generation without num_predict that context shifts keep going: ten windows.
-SHIFT_WINDOWS = 10
-
-
-@dataclass
-class Sequence:
-    request: GenerateRequest
-    sink: Sink
-    uid: Optional[int]  # its BatchGenerator uid once it joined the batch; None while its prompt is prefilled
-    out: SequenceOutput
-    prompt_tokens: int
-    cached_tokens: int
-    load_duration: float
-    admitted_at: float
-    first_token_at: Optional[float] = None
-    generated: int = 0
-    deadline: Optional[float] = None
-    processors: list[Any] = field(default_factory=list)  # this sequence's logits processors, run under a guard
-    kv_tokens: int = 0  # the most KV it can hold (prompt + budget, within num_ctx): its memory reservation
-    max_tokens: int = 0
-    job: Optional[PrefillJob] = None  # its prompt's prefill, until it joins the batch
-    key: Optional[list[int]] = None  # its prompt as the prompt cache keys it (images salted in), when not its tokens
-    rope_shift: int = 0  # decode positions ahead of its cache length (Qwen-VL's mRoPE)
-    num_draft: int = 0  # tokens it drafts per step (0: it steps undrafted)
-    drafted: int = 0
-    accepted: int = 0
-    num_ctx: int = 0
-    keep: int = 0  # tokens at its prompt's head a context shift keeps
-    history: list[int] = field(default_factory=list)  # prompt and generated tokens, while it may shift
-    shifts: int = 0
-    grammar: bool = False  # constrained: its grammar processors count the tokens they were shown, so it cannot shift
 
 
 class GenerateWorker:
@@ -262,18 +229,9 @@ class GenerateWorker:
         return max(0, min(wanted, MAX_DRAFT))
 
     def _cached_prefix(self, tokens: list[int], key: Optional[list[int]] = None) -> tuple[list[Any], int]:
-        """A private copy of the longest cached KV prefix (or a fresh cache), and how many tokens it holds: never
-        the whole prompt, since the last token must go through the model to give the next logits."""
-        cache, rest = self.prompt_cache.fetch_nearest_cache(self.name, key if key is not None else tokens)
-        if cache is not None and not rest:
-            if can_trim_prompt_cache(cache):
-                trim_prompt_cache(cache, 1)
-                rest = tokens[-1:]
-            else:
-                cache = None
-        if cache is None:
-            return make_cache(self.model, self.kv), 0
-        return cache, len(tokens) - len(rest)
+        """A private copy of the longest cached KV prefix (or a fresh cache), and how many tokens it holds."""
+        cache, cached = self.prompt_cache.nearest(self.name, tokens, key)
+        return (cache, cached) if cache is not None else (make_cache(self.model, self.kv), 0)
 
     def _keep_cache(
         self,
@@ -282,15 +240,10 @@ class GenerateWorker:
         key: Optional[list[int]] = None,
         session: Optional[str] = None,
     ) -> None:
-        if tokens and key is not None:
-            tokens = key[: len(tokens)] + list(tokens[len(key) :])  # images stay part of what the cache matches
         if tokens and cache and self.prompt_cache_bytes > 0:
-            # Extracted caches are lazy slices of the whole batch's KV buffers; left unevaluated, each stored
-            # entry would keep those buffers alive (measured: 12x its counted bytes). Materialize it now.
-            mx.eval([c.state for c in cache])
-            self.prompt_cache.store(self.name, list(tokens), cache, session)
             # The cap counts the KV the running batch holds too, so stored caches give way to live ones.
-            self.prompt_cache.trim_to(n_bytes=max(0, self.prompt_cache_bytes - self.generator.prompt_cache_nbytes))
+            live = self.generator.prompt_cache_nbytes
+            self.prompt_cache.keep(self.name, list(tokens), cache, key, session, self.prompt_cache_bytes - live)
 
     def _keep_cache_of(self, uid: int, tokens: Optional[list[int]], cache: Optional[list[Any]]) -> None:
         self._keep_cache(tokens, cache, self.keys.pop(uid, None), self.sessions.pop(uid, None))
@@ -343,7 +296,7 @@ class GenerateWorker:
                 finished.append(r.uid)
                 self._emit(seq, delta)
                 self._finish(seq, "stop", now)
-            elif r.finish_reason == "length" and self._shifts(seq):
+            elif r.finish_reason == "length" and shifts(seq):
                 self._emit(seq, delta)
                 self._shift(seq, r.prompt_cache, now)
             elif r.finish_reason is not None:
@@ -358,42 +311,16 @@ class GenerateWorker:
             self._remove(finished)
         return len(responses)
 
-    # ---- context shift (Ollama's `shift`) -----------------------------------------------------------------
-
-    def _limit(self, seq: Sequence) -> int:
-        """The most a shifting sequence generates: its max tokens, within ten windows (endless otherwise)."""
-        wanted = seq.request.max_tokens
-        bound = SHIFT_WINDOWS * seq.num_ctx
-        return min(wanted, bound) if wanted is not None and wanted > 0 else bound
-
-    def _shifts(self, seq: Sequence) -> bool:
-        """Whether a sequence its window ended goes on after a context shift (else it ends with "length")."""
-        if not seq.request.shift or seq.generated >= self._limit(seq):
-            return False
-        why = None
-        if seq.key is not None or seq.rope_shift:
-            why = "its images' features sit in the dropped part's positions"
-        elif seq.grammar:
-            why = "its grammar tracks every token it has generated"
-        elif seq.num_ctx - seq.keep < 4:
-            why = f"the kept head ({seq.keep} tokens) fills its window ({seq.num_ctx})"
-        if why is not None:
-            log.info("request %d reached num_ctx=%d and cannot shift: %s", seq.request.request_id, seq.num_ctx, why)
-            return False
-        return True
+    # ---- context shift (Ollama's `shift`; the policy is engine/model/sequence.py's) --------------------------
 
     def _shift(self, seq: Sequence, cache: Optional[list[Any]], now: float) -> None:
         """Drop the older half of what follows the kept head and prefill the rest again: MLX's caches hold keys
         already rotated for their positions, so unlike llama.cpp's K-shift the kept tail is recomputed (the head's
         KV is kept). The sequence leaves the batch and rejoins it when that prefill is done."""
-        req, keep = seq.request, seq.keep
-        discard = (seq.num_ctx - keep) // 2
-        tokens = seq.history[:keep] + seq.history[keep + discard :]
-        seq.history = list(tokens)
-        held = int(getattr(cache[0], "offset", 0)) if cache else 0
-        if cache and 0 < keep <= held and can_trim_prompt_cache(cache):
-            trim_prompt_cache(cache, held - keep)
-            cached = keep
+        req = seq.request
+        tokens, discard = shift_tokens(seq)
+        if cache and keep_head(cache, seq.keep):
+            cached = seq.keep
         else:
             cache, cached = self._cached_prefix(tokens)
         if seq.uid is not None:
@@ -401,8 +328,8 @@ class GenerateWorker:
             self.keys.pop(seq.uid, None)
             self.sessions.pop(seq.uid, None)
         self.by_request.pop(req.request_id, None)
-        seq.uid, seq.shifts = None, seq.shifts + 1
-        seq.max_tokens = min(seq.num_ctx - len(tokens), self._limit(seq) - seq.generated)
+        seq.uid = None
+        seq.max_tokens = min(seq.num_ctx - len(tokens), shift_limit(seq) - seq.generated)
         seq.job = PrefillJob(req.request_id, self.name, int(req.priority), tokens, cache, cached, now, cached=cached)
         log.info(
             "request %d reached num_ctx=%d: context shift %d dropped %d tokens after the first %d",
@@ -410,7 +337,7 @@ class GenerateWorker:
             seq.num_ctx,
             seq.shifts,
             discard,
-            keep,
+            seq.keep,
         )
         self.prefilling[req.request_id] = seq
         if cached == len(tokens) - 1:
@@ -419,22 +346,6 @@ class GenerateWorker:
     def _emit(self, seq: Sequence, delta: Optional[Delta]) -> None:
         if delta is not None:
             seq.sink(delta)
-
-    def _usage(self, seq: Sequence, now: float) -> Usage:
-        # Ollama's clock: total from the request's arrival (queueing and loading included), prompt eval from
-        # admission to the first token, eval from there on.
-        first = seq.first_token_at or now
-        return Usage(
-            prompt_tokens=seq.prompt_tokens,
-            cached_tokens=seq.cached_tokens,
-            completion_tokens=seq.generated,
-            load_duration=seq.load_duration,
-            prompt_eval_duration=first - seq.admitted_at,
-            eval_duration=now - first,
-            total_duration=max(now - seq.request.created, seq.load_duration + (now - seq.admitted_at)),
-            draft_tokens=seq.drafted,
-            draft_accepted=seq.accepted,
-        )
 
     def _finish(self, seq: Sequence, reason: DoneReason, now: float) -> None:
         if seq.uid is not None:
@@ -447,7 +358,7 @@ class GenerateWorker:
                 seq.request.request_id,
                 self.name,
                 reason,
-                self._usage(seq, now),
+                usage(seq, now),
                 stop_sequence=seq.out.stop_sequence,
                 window=reason == "length" and seq.generated < (seq.request.max_tokens or seq.generated + 1),
             )
@@ -471,13 +382,13 @@ class GenerateWorker:
             if seq.job is not None and seq.job.done > 0:
                 # a retry resumes from here
                 self._keep_cache(seq.job.tokens[: seq.job.done], seq.job.cache, seq.key, seq.request.cache_key)
-            seq.sink(Done(request_id, self.name, "cancelled", self._usage(seq, self.clock())))
+            seq.sink(Done(request_id, self.name, "cancelled", usage(seq, self.clock())))
             return True
         uid = self.by_request.pop(request_id, None)
         if uid is None:
             return False
         seq = self.sequences.pop(uid)
-        seq.sink(Done(request_id, self.name, "cancelled", self._usage(seq, self.clock())))
+        seq.sink(Done(request_id, self.name, "cancelled", usage(seq, self.clock())))
         self._remove([uid])
         return True
 

@@ -230,7 +230,8 @@ def test_codex_shaped_turns(server: Server) -> None:
         input=[
             *codex_body()["input"],
             {"type": "reasoning", "summary": [], "encrypted_content": "The user wants a listing."},
-            {"type": "function_call", "call_id": "call_1", "name": "mcp__files.read", "arguments": '{"path": "a"}'},
+            {"type": "function_call", "call_id": "call_1", "name": "read", "namespace": "mcp__files",
+             "arguments": '{"path": "a"}'},
             {"type": "function_call_output", "call_id": "call_1", "output": "hello"},
         ],
         stream=False,
@@ -240,13 +241,27 @@ def test_codex_shaped_turns(server: Server) -> None:
     assert r2.json()["status"] in ("completed", "incomplete")
 
 
-def test_namespace_members_are_called_by_qualified_name(client: openai.OpenAI) -> None:
-    tools = [codex_body()["tools"][1]]
+def test_namespace_members_are_called_by_name_and_namespace(client: openai.OpenAI) -> None:
+    """As Codex routes them (it answers "unsupported call" to a call named `mcp__files.read`)."""
+    tools: Any = [codex_body()["tools"][1]]
     r = client.responses.create(
         model="tiny", input="Read file a", tools=tools, tool_choice="required", temperature=0, max_output_tokens=40
     )
-    calls = [item for item in r.output if item.type == "function_call"]
-    assert calls and calls[0].name == "mcp__files.read"
+    calls = [item.model_dump() for item in r.output if item.type == "function_call"]
+    assert calls and (calls[0]["name"], calls[0]["namespace"]) == ("read", "mcp__files")
+    with client.responses.stream(model="tiny", input="Read file a", tools=tools, tool_choice="required",
+                                 temperature=0, max_output_tokens=40) as stream:
+        events = [e.model_dump() for e in stream]
+    added = next(e["item"] for e in events if e["type"] == "response.output_item.added"
+                 and e["item"]["type"] == "function_call")
+    done = next(e["item"] for e in events if e["type"] == "response.output_item.done"
+                and e["item"]["type"] == "function_call")
+    assert (added["name"], added["namespace"]) == (done["name"], done["namespace"]) == ("read", "mcp__files")
+    follow = client.responses.create(model="tiny", tools=tools, temperature=0, max_output_tokens=4, input=[
+        {"role": "user", "content": "Read file a"},
+        {**{k: calls[0][k] for k in ("type", "call_id", "name", "namespace", "arguments")}},
+        {"type": "function_call_output", "call_id": calls[0]["call_id"], "output": "hello"}])
+    assert follow.status in ("completed", "incomplete")
 
 
 @pytest.mark.parametrize(("body", "status", "needle"), [
