@@ -18,7 +18,7 @@ from starlette.routing import Route
 from mlx_server.api import admin, blobs, create
 from mlx_server.api import manage as models
 from mlx_server.api.context import Progress, begin, collect, ctx_of, follow, note_model, read_json, request_log
-from mlx_server.api.dialects import anthropic, embeddings, ollama, openai, rerank, responses, responses_reply
+from mlx_server.api.dialects import anthropic, embeddings, ollama, openai, rerank, responses, responses_stream
 from mlx_server.api.dialects.base import Call, Dialect, Endpoint, Generation, Handler, Incoming
 from mlx_server.contract.errors import BadRequest, MlxServerError
 from mlx_server.contract.events import Usage
@@ -188,7 +188,7 @@ RESPONSES = Dialect(
     prefixes=("/v1/responses",),
     error_body=openai.error_body,
     http_error_body=openai.http_error_body,
-    error_frame=responses_reply.error_frame,
+    error_frame=responses_stream.error_frame,
     stream_response=openai.stream_response,
     error_schema="OpenAIError",
     endpoints=(

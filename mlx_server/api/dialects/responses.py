@@ -10,7 +10,7 @@ header, never a 400: Codex always sends one.
 State, beyond Ollama's stateless route: with `store` (default true, as OpenAI) the response and its conversation
 are kept (api/responses_store.py), and `previous_response_id` continues it: that conversation plus the new input,
 whose shared prefix the engine's prompt cache serves. `GET /v1/responses/{id}`, `DELETE` and `input_items` read
-the store. The replies are shaped in responses_reply.py.
+the store. The replies are shaped in responses_reply.py, their streams in responses_stream.py.
 """
 
 from __future__ import annotations
@@ -26,11 +26,8 @@ from mlx_server.api.context import ctx_of, field_type
 from mlx_server.api.dialects.base import TOOLS_IGNORED_HEADER, Call, Generation, Incoming, named_model
 from mlx_server.api.dialects.compat import arguments_object, effort_level, new_id
 from mlx_server.api.dialects.openai import content_text, forced_choice, output_format
-from mlx_server.api.dialects.responses_reply import (
-    Shape,
-    encode,
-    final,
-)
+from mlx_server.api.dialects.responses_reply import Shape, final
+from mlx_server.api.dialects.responses_stream import encode
 from mlx_server.api.dialects.sampling import OPENAI_DEFAULTS, resolve_sampling
 from mlx_server.api.responses_store import ResponseStore, StoredResponse
 from mlx_server.contract.errors import BadRequest, NotFound
