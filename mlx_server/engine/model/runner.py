@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
+import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from mlx_server.contract.errors import InternalError, MlxServerError, RequestTimeout
@@ -169,10 +170,13 @@ class GenerateWorker:
         self.prefilling[req.request_id] = seq
         if cached == len(tokens) - 1:
             try:
-                self._join(seq)  # nothing left to prefill
+                self._join(
+                    seq, Started(req.request_id, self.name, len(tokens), cached, load_duration, prepared.truncated)
+                )  # nothing left to prefill
             except BaseException:
                 self.prefilling.pop(req.request_id, None)
                 raise
+            return
         sink(Started(req.request_id, self.name, len(tokens), cached, load_duration, prepared.truncated))
 
     # ---- prefill (scheduled by engine/loop/prefill.py) ------------------------------------------------------
@@ -191,20 +195,34 @@ class GenerateWorker:
     def fail_prefill(self, job: PrefillJob, exc: Exception) -> None:
         self.fail(job.request_id, InternalError(f"prompt processing failed for this request: {exc}"))
 
-    def _join(self, seq: Sequence) -> None:
+    def _join(self, seq: Sequence, started: Optional[Started] = None) -> None:
+        """The prompt is prefilled but for its last token: that token's pass gives the first token. Where it can,
+        the worker runs that pass itself and sends the token at once; the batch would return it only on its second
+        step after the sequence joins (it pipelines each step's sampling behind the next), ~2 decode steps later.
+        `started` goes out first when the Started event is still owed."""
         job, req = seq.job, seq.request
         assert job is not None
         tokens = job.tokens
         cache = job.cache
+        sampler = guard_sampler(make_sampler(req.sampling), req.request_id, self.faults)
+        processors = guard_processors(seq.processors, req.request_id, self.faults)
+        if started is not None:
+            seq.sink(started)
+        prompt, context, max_tokens = tokens[-1:], tokens[:-1], seq.max_tokens
+        if self.draft is None and seq.key is None and not seq.rope_shift:
+            token, logprobs = self._first_token(tokens, cache, sampler, processors)
+            if self._took_first(seq, token, logprobs, cache, tokens):
+                return  # it ended, failed or shifted on that token
+            prompt, context, max_tokens = [token], tokens, seq.max_tokens - 1
         if seq.rope_shift:
             cache = [ShiftedKVCache.of(c, seq.rope_shift) for c in cache]
         [uid] = self.generator.insert(
-            [tokens[-1:]],
-            max_tokens=[seq.max_tokens],
+            [prompt],
+            max_tokens=[max_tokens],
             caches=[cache],
-            all_tokens=[tokens[:-1]],
-            samplers=[guard_sampler(make_sampler(req.sampling), req.request_id, self.faults)],
-            logits_processors=[guard_processors(seq.processors, req.request_id, self.faults)],
+            all_tokens=[context],
+            samplers=[sampler],
+            logits_processors=[processors],
         )
         del self.prefilling[req.request_id]
         seq.uid, seq.job = uid, None
@@ -215,6 +233,47 @@ class GenerateWorker:
             self.keys[uid] = seq.key
         if req.cache_key is not None:
             self.sessions[uid] = req.cache_key
+
+    def _first_token(
+        self, tokens: list[int], cache: list[Any], sampler: Any, processors: list[Any]
+    ) -> tuple[int, mx.array]:
+        """The last prompt token's pass, sampled as the batch samples (the same processors and sampler objects,
+        which the batch then goes on using)."""
+        logits = self.model(mx.array(tokens[-1:])[None], cache=cache)[:, -1, :]
+        context = mx.array(tokens)
+        for processor in processors:
+            logits = processor(context, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        mx.eval(token, logprobs)
+        return int(token.item()), logprobs[0]
+
+    def _took_first(self, seq: Sequence, token: int, logprobs: mx.array, cache: list[Any], tokens: list[int]) -> bool:
+        """Hand out a sequence's first token (taken before it joins the batch); True when the sequence is done with
+        it: ended (a stop, EOS, or max tokens 1), failed in its sampler, or shifted out of a full window."""
+        req, now = seq.request, self.clock()
+        if req.request_id in self.faults:
+            self._fail_faulted()
+            return True
+        seq.first_token_at = seq.first_token_at or now
+        seq.generated += 1
+        if req.shift:
+            seq.history.append(token)
+        eos = token in self.tokenizer.eos_token_ids
+        delta = seq.out.add(token, logprobs, eos=eos)
+        if not (eos or seq.out.stopped or seq.max_tokens <= 1):  # the window's or the request's last token
+            self._emit(seq, delta)
+            return False
+        del self.prefilling[req.request_id]
+        if not (eos or seq.out.stopped) and shifts(seq):
+            self._emit(seq, delta)
+            self.prefilling[req.request_id] = seq
+            self._shift(seq, cache, now)
+            return True
+        self._emit(seq, delta if seq.out.stopped else seq.out.finish(delta))
+        self._keep_cache(tokens, cache, seq.key, req.cache_key)
+        self._finish(seq, "stop" if eos or seq.out.stopped else "length", now)
+        return True
 
     def _fail_faulted(self) -> None:
         for request_id, exc in list(self.faults.items()):

@@ -245,3 +245,24 @@ def test_a_named_session_keeps_one_stored_prompt(loaded: tuple[Path, Any, Any]) 
     assert named.prompt_cache.entries() == 1
     started = second.events[0]
     assert isinstance(started, Started) and started.cached_tokens > 0  # the second turn reused the first's prefix
+
+
+def test_the_first_token_comes_with_the_prefill(loaded: tuple[Path, Any, Any]) -> None:
+    """Not two batch steps later (the batch pipelines its sampling): a one-token reply never joins the batch."""
+    path, _, tokenizer = loaded
+    prompt = "The quick brown fox jumps over"
+    runner = make_runner(loaded)
+    one = Recorder()
+    add(runner, GenerateRequest(model="tiny", prompt=prompt, raw=True, sampling=GREEDY, max_tokens=1), one)
+    assert not runner.has_work() and one.done.reason == "length" and one.done.usage.completion_tokens == 1
+    assert isinstance(one.events[0], Started)
+    want = reference_greedy(path, list(tokenizer.encode(prompt)), 6)
+    assert one.text == tokenizer.decode(want[:1])
+    more = Recorder()
+    add(runner, GenerateRequest(model="tiny", prompt=prompt, raw=True, sampling=GREEDY, max_tokens=6), more)
+    assert isinstance(more.events[0], Started) and isinstance(more.events[1], Delta)  # before any step
+    for _ in range(50):
+        if not runner.has_work():
+            break
+        runner.step()
+    assert more.text == tokenizer.decode(want) and more.done.usage.completion_tokens == 6
