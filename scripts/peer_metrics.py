@@ -284,8 +284,9 @@ async def measure_decode(t: Target, prompts: lat.Prompts, plan: Plan, rnd: int, 
                 for n in plan.levels:
                     if n == max(plan.levels):
                         meter.window()
+                    # Each route its own prompts: the second would otherwise find the first's in the prompt cache.
                     r = await throughput(
-                        c, t, prompts, f"T{rnd}.{n}", n, plan.stream_tokens, plan.stream_prompt,
+                        c, t, prompts, f"T{rnd}.{route}.{n}", n, plan.stream_tokens, plan.stream_prompt,
                         ollama=route == "ollama",
                     )
                     out[f"tps_{route}_{n}"] = r
