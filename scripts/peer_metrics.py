@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import bench_latency as lat
 import httpx
@@ -130,6 +130,59 @@ async def _send(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> ht
     raise AssertionError("unreachable")
 
 
+async def _chat(
+    client: httpx.AsyncClient,
+    t: Target,
+    path: str,
+    body: dict[str, Any],
+    data: Callable[[str], Optional[str]],
+    read: Callable[[Run, dict[str, Any]], None],
+) -> Run:
+    """One streamed request: each line's JSON (`data` picks it out of the line, None to skip) goes to `read`."""
+    run = Run(time.perf_counter())
+    r = await _send(client, f"{t.url}{path}", body)
+    try:
+        if r.status_code != 200:
+            raise RuntimeError(f"{t.key} {path}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            text = data(line.strip())
+            if text is None:
+                continue
+            obj = json.loads(text)
+            if "error" in obj:
+                raise RuntimeError(f"{t.key}: {obj['error']}")
+            read(run, obj)
+    finally:
+        await r.aclose()
+    run.end = time.perf_counter()
+    return run
+
+
+def _piece(run: Run, piece: Optional[str]) -> None:
+    if piece:
+        run.first = run.first or time.perf_counter()
+        run.text.append(piece)
+        run.chunks += 1
+
+
+def _sse_data(line: str) -> Optional[str]:
+    return line[5:] if line.startswith("data:") and line[5:].strip() != "[DONE]" else None
+
+
+def _read_openai(run: Run, obj: dict[str, Any]) -> None:
+    for choice in obj.get("choices") or []:
+        _piece(run, (choice.get("delta") or {}).get("content"))
+    if u := obj.get("usage"):
+        run.completion_tokens, run.prompt_tokens = u.get("completion_tokens"), u.get("prompt_tokens")
+        run.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens")
+
+
+def _read_ollama(run: Run, obj: dict[str, Any]) -> None:
+    _piece(run, (obj.get("message") or {}).get("content"))
+    if obj.get("done"):
+        run.completion_tokens, run.prompt_tokens = obj.get("eval_count"), obj.get("prompt_eval_count")
+
+
 async def openai_chat(
     client: httpx.AsyncClient, t: Target, messages: list[dict[str, str]], max_tokens: int
 ) -> Run:
@@ -141,31 +194,7 @@ async def openai_chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    run = Run(time.perf_counter())
-    r = await _send(client, f"{t.url}/v1/chat/completions", body)
-    try:
-        if r.status_code != 200:
-            raise RuntimeError(f"{t.key}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            line = line.strip()
-            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                continue
-            obj = json.loads(line[5:])
-            if "error" in obj:
-                raise RuntimeError(f"{t.key}: {obj['error']}")
-            for choice in obj.get("choices") or []:
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    run.first = run.first or time.perf_counter()
-                    run.text.append(piece)
-                    run.chunks += 1
-            if u := obj.get("usage"):
-                run.completion_tokens, run.prompt_tokens = u.get("completion_tokens"), u.get("prompt_tokens")
-                run.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens")
-    finally:
-        await r.aclose()
-    run.end = time.perf_counter()
-    return run
+    return await _chat(client, t, "/v1/chat/completions", body, _sse_data, _read_openai)
 
 
 async def ollama_chat(
@@ -177,28 +206,7 @@ async def ollama_chat(
         "stream": True,
         "options": {"temperature": 0, "num_predict": max_tokens},
     }
-    run = Run(time.perf_counter())
-    r = await _send(client, f"{t.url}/api/chat", body)
-    try:
-        if r.status_code != 200:
-            raise RuntimeError(f"{t.key} /api/chat: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            if "error" in obj:
-                raise RuntimeError(f"{t.key}: {obj['error']}")
-            piece = (obj.get("message") or {}).get("content")
-            if piece:
-                run.first = run.first or time.perf_counter()
-                run.text.append(piece)
-                run.chunks += 1
-            if obj.get("done"):
-                run.completion_tokens, run.prompt_tokens = obj.get("eval_count"), obj.get("prompt_eval_count")
-    finally:
-        await r.aclose()
-    run.end = time.perf_counter()
-    return run
+    return await _chat(client, t, "/api/chat", body, lambda line: line or None, _read_ollama)
 
 
 def user(content: str) -> list[dict[str, str]]:

@@ -24,7 +24,13 @@ from mlx_server.engine.loop.prefill import EncodeGate, PrefillJob
 from mlx_server.engine.model.kvquant import make_cache
 from mlx_server.engine.model.output import make_output
 from mlx_server.engine.model.promptcache import SessionPromptCache
-from mlx_server.engine.model.sampling import guard_processors, guard_sampler, make_processors, make_sampler
+from mlx_server.engine.model.sampling import (
+    first_token,
+    guard_processors,
+    guard_sampler,
+    make_processors,
+    make_sampler,
+)
 from mlx_server.engine.model.sequence import Sequence, keep_head, shift_limit, shift_tokens, shifts, usage
 from mlx_server.engine.model.speculative import Drafting, install
 from mlx_server.engine.model.vision import ShiftedKVCache, VisionInputs
@@ -210,7 +216,7 @@ class GenerateWorker:
             seq.sink(started)
         prompt, context, max_tokens = tokens[-1:], tokens[:-1], seq.max_tokens
         if self.draft is None and seq.key is None and not seq.rope_shift:
-            token, logprobs = self._first_token(tokens, cache, sampler, processors)
+            token, logprobs = first_token(self.model, tokens, cache, sampler, processors)
             if self._took_first(seq, token, logprobs, cache, tokens):
                 return  # it ended, failed or shifted on that token
             prompt, context, max_tokens = [token], tokens, seq.max_tokens - 1
@@ -233,20 +239,6 @@ class GenerateWorker:
             self.keys[uid] = seq.key
         if req.cache_key is not None:
             self.sessions[uid] = req.cache_key
-
-    def _first_token(
-        self, tokens: list[int], cache: list[Any], sampler: Any, processors: list[Any]
-    ) -> tuple[int, mx.array]:
-        """The last prompt token's pass, sampled as the batch samples (the same processors and sampler objects,
-        which the batch then goes on using)."""
-        logits = self.model(mx.array(tokens[-1:])[None], cache=cache)[:, -1, :]
-        context = mx.array(tokens)
-        for processor in processors:
-            logits = processor(context, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
-        mx.eval(token, logprobs)
-        return int(token.item()), logprobs[0]
 
     def _took_first(self, seq: Sequence, token: int, logprobs: mx.array, cache: list[Any], tokens: list[int]) -> bool:
         """Hand out a sequence's first token (taken before it joins the batch); True when the sequence is done with

@@ -205,3 +205,18 @@ def guard_sampler(sampler: Any, request_id: int, faults: dict[int, Exception]) -
     if sampler is greedy_sampler:
         return sampler  # mlx_lm's own argmax, shared so greedy sequences sample in one batched call
     return GuardedSampler(sampler, request_id, faults)
+
+
+def first_token(
+    model: Any, tokens: list[int], cache: list[Any], sampler: Any, processors: list[Any]
+) -> tuple[int, mx.array]:
+    """A prefilled prompt's last pass, sampled as BatchGenerator samples a step (processors on the logits, the
+    sampler on the log-probabilities): its first token and that token's log-probabilities."""
+    logits = model(mx.array(tokens[-1:])[None], cache=cache)[:, -1, :]
+    context = mx.array(tokens)
+    for processor in processors:
+        logits = processor(context, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    token = sampler(logprobs)
+    mx.eval(token, logprobs)
+    return int(token.item()), logprobs[0]
