@@ -93,15 +93,19 @@ def test_retrieve_input_items_and_delete(client: openai.OpenAI) -> None:
         client.responses.retrieve(r.id)
 
 
+# A required call of the weather tool: the grammar forces it, so even the random tiny model makes one.
+FORCED_WEATHER: Any = {
+    "model": "tiny",
+    "input": "What is the weather in Paris?",
+    "tools": [WEATHER],
+    "tool_choice": {"type": "function", "name": "get_weather"},
+    "temperature": 0,
+    "max_output_tokens": 40,
+}
+
+
 def test_a_forced_call_and_its_output_continue_the_stored_conversation(client: openai.OpenAI) -> None:
-    first = client.responses.create(
-        model="tiny",
-        input="What is the weather in Paris?",
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice={"type": "function", "name": "get_weather"},
-        temperature=0,
-        max_output_tokens=40,
-    )
+    first = client.responses.create(**FORCED_WEATHER)
     calls = [item for item in first.output if item.type == "function_call"]
     assert len(calls) == 1 and calls[0].name == "get_weather"
     assert "city" in json.loads(calls[0].arguments)
@@ -121,15 +125,7 @@ def test_a_forced_call_and_its_output_continue_the_stored_conversation(client: o
 
 
 def test_a_streamed_call_sends_its_arguments_as_they_are_generated(client: openai.OpenAI) -> None:
-    events = list(client.responses.create(
-        model="tiny",
-        input="What is the weather in Paris?",
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice={"type": "function", "name": "get_weather"},
-        temperature=0,
-        max_output_tokens=40,
-        stream=True,
-    ))
+    events = list(client.responses.create(**FORCED_WEATHER, stream=True))
     kinds = [e.type for e in events]
     [added] = [e for e in events if e.type == "response.output_item.added" and e.item.type == "function_call"]
     assert added.item.name == "get_weather" and added.item.arguments == "" and added.item.call_id
@@ -145,14 +141,7 @@ def test_a_streamed_call_sends_its_arguments_as_they_are_generated(client: opena
     assert completed.type == "response.completed"
     [call] = [i for i in completed.response.output if i.type == "function_call"]
     assert call.arguments == joined and call.call_id == added.item.call_id
-    whole = client.responses.create(
-        model="tiny",
-        input="What is the weather in Paris?",
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice={"type": "function", "name": "get_weather"},
-        temperature=0,
-        max_output_tokens=40,
-    )
+    whole = client.responses.create(**FORCED_WEATHER)
     assert [i.arguments for i in whole.output if i.type == "function_call"] == [joined]
     # the stored turn carries the streamed call, so its output continues the conversation
     second = client.responses.create(
