@@ -247,12 +247,8 @@ class GenerateWorker:
         if req.request_id in self.faults:
             self._fail_faulted()
             return True
-        seq.first_token_at = seq.first_token_at or now
-        seq.generated += 1
-        if req.shift:
-            seq.history.append(token)
         eos = token in self.tokenizer.eos_token_ids
-        delta = seq.out.add(token, logprobs, eos=eos)
+        delta = seq.take(token, logprobs, eos, now)
         if not (eos or seq.out.stopped or seq.max_tokens <= 1):  # the window's or the request's last token
             self._emit(seq, delta)
             return False
@@ -336,13 +332,8 @@ class GenerateWorker:
             seq = self.sequences.get(r.uid)
             if seq is None:
                 continue
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-            seq.generated += 1
-            if seq.request.shift:
-                seq.history.append(r.token)
             eos = r.finish_reason == "stop"  # BatchGenerator only stops on our eos stop tokens
-            delta = seq.out.add(r.token, r.logprobs, eos=eos)
+            delta = seq.take(r.token, r.logprobs, eos, now)
             if seq.out.stopped:
                 finished.append(r.uid)
                 self._emit(seq, delta)

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-from mlx_server.contract.events import Sink, Usage
+from mlx_server.contract.events import Delta, Sink, Usage
 from mlx_server.contract.requests import GenerateRequest
 from mlx_server.engine.loop.prefill import PrefillJob
 from mlx_server.engine.model.output import SequenceOutput
@@ -49,6 +49,15 @@ class Sequence:
     history: list[int] = field(default_factory=list)  # prompt and generated tokens, while it may shift
     shifts: int = 0
     grammar: bool = False  # constrained: its grammar processors count the tokens they were shown, so it cannot shift
+
+    def take(self, token: int, logprobs: Any, eos: bool, now: float) -> Optional[Delta]:
+        """Count a generated token and feed it to the output side; the Delta it makes visible, if any."""
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.generated += 1
+        if self.request.shift:
+            self.history.append(token)
+        return self.out.add(token, logprobs, eos=eos)
 
 
 def usage(seq: Sequence, now: float) -> Usage:
