@@ -252,12 +252,11 @@ class GenerateWorker:
         if not (eos or seq.out.stopped or seq.max_tokens <= 1):  # the window's or the request's last token
             self._emit(seq, delta)
             return False
-        del self.prefilling[req.request_id]
         if not (eos or seq.out.stopped) and shifts(seq):
             self._emit(seq, delta)
-            self.prefilling[req.request_id] = seq
-            self._shift(seq, cache, now)
+            self._shift(seq, cache, now)  # it stays among the prefilling, with its kept tail to prefill again
             return True
+        del self.prefilling[req.request_id]
         self._emit(seq, delta if seq.out.stopped else seq.out.finish(delta))
         self._keep_cache(tokens, cache, seq.key, req.cache_key)
         self._finish(seq, "stop" if eos or seq.out.stopped else "length", now)
