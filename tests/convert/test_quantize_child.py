@@ -3,7 +3,9 @@ process by mlx_lm's conversion, offline, then loaded and run by mlx_lm itself.""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
+from mlx_server.convert.quantize import quantize_dir
 from mlx_server.models.children import ChildCancelled, ChildFailed, quantize_child
 from mlx_server.models.quantize import QuantMode, quant_mode
 from support.tinymodels import build_tiny_model
@@ -118,10 +121,30 @@ def test_a_crashed_builds_leftovers_go_and_only_they(float_model: Path, tmp_path
 
 
 def test_cancel_leaves_nothing(float_model: Path, tmp_path: Path) -> None:
+    # The test holds the dir's build lock, as a concurrent build would: the child says what it will do and waits
+    # for the lock, so the cancel reaches it mid-create whatever the machine's load (a tiny model's whole build
+    # can otherwise finish before SIGTERM lands).
     cancel = threading.Event()
     out = tmp_path / "tiny-cancelled"
-    with pytest.raises(ChildCancelled):
-        quantize_child(float_model, out, QuantMode(4, 64), on_line=lambda _: cancel.set(), cancel=cancel)
+    lock = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(ChildCancelled):
+            quantize_child(float_model, out, QuantMode(4, 64), on_line=lambda _: cancel.set(), cancel=cancel)
+    finally:
+        os.close(lock)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_build_stopped_midway_removes_its_dir(float_model: Path, tmp_path: Path) -> None:
+    # What the child's SIGTERM handler does (SystemExit), raised where mlx_lm's conversion is under way.
+    def say(line: str) -> None:
+        if line == "Quantizing":
+            assert [p.name.startswith(".tmp-tiny-q4-") for p in tmp_path.iterdir()] == [True]
+            raise SystemExit(143)
+
+    with pytest.raises(SystemExit):
+        quantize_dir(float_model, tmp_path / "tiny-q4", QuantMode(4, 64), say)
     assert list(tmp_path.iterdir()) == []
 
 
