@@ -109,6 +109,7 @@ class VisionWorker:
             mrope=prompt.mrope,
             rope_delta=prompt.rope_delta,
             activation=job.activation,
+            prefix=prompt.prefix,
         )
         self.generate.add(job, sink, load_seconds, vision=inputs)
 

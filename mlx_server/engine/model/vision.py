@@ -166,9 +166,11 @@ class VisionPrefillJob(PrefillJob):
         return self.vision.activation
 
     def blocked(self) -> Optional[int]:
-        """The image whose features the next token needs and does not have yet (None: it can run)."""
-        index = self.next_image(1)
-        if index is None or self.images[index].positions[0] > self.done:
+        """The image whose features the next token needs and does not have yet (None: it can run). A two-way
+        prefix needs all of its images before its one pass."""
+        reach = max(self.done, self.vision.prefix - 1)
+        index = self.next_image(reach - self.done + 1)
+        if index is None or self.images[index].positions[0] > reach:
             return None
         return index
 
@@ -189,7 +191,7 @@ class VisionPrefillJob(PrefillJob):
                 gate.open = False
             self.encode(index)
             return 0
-        return self.run_tokens(n)
+        return self.run_tokens(max(n, self.vision.prefix - self.done))  # a two-way prefix goes in one pass
 
     def next_image(self, n: int) -> Optional[int]:
         """The first image not yet encoded whose features fall in the next `n` tokens (or before them)."""
@@ -238,6 +240,8 @@ class VisionPrefillJob(PrefillJob):
                 values.append(feats.main[span])
                 deep.append([layer[span] for layer in feats.deep])
         extra: dict[str, Any] = {}
+        if lo < self.vision.prefix:
+            extra["mask"] = prefix_mask(lo, hi, self.vision.prefix)
         if rows:
             flat = embeds[0]
             flat[mx.array(rows)] = mx.concatenate(values).astype(flat.dtype)
@@ -259,6 +263,15 @@ class VisionPrefillJob(PrefillJob):
         return n
 
 
+def prefix_mask(lo: int, hi: int, prefix: int) -> mx.array:
+    """The attention mask of positions lo..hi-1 over 0..hi-1 when the first `prefix` attend to each other both
+    ways (moondream2's BOS and image) and every later one causally; True where attention is allowed."""
+    rows = np.arange(lo, hi)[:, None]
+    cols = np.arange(hi)[None, :]
+    allowed = (cols <= rows) | ((rows < prefix) & (cols < prefix))
+    return mx.array(allowed[None, None])
+
+
 @dataclass(frozen=True)
 class VisionInputs:
     """What a vision prompt brings to its model's generate worker (kinds/vision.py makes it)."""
@@ -270,6 +283,7 @@ class VisionInputs:
     mrope: Optional[np.ndarray] = None
     rope_delta: int = 0
     activation: int = 0
+    prefix: int = 0  # the first `prefix` prompt tokens attend both ways: prefilled in one pass (VisionPrefillJob)
 
     def key(self, tokens: list[int]) -> list[int]:
         """The prompt as the prompt cache matches it: each image's tokens replaced by a value of its content
@@ -279,6 +293,10 @@ class VisionInputs:
             salt = -1 - int(image.digest[:15], 16)
             for p in image.positions:
                 out[p] = salt
+        if self.prefix:
+            # A two-way prefix's KV depends on all of it (BOS attends to the image): its BOS must match only
+            # prompts with the same image, so it carries the image's value too.
+            out[: self.prefix] = [out[self.images[0].positions[0]]] * self.prefix
         return out
 
     def job(self, base: PrefillJob) -> VisionPrefillJob:
@@ -286,4 +304,4 @@ class VisionInputs:
         return VisionPrefillJob(**{f: getattr(base, f) for f in base.__dataclass_fields__}, inputs=self)
 
 
-__all__ = ["FeatureCache", "ShiftedKVCache", "VisionInputs", "VisionLM", "VisionPrefillJob"]
+__all__ = ["FeatureCache", "ShiftedKVCache", "VisionInputs", "VisionLM", "VisionPrefillJob", "prefix_mask"]

@@ -62,6 +62,7 @@ class VisionPrompt:
     images: tuple[ImageInput, ...]
     mrope: Optional[np.ndarray] = None  # (3, len(tokens)) positions, Qwen-VL only
     rope_delta: int = 0  # decode positions run this far ahead of the cache length (Qwen-VL)
+    prefix: int = 0  # the first `prefix` tokens attend to each other both ways (moondream2: BOS and its image)
 
 
 @dataclass
@@ -85,7 +86,8 @@ class VisionProcessor:
         # Importing the family's mlx-vlm module registers its own (numpy) processor with AutoProcessor (Qwen-VL);
         # without it transformers' torch-backed one is picked. mlx_vlm.load imports it first, and so must this.
         get_model_and_args(config)
-        return cls(family, load_processor(path, add_detokenizer=False), config)
+        processor = family.load(path) if family.load is not None else load_processor(path, add_detokenizer=False)
+        return cls(family, processor, config)
 
     @property
     def mrope(self) -> bool:
@@ -102,7 +104,7 @@ class VisionProcessor:
     @property
     def image_token_id(self) -> int:
         cfg = self.config
-        known = cfg.get("image_token_id", cfg.get("image_token_index"))
+        known = cfg.get("image_token_id", cfg.get("image_token_index", self.family.image_token_id))
         return int(known) if known is not None else int(self.tokenizer.convert_tokens_to_ids(self.image_token))
 
     @property
@@ -112,8 +114,11 @@ class VisionProcessor:
 
     def settings(self) -> str:
         """The image processor settings that decide the tower's input (part of the feature cache key)."""
-        ip = self.processor.image_processor
-        keys = ("size", "crop_size", "min_pixels", "max_pixels", "patch_size", "merge_size", "do_image_splitting")
+        ip = getattr(self.processor, "image_processor", self.processor)  # moondream2's processor is its own
+        keys = (
+            *("size", "crop_size", "min_pixels", "max_pixels", "patch_size", "merge_size", "do_image_splitting"),
+            *("max_crops", "overlap_margin"),
+        )
         picked = {k: getattr(ip, k, None) for k in keys}
         return hashlib.sha256(json.dumps(picked, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -257,6 +262,8 @@ def vision_prompt(
 ) -> VisionPrompt:
     """Template, expand and tokenize a request with images (raw prompts skip the template)."""
     total = len(decoded)
+    if vp.family.build is not None:
+        return built_prompt(req, vp, decoded)
     if req.prompt is not None and req.raw:
         text, order = raw_text(req, vp.marker, total)
     else:
@@ -264,6 +271,35 @@ def vision_prompt(
         text = render_text(messages)
     tokens, images = expand(text, order, decoded, vp)
     return VisionPrompt(tokens, tuple(images))
+
+
+def built_prompt(req: GenerateRequest, vp: VisionProcessor, decoded: Sequence[DecodedImage]) -> VisionPrompt:
+    """The prompt of a family that builds its own (moondream2): the request's turns as text, images by the family."""
+    assert vp.family.build is not None
+    raw: Optional[str] = None
+    turns: list[tuple[str, str]] = []
+    if req.prompt is not None and req.raw:
+        raw = TAG.sub("", req.prompt)
+    else:
+        messages = req.messages if req.messages is not None else []
+        turns = [(m.role, TAG.sub("", m.content)) for m in messages] or [("user", TAG.sub("", req.prompt or ""))]
+        if req.system is not None:  # as the template path: the request's system prompt replaces the messages'
+            turns = [("system", req.system), *(t for t in turns if t[0] != "system")]
+    try:
+        tokens, slots = vp.family.build(vp.processor, turns, raw, len(decoded))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    settings = vp.settings()
+    images = []
+    for image, positions in zip(decoded, slots, strict=True):
+        _, arrays = vp.process(image)
+        key = f"{image.digest}:{settings}"
+        ids = tuple(tokens[p] for p in positions)
+        images.append(ImageInput(digest=image.digest, key=key, arrays=arrays, ids=ids, positions=positions))
+    prefix = 1 + max(images[-1].positions) if images and vp.family.prefix else 0
+    if prefix >= len(tokens):  # the prompt's last pass is its own: a two-way prefix needs a token after it
+        raise BadRequest("this model needs some text after the image")
+    return VisionPrompt(tokens, tuple(images), prefix=prefix)
 
 
 def with_positions(prompt: VisionPrompt, vp: VisionProcessor) -> VisionPrompt:
@@ -283,6 +319,11 @@ def cut(prompt: VisionPrompt, dropped: int) -> VisionPrompt:
         raise BadRequest(
             f"the prompt with its images is longer than the context by {dropped} tokens; "
             "send fewer or smaller images, a shorter history, or a larger num_ctx"
+        )
+    if prompt.prefix:
+        raise BadRequest(
+            f"the prompt is longer than the context by {dropped} tokens and this model's image must stay at its "
+            "start; send a shorter conversation or a larger num_ctx"
         )
     images = tuple(replace(i, positions=tuple(p - dropped for p in i.positions)) for i in prompt.images)
     return VisionPrompt(prompt.tokens[dropped:], images)

@@ -6,6 +6,7 @@ each family calls its image processor directly, as its mlx-vlm processor would, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -16,6 +17,9 @@ Process = Callable[[Any, Image.Image], tuple[str, dict[str, np.ndarray]]]
 Positions = Callable[[Any, Sequence[int], Sequence[tuple[int, dict[str, np.ndarray]]]], tuple[np.ndarray, int]]
 
 Features = Callable[[Any, Any, Mapping[str, Any]], Any]
+# (processor, the conversation's (role, text) turns, a raw prompt or None, how many images) → the prompt's tokens
+# and each image's positions: a family whose prompt is not its chat template's text (moondream2)
+Build = Callable[[Any, Sequence[tuple[str, str]], Optional[str], int], tuple[list[int], list[tuple[int, ...]]]]
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,10 @@ class Family:
     # Inference thread (MLX): (vlm, pixel_values, other arrays) → the image's features, a row per image token, for
     # a family whose mlx-vlm get_input_embeddings misplaces them (LLaVA-NeXT); None: taken from get_input_embeddings.
     features: Optional[Features] = None
+    load: Optional[Callable[[Path], Any]] = None  # the family's processor, where mlx-vlm's would reach the hub
+    build: Optional[Build] = None
+    image_token_id: Optional[int] = None  # the placeholder's id, where neither config nor processor names one
+    prefix: bool = False  # BOS and the image attend to each other both ways (a prefix-LM), causal after them
 
     def marker(self, processor: Any) -> str:
         """What the chat template writes for one image part."""
@@ -33,7 +41,16 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from mlx_server.engine.prepare.families import gemma3, idefics3, llava, llava_next, mistral3, qwen3_vl, qwen_vl
+    from mlx_server.engine.prepare.families import (
+        gemma3,
+        idefics3,
+        llava,
+        llava_next,
+        mistral3,
+        moondream2,
+        qwen3_vl,
+        qwen_vl,
+    )
 
     return {
         "llava": llava.FAMILY,
@@ -46,9 +63,10 @@ def _families() -> dict[str, Family]:
         "mistral3": mistral3.FAMILY,
         "pixtral": mistral3.FAMILY,
         "gemma3": gemma3.FAMILY,
+        "moondream2": moondream2.FAMILY,
     }
 
 
 FAMILIES: dict[str, Family] = _families()
 
-__all__ = ["FAMILIES", "Family", "Features", "Positions", "Process"]
+__all__ = ["FAMILIES", "Build", "Family", "Features", "Positions", "Process"]
