@@ -318,6 +318,10 @@ class ModelLoader:
         if files.vision is not None and files.vision.mrope:
             log.warning("model %s: kv_cache %s is not available for mRoPE vision models; using f16", name, wanted)
             return "f16"
+        if files.vision is not None and not files.vision.family.quantized_kv:
+            family = files.vision.family.name
+            log.warning("model %s: kv_cache %s is not available for %s models; using f16", name, wanted, family)
+            return "f16"
         try:
             make_cache(model, wanted)
         except ValueError as exc:

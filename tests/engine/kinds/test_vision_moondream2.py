@@ -129,15 +129,15 @@ def test_prompt_is_the_moondream_processors(engine: Engine, oracle: Oracle) -> N
 
 @pytest.mark.parametrize("size", [SMALL, WIDE], ids=["small", "wide"])
 def test_answers_equal_the_models_own_forward(engine: Engine, oracle: Oracle, size: tuple[int, int]) -> None:
-    want, prompt_tokens = oracle("what is this?", 3, size)
-    w = ask(engine, 3, size=size)
+    want, prompt_tokens = oracle("what is this?", 5, size)
+    w = ask(engine, 5, size=size)
     assert answer(w) == want
     assert started(w).prompt_tokens == prompt_tokens
 
 
 def test_the_two_way_prefix_matters(oracle: Oracle) -> None:
     """If the server ran the prefix causally it would disagree with the forward the tests check against."""
-    pairs = [(oracle("what is this?", s), oracle("what is this?", s, causal=True)) for s in (3, 4)]
+    pairs = [(oracle("what is this?", s), oracle("what is this?", s, causal=True)) for s in (5, 6)]
     assert any(two_way != causal for two_way, causal in pairs)
 
 
@@ -168,10 +168,13 @@ def test_image_a_then_b_then_a_and_the_prefix_cache(engine: Engine, oracle: Orac
 def test_a_text_prompt_never_reuses_an_image_prompts_bos(
     model_dir: Path, oracle: Oracle, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """An image prompt's BOS attended to its image: a text prompt sharing only BOS starts from nothing."""
-    fresh = start_engine(tmp_path_factory.mktemp("fresh"), {MODEL: model_dir})
+    """An image prompt's BOS attended to its image: a text prompt sharing only BOS starts from nothing. (Asked
+    for q8 KV, which moondream2's attention cannot read, the model keeps f16.)"""
+    fresh = start_engine(tmp_path_factory.mktemp("fresh"), {MODEL: model_dir}, kv_cache="q8")
     try:
         assert answer(ask(fresh, 5)) == oracle("what is this?", 5)[0]
+        entry = fresh.core.pool.get(MODEL)
+        assert entry is not None and entry.model.kv_cache == "f16"
         raw = GenerateRequest(model=MODEL, prompt="same words", raw=True, sampling=GREEDY, max_tokens=MAX_TOKENS)
         text = submit(fresh, raw)
         assert answer(text) == oracle("same words", None, raw=True)[0]

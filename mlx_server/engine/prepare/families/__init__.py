@@ -34,6 +34,7 @@ class Family:
     build: Optional[Build] = None
     image_token_id: Optional[int] = None  # the placeholder's id, where neither config nor processor names one
     prefix: bool = False  # BOS and the image attend to each other both ways (a prefix-LM), causal after them
+    quantized_kv: bool = True  # its language model's attention takes a quantized cache (kv_cache q8 / q4)
 
     def marker(self, processor: Any) -> str:
         """What the chat template writes for one image part."""

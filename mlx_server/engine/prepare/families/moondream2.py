@@ -100,4 +100,13 @@ def image_features(vlm: Any, pixel_values: Any, arrays: Mapping[str, Any]) -> An
     return vlm.vision(pixel_values, num_crops=[crops], crop_layouts=layout)[0]
 
 
-FAMILY = Family("moondream2", process, features=image_features, load=load, build=build, image_token_id=0, prefix=True)
+FAMILY = Family(
+    "moondream2",
+    process,
+    features=image_features,
+    load=load,
+    build=build,
+    image_token_id=0,
+    prefix=True,
+    quantized_kv=False,  # its attention calls MLX's fused kernel itself, which takes no quantized cache
+)
