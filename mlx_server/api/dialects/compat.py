@@ -40,8 +40,15 @@ def effort_level(effort: Any) -> Optional[str]:
     return {"minimal": "low", "xhigh": "high"}.get(effort, effort)
 
 
+# Characters that JSON leaves raw but line readers split on: httpx's iter_lines (what the ollama client reads
+# NDJSON with) splits like str.splitlines, at NEL and the Unicode line and paragraph separators too. Escaped, a
+# streamed line stays one line; the text is the same. (Go's encoding/json, Ollama's, escapes U+2028 and U+2029.)
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def json_dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON, non-ASCII kept, one line whatever splits lines (only string contents can hold these)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
 
 
 def tool_pieces(delta: Delta, open_call: Optional[int]) -> tuple[list[ToolCallDelta], list[ToolCallDelta]]:

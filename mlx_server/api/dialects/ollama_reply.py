@@ -7,13 +7,13 @@ Ollama's clients parse it: streaming NDJSON with nothing but one JSON object per
 
 from __future__ import annotations
 
-import json
 from typing import Any, AsyncGenerator, AsyncIterator, Optional, Sequence
 
 from starlette.responses import Response, StreamingResponse
 
 from mlx_server.api.context import Collected, error_body, ns, rfc3339
 from mlx_server.api.dialects.base import Call, Encode, Final, Incoming
+from mlx_server.api.dialects.compat import json_dumps
 from mlx_server.contract.errors import MlxServerError
 from mlx_server.contract.events import Delta, Done, Event, Failed, TokenLogprob, Usage
 
@@ -77,7 +77,7 @@ def chunk(chat: bool, model: str, delta: Optional[Delta]) -> dict[str, Any]:
 
 
 def line(obj: dict[str, Any]) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+    return (json_dumps(obj) + "\n").encode()
 
 
 def encoder(chat: bool) -> Encode:

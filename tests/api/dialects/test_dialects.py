@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from mlx_server.contract.errors import ServerBusy
-from mlx_server.contract.events import Delta, Event, Failed, Started
+from mlx_server.contract.events import Delta, Done, Event, Failed, Started, Usage
 from mlx_server.contract.requests import (
     CountTokensRequest,
     EmbedRequest,
@@ -240,6 +240,30 @@ def test_errors_after_the_start_end_each_stream_in_its_own_frame(server: Server,
     with pytest.raises(anthropic.APIStatusError, match="the engine gave up"):
         with an.messages.stream(model="plain", messages=HI, max_tokens=5) as stream:  # type: ignore[arg-type]
             list(stream)
+
+
+LINE_BREAKING = "one\x85two\u2028three\u2029four"  # JSON leaves them raw; httpx's iter_lines splits at them
+
+
+def line_breaking(req: EngineRequest) -> list[Event]:
+    rid = req.request_id
+    return [Started(rid, req.model, 3, 0, 0.0), Delta(rid, content=LINE_BREAKING, tokens=1),
+            Done(rid, req.model, "stop", Usage(prompt_tokens=3, completion_tokens=1))]
+
+
+def test_text_that_line_readers_split_on_streams_whole(server: Server, engine: FakeEngine) -> None:
+    """A model may write NEL or U+2028: every streamed line stays one line for each official client."""
+    engine.script = line_breaking
+    parts = list(ollama.Client(host=server.url).chat(model="plain", messages=HI, stream=True))
+    assert "".join(p.message.content or "" for p in parts) == LINE_BREAKING
+    parts = list(ollama.Client(host=server.url).generate(model="plain", prompt="hi", stream=True))
+    assert "".join(p.response for p in parts) == LINE_BREAKING
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    chunks = oa.chat.completions.create(model="plain", messages=HI, stream=True)  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == LINE_BREAKING
+    an = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+    with an.messages.stream(model="plain", messages=HI, max_tokens=5) as stream:  # type: ignore[arg-type]
+        assert "".join(stream.text_stream) == LINE_BREAKING
 
 
 @pytest.mark.parametrize("path,body,shape", [
