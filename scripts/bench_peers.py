@@ -16,8 +16,10 @@ round), each phase a fresh process:
   3. follow-up turn: a LONG-token first turn, then the conversation plus a question, max_tokens 1: its TTFT;
      and after the rounds, paired (--pairs, default 8): ours and each peer up at once, their follow-up turns
      alternated, the per-pair ratio's median (on a shared 2-core machine the sequential figure drifts by more than
-     the difference it measures);
-  4. peak RSS of the server's process tree (during the 8 streams, and over the decode phase);
+     the difference it measures); and, with --tps-pairs N, tok/s the same way: bursts of 1 and 8 streams
+     (--tps-levels) alternated between ours and each peer, the per-pair ratio's median;
+  4. peak RSS of the server's process tree (during the 8 streams, and over the decode phase's requests that every
+     server gets: ours then also serves the Ollama route, whose stored prompt caches would count against it alone);
   5. the CPU other processes used meanwhile (cores): figures from a busy machine are not comparable.
 
 The table shows medians over rounds and ours ÷ each peer (for tok/s higher is better for us; for times, RSS and
@@ -99,7 +101,7 @@ def summarize(rounds: list[dict[str, Any]], levels: tuple[int, ...]) -> dict[str
     row["short_ratio"] = med([r["short"]["ratio"] for r in ok])
     row["followup_ms"] = med([1000 * f["ttft_s"] for r in ok for f in r["followup"]])
     row["rss_streams_mb"] = med([r["rss_streams_mb"] for r in ok])
-    row["peak_rss_mb"] = med([r["peak_rss_mb"] for r in ok])  # the decode phase's
+    row["peak_rss_mb"] = med([r["peak_rss_mb"] for r in ok])  # the decode phase's, over the requests all get
     row["other_cores"] = med([r["other_cores"] for r in ok])
     return row
 
@@ -114,7 +116,7 @@ def table(rows: dict[str, dict[str, Optional[float]]], names: list[str], levels:
                 ("short_ratio", "short TTFT behind a long prompt / alone"),
                 ("followup_ms", "follow-up turn TTFT, ms"),
                 ("rss_streams_mb", "peak RSS during 8 streams, MB"),
-                ("peak_rss_mb", "peak RSS over the decode phase, MB"),
+                ("peak_rss_mb", "peak RSS over the decode phase (the same requests for all), MB"),
                 ("other_cores", "other processes' CPU meanwhile, cores")]
     peers_ = [n for n in names if n != OURS]
     head = ["metric", *names, *(f"ours÷{p}" for p in peers_)]
@@ -164,6 +166,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--prefill-model", default="256x4", help="HIDDENxLAYERS of the prefill phase's model")
     ap.add_argument("--long", type=int, default=1500, help="tokens of the long prompt and the follow-up's first turn")
     ap.add_argument("--pairs", type=int, default=8, help="paired follow-up turns per peer (0: none)")
+    ap.add_argument("--tps-pairs", type=int, default=0,
+                    help="paired tok/s bursts per level and peer, after the rounds (0: none)")
+    ap.add_argument("--tps-levels", default="1,8", help="stream counts of the paired tok/s bursts")
     ap.add_argument("--quick", action="store_true", help="short prompts and streams (a smoke run, not figures)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -262,6 +267,25 @@ def main(argv: Optional[list[str]] = None) -> int:
                     if t is not None:
                         peers.stop(t.proc)
 
+    paired_tps: dict[str, Any] = {}
+    if args.tps_pairs and OURS in runnable:
+        levels = tuple(int(x) for x in args.tps_levels.split(",") if x)
+        for name in [n for n in runnable if n != OURS and not any("error" in r for r in results[n])]:
+            print(f"paired tok/s, ours and {name}:", flush=True)
+            a = b = None
+            try:
+                a = start(OURS, models["decode"], work, plan.ctx, args.cache)
+                b = start(name, models["decode"], work, plan.ctx, args.cache)
+                paired_tps[name] = asyncio.run(pm.paired_throughput(a, b, prompts, plan, args.tps_pairs, levels,
+                                                                    lambda s: print(f"  {s}", flush=True)))
+            except Exception as exc:  # noqa: BLE001 - reported, and the others still run
+                traceback.print_exc()
+                paired_tps[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            finally:
+                for t in (a, b):
+                    if t is not None:
+                        peers.stop(t.proc)
+
     rows = {n: summarize(results[n], plan.levels) for n in runnable}
     texts_equal = {}
     for n in runnable:
@@ -277,6 +301,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             print(f"follow-up turn, paired with {n}: ours {p['ours_ms']:.0f} ms vs {p[f'{n}_ms']:.0f} ms, per-pair "
                   f"median ours ÷ {n} = {p['ratio_median']:.2f}")
+    for n, p in paired_tps.items():
+        if "error" in p:
+            print(f"paired tok/s with {n}: FAILED {p['error']}")
+            continue
+        for key, v in p.items():
+            print(f"tok/s, paired with {n}, {key.replace('_', ' route, ')} stream(s): ours {v['ours_tps']:.1f} vs "
+                  f"{v[f'{n}_tps']:.1f}, per-pair median ours ÷ {n} = {v['ratio_median']:.2f}")
     for n, (same, total) in texts_equal.items():
         print(f"greedy 1-stream text equal to ours: {n} {same}/{total} rounds")
     for n, e in errors.items():
@@ -287,7 +318,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.json.write_text(json.dumps({
             "models": described, "plan": asdict(plan),
             "versions": vers, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "summary": rows,
-            "texts_equal": texts_equal, "paired_followup": paired, "errors": errors, "rounds": results,
+            "texts_equal": texts_equal, "paired_followup": paired, "paired_tps": paired_tps, "errors": errors, "rounds": results,
             "elapsed_s": elapsed,
             "builds": {n: b.get("build") for n, b in built.items()}}, indent=2, default=str))
     return 1 if errors else 0

@@ -282,7 +282,8 @@ class Plan:
 
 
 async def measure_decode(t: Target, prompts: lat.Prompts, plan: Plan, rnd: int, say: Any) -> dict[str, Any]:
-    """Phase 1, on the decode model: aggregate tok/s at every level (ours: on both routes), peak RSS."""
+    """Phase 1, on the decode model: aggregate tok/s at every level (ours: on both routes), peak RSS over the
+    requests every server gets (`peak_rss_mb`) and over the whole phase (`peak_rss_all_mb`)."""
     meter = Meter(t.proc.pid)
     out: dict[str, Any] = {}
     try:
@@ -302,8 +303,15 @@ async def measure_decode(t: Target, prompts: lat.Prompts, plan: Plan, rnd: int, 
                     if n == max(plan.levels) and route == "openai":
                         out["rss_streams_mb"] = meter.window_peak / 1e6
                     await asyncio.sleep(0.3)
+                if route == "openai":
+                    # The peers' whole decode phase; ours then serves the Ollama route's streams too, whose stored
+                    # prompt caches would otherwise count against us alone.
+                    out["peak_rss_same_mb"] = meter.peak / 1e6
     finally:
-        out.update(meter.close())
+        closed = meter.close()
+        out["other_cores"] = closed["other_cores"]
+        out["peak_rss_all_mb"] = closed["peak_rss_mb"]
+        out["peak_rss_mb"] = out.get("peak_rss_same_mb", closed["peak_rss_mb"])
     return out
 
 
@@ -385,4 +393,35 @@ async def paired_followups(
     }
     say(f"paired follow-up, {pairs} pairs: {a.key} {out[f'{a.key}_ms']:.0f} ms, {b.key} {out[f'{b.key}_ms']:.0f} ms, "
         f"per-pair median {a.key} ÷ {b.key} = {out['ratio_median']:.2f} (usage {usage})")
+    return out
+
+
+async def paired_throughput(
+    a: Target, b: Target, prompts: lat.Prompts, plan: Plan, pairs: int, levels: tuple[int, ...], say: Any
+) -> dict[str, Any]:
+    """Aggregate tok/s again, paired as the follow-up turn is: both servers up, bursts of `n` streams alternated
+    a, b, b, a, … (each burst its own new prompts on both, so neither finds them cached), per-pair ratio a ÷ b of
+    tok/s and its median, per level. Where `a` speaks Ollama, its /api/chat 1-stream burst is paired with b's
+    /v1/chat/completions too (the route Ollama clients use against the peer's only one)."""
+    runs = [(n, "openai") for n in levels] + ([(1, "ollama")] if a.ollama else [])
+    out: dict[str, Any] = {}
+    async with client() as c:
+        for t in (a, b):
+            await warm(c, t, prompts)
+        for n, route in runs:
+            tps: dict[str, list[float]] = {a.key: [], b.key: []}
+            for i in range(pairs + 1):  # the first pair warms this level's path and is not counted
+                for t in (a, b) if i % 2 == 0 else (b, a):
+                    await asyncio.sleep(0.3)
+                    r = await throughput(c, t, prompts, f"PT.{route}.{n}.{i}.{t.key}", n, plan.stream_tokens,
+                                         plan.stream_prompt, ollama=route == "ollama" and t is a)
+                    if i:
+                        tps[t.key].append(r["tps"])
+            ratios = [x / y for x, y in zip(tps[a.key], tps[b.key], strict=True)]
+            key = f"{route}_{n}"
+            out[key] = {"ratio_median": statistics.median(ratios), "ratios": ratios,
+                        f"{a.key}_tps": statistics.median(tps[a.key]), f"{b.key}_tps": statistics.median(tps[b.key])}
+            say(f"paired tok/s, {n} stream(s), {a.key} on {route}: {a.key} {out[key][f'{a.key}_tps']:.1f}, "
+                f"{b.key} {out[key][f'{b.key}_tps']:.1f}, per-pair median {a.key} ÷ {b.key} = "
+                f"{out[key]['ratio_median']:.2f} ({', '.join(f'{x:.2f}' for x in ratios)})")
     return out
