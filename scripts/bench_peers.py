@@ -249,42 +249,37 @@ def main(argv: Optional[list[str]] = None) -> int:
                       f"cores, {res['elapsed_s']:.0f} s", flush=True)
             results[name].append(res)
 
-    paired: dict[str, Any] = {}
-    if args.pairs and OURS in runnable:
+    def each_pair(what: str, model: Path, measure: Any) -> dict[str, Any]:
+        """`measure(ours, peer)` with both up, for every peer that ran; a failure is reported and the rest go on."""
+        out: dict[str, Any] = {}
         for name in [n for n in runnable if n != OURS and not any("error" in r for r in results[n])]:
-            print(f"paired follow-up, ours and {name}:", flush=True)
+            print(f"{what}, ours and {name}:", flush=True)
             a = b = None
             try:
-                a = start(OURS, models["prefill"], work, plan.ctx, args.cache)
-                b = start(name, models["prefill"], work, plan.ctx, args.cache)
-                paired[name] = asyncio.run(pm.paired_followups(a, b, prompts, plan, args.pairs,
-                                                               lambda s: print(f"  {s}", flush=True)))
+                a = start(OURS, model, work, plan.ctx, args.cache)
+                b = start(name, model, work, plan.ctx, args.cache)
+                out[name] = asyncio.run(measure(a, b))
             except Exception as exc:  # noqa: BLE001 - reported, and the others still run
                 traceback.print_exc()
-                paired[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"}
             finally:
                 for t in (a, b):
                     if t is not None:
                         peers.stop(t.proc)
+        return out
 
+    def say(s: str) -> None:
+        print(f"  {s}", flush=True)
+
+    paired: dict[str, Any] = {}
+    if args.pairs and OURS in runnable:
+        paired = each_pair("paired follow-up", models["prefill"],
+                           lambda a, b: pm.paired_followups(a, b, prompts, plan, args.pairs, say))
     paired_tps: dict[str, Any] = {}
     if args.tps_pairs and OURS in runnable:
         levels = tuple(int(x) for x in args.tps_levels.split(",") if x)
-        for name in [n for n in runnable if n != OURS and not any("error" in r for r in results[n])]:
-            print(f"paired tok/s, ours and {name}:", flush=True)
-            a = b = None
-            try:
-                a = start(OURS, models["decode"], work, plan.ctx, args.cache)
-                b = start(name, models["decode"], work, plan.ctx, args.cache)
-                paired_tps[name] = asyncio.run(pm.paired_throughput(a, b, prompts, plan, args.tps_pairs, levels,
-                                                                    lambda s: print(f"  {s}", flush=True)))
-            except Exception as exc:  # noqa: BLE001 - reported, and the others still run
-                traceback.print_exc()
-                paired_tps[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            finally:
-                for t in (a, b):
-                    if t is not None:
-                        peers.stop(t.proc)
+        paired_tps = each_pair("paired tok/s", models["decode"],
+                               lambda a, b: pm.paired_throughput(a, b, prompts, plan, args.tps_pairs, levels, say))
 
     rows = {n: summarize(results[n], plan.levels) for n in runnable}
     texts_equal = {}
