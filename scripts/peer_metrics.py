@@ -286,6 +286,7 @@ async def measure_decode(t: Target, prompts: lat.Prompts, plan: Plan, rnd: int, 
     requests every server gets (`peak_rss_mb`) and over the whole phase (`peak_rss_all_mb`)."""
     meter = Meter(t.proc.pid)
     out: dict[str, Any] = {}
+    same: Optional[float] = None  # peak RSS once the requests every server gets are done
     try:
         async with client() as c:
             out["warm_s"] = await warm(c, t, prompts)
@@ -306,12 +307,12 @@ async def measure_decode(t: Target, prompts: lat.Prompts, plan: Plan, rnd: int, 
                 if route == "openai":
                     # The peers' whole decode phase; ours then serves the Ollama route's streams too, whose stored
                     # prompt caches would otherwise count against us alone.
-                    out["peak_rss_same_mb"] = meter.peak / 1e6
+                    same = meter.peak / 1e6
     finally:
         closed = meter.close()
         out["other_cores"] = closed["other_cores"]
         out["peak_rss_all_mb"] = closed["peak_rss_mb"]
-        out["peak_rss_mb"] = out.get("peak_rss_same_mb", closed["peak_rss_mb"])
+        out["peak_rss_mb"] = same if same is not None else closed["peak_rss_mb"]
     return out
 
 

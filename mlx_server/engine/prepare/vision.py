@@ -211,6 +211,11 @@ def raw_text(req: GenerateRequest, marker: str, total: int) -> tuple[str, list[i
     return marker * len(free) + body, [*free, *order]
 
 
+def image_key(image: DecodedImage, settings: str) -> str:
+    """The image feature cache key: the image's content hash and the processor settings that shaped its inputs."""
+    return f"{image.digest}:{settings}"
+
+
 def expand(
     text: str, order: Sequence[int], decoded: Sequence[DecodedImage], vp: VisionProcessor
 ) -> tuple[list[int], list[ImageInput]]:
@@ -230,7 +235,7 @@ def expand(
         inputs.append(
             ImageInput(
                 digest=image.digest,
-                key=f"{image.digest}:{settings}",
+                key=image_key(image, settings),
                 arrays=arrays,
                 ids=tuple(_plain(vp, expansion)),
             )
@@ -293,8 +298,8 @@ def built_prompt(req: GenerateRequest, vp: VisionProcessor, decoded: Sequence[De
     images = []
     for image, positions in zip(decoded, slots, strict=True):
         _, arrays = vp.process(image)
-        key = f"{image.digest}:{settings}"
         ids = tuple(tokens[p] for p in positions)
+        key = image_key(image, settings)
         images.append(ImageInput(digest=image.digest, key=key, arrays=arrays, ids=ids, positions=positions))
     prefix = 1 + max(images[-1].positions) if images and vp.family.prefix else 0
     if prefix >= len(tokens):  # the prompt's last pass is its own: a two-way prefix needs a token after it
